@@ -1,0 +1,232 @@
+"""Recipe configuration: one set of dataclasses, read from YAML with command-line overrides.
+
+Every recipe key is documented once, here. Recipes are parsed with TRL's ``TrlParser`` (the YAML
+file gives defaults, the command line wins, an unknown key is an error) and then validated
+before any model or dataset is loaded, so bad input costs seconds, not a model load.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+EMBEDDED_MODEL = "smollm2-135m"
+
+
+class XltError(Exception):
+    """A user-facing error: printed as one line, exits non-zero, raised before expensive work."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ModelArguments:
+    """Which model to start from and how to load it."""
+
+    model: str = field(
+        default=EMBEDDED_MODEL,
+        metadata={"help": "Model spec: a hub id, a local directory, or the embedded alias 'smollm2-135m'."},
+    )
+    model_revision: Optional[str] = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow custom modelling code from the hub. Off by default (security)."}
+    )
+    torch_dtype: str = field(
+        default="auto",
+        metadata={"help": "Weights dtype: 'auto' (bfloat16 on GPUs that support it, else float32), 'bfloat16', 'float32'."},
+    )
+    attn_implementation: Optional[str] = field(
+        default=None,
+        metadata={"help": "'flash_attention_2' (varlen packing on GPU), 'sdpa' (default), or 'eager'."},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer extension / swap
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class TokenizerArguments:
+    """Extending or swapping the base tokenizer with Japanese vocabulary (real BPE merges)."""
+
+    tokenizer_mode: str = field(
+        default="none",
+        metadata={"help": "'none' keeps the base tokenizer; 'extend' appends new Japanese merges after the "
+                  "original ones; 'swap' replaces the tokenizer with one trained on Japanese + English."},
+    )
+    new_tokens: int = field(default=0, metadata={"help": "How many new tokens to learn (extend), or the vocab size (swap)."})
+    tokenizer_corpus: Optional[list[dict]] = field(
+        default=None,
+        metadata={"help": "Source specs (same form as `sources`) to learn merges from. Default: the Japanese "
+                  "`sources` of the recipe."},
+    )
+    tokenizer_max_chars: int = field(
+        default=5_000_000, metadata={"help": "Characters of the corpus read for merge training (a cap, for speed)."}
+    )
+    min_frequency: int = field(default=2, metadata={"help": "Minimum pair frequency for a new merge."})
+    max_token_chars: int = field(default=16, metadata={"help": "Longest new token, in characters."})
+    tokenizer_nfkc: bool = field(default=False, metadata={"help": "NFKC-normalise the corpus before learning merges."})
+    mecab: bool = field(
+        default=False, metadata={"help": "Split on MeCab (fugashi + unidic-lite) word boundaries so merges do not cross words."}
+    )
+    pad_vocab_multiple: int = field(default=64, metadata={"help": "Pad the embedding matrix to a multiple of this."})
+    embedding_init: str = field(
+        default="subword_mean",
+        metadata={"help": "Initialisation of new embedding rows: 'subword_mean', 'mean', 'random'."},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: sources, mixture, curriculum, packing
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class DataArguments:
+    """The continued-pretraining stream: sources, Japanese-ratio curriculum, packing, cleaning."""
+
+    sources: Optional[list[dict]] = field(
+        default=None,
+        metadata={"help": "List of source specs. Each is a mapping with `name`, `lang` ('ja' or 'en'), and one of "
+                  "`embedded` (e.g. 'hironsan', 'chatterbot-ja', 'chatterbot-en'), `path` (jsonl / parquet / txt, "
+                  "globs allowed) or `dataset` (hub id, streamed; with optional `config`, `split`). Optional: "
+                  "`text_field` (default 'text'), `weight` (within its language; default: proportional to size "
+                  "when known, else equal), `domain`, `max_docs`, `holdout` (fraction kept out for evaluation)."},
+    )
+    eval_sources: Optional[list[dict]] = field(
+        default=None,
+        metadata={"help": "Held-out text for bits-per-character evaluation, same spec form. Default: the "
+                  "`holdout` part of each source."},
+    )
+    seq_len: int = field(default=2048, metadata={"help": "Packed row length in tokens (the final sequence length)."})
+    ja_schedule: str = field(
+        default="linear",
+        metadata={"help": "Japanese-ratio schedule over tokens trained: 'constant', 'linear', 'step', 'cosine', "
+                  "'piecewise'."},
+    )
+    ja_ratio_start: float = field(default=0.5, metadata={"help": "Japanese share of tokens at the start."})
+    ja_ratio_end: float = field(default=0.9, metadata={"help": "Japanese share at the end of the ramp."})
+    ja_ramp_fraction: float = field(
+        default=1.0, metadata={"help": "linear/cosine: fraction of the run over which the ratio ramps; step: the "
+                               "fraction of the run at which it switches from start to end."},
+    )
+    ja_points: Optional[str] = field(
+        default=None,
+        metadata={"help": "piecewise: 'fraction:ratio,...' points, fractions of the run increasing from 0 to 1, "
+                  "e.g. '0:0.3,0.8:0.3,0.8:0.6,1:0.6'."},
+    )
+    slw_min_len: Optional[int] = field(
+        default=None, metadata={"help": "Sequence-length warmup: starting length (multiple of 8). None disables SLW."}
+    )
+    slw_fraction: float = field(default=0.1, metadata={"help": "SLW: fraction of the run over which length grows."})
+    slw_schedule: str = field(default="linear", metadata={"help": "SLW growth: 'linear' or 'root'."})
+    max_epochs_warning: float = field(
+        default=4.0, metadata={"help": "Warn when a source would be repeated more than this many epochs."}
+    )
+    clean_nfkc: bool = field(default=False, metadata={"help": "NFKC-normalise Japanese documents."})
+    clean_min_chars: int = field(default=1, metadata={"help": "Drop documents shorter than this (characters)."})
+    clean_min_ja_share: float = field(
+        default=0.0, metadata={"help": "Drop 'ja' documents whose share of Japanese script is below this."}
+    )
+    clean_dedup: bool = field(default=True, metadata={"help": "Drop exact duplicate documents within a source."})
+    data_seed: int = field(default=0, metadata={"help": "Seed of the stream (shuffles of every source)."})
+
+
+# ---------------------------------------------------------------------------------------------
+# Continued pretraining extras (TrainingArguments holds the optimiser / schedule / precision)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class CptArguments:
+    """Settings of continued pretraining beyond transformers' TrainingArguments."""
+
+    train_tokens: Optional[int] = field(
+        default=None,
+        metadata={"help": "Tokens to train on; sets max_steps = train_tokens / tokens_per_step (rounded up)."},
+    )
+    spike_factor: float = field(
+        default=0.0,
+        metadata={"help": "Loss-spike guard: skip the update when loss > factor x its running mean (0 disables)."},
+    )
+    eval_max_docs: int = field(default=200, metadata={"help": "Held-out documents per language for bits per character."})
+    resume: bool = field(default=True, metadata={"help": "Resume when OUTPUT_DIR holds the same run's checkpoints."})
+
+
+@dataclass
+class SftArguments:
+    """Instruction tuning data and format."""
+
+    model: str = field(default="", metadata={"help": "Model spec to fine-tune (default: OUTPUT_DIR/cpt)."})
+    sft_datasets: Optional[list[dict]] = field(
+        default=None,
+        metadata={"help": "List of instruction sets: each a mapping with `adapter` ('alpaca', 'dolly', "
+                  "'hh_rlhf', 'chatterbot') and `dataset` (hub id) or `path` (jsonl) or `embedded`; "
+                  "optional `split`, `max_examples`."},
+    )
+    prompt_format: str = field(
+        default="stablelm_alpaca",
+        metadata={"help": "'stablelm_alpaca' (Japanese StableLM Alpaca prompt) or 'chat' (the tokenizer's chat template)."},
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "See ModelArguments.trust_remote_code."})
+
+
+def parse_recipe(dataclass_types: Sequence[type], argv: Optional[Sequence[str]] = None) -> tuple[Any, ...]:
+    """Parse ``--config FILE`` plus command-line overrides into the given dataclasses.
+
+    TrlParser does the merging (YAML gives defaults, the command line wins) and rejects unknown keys;
+    we turn its exceptions into one-line ``XltError``s that name the key or file.
+    """
+    from trl import TrlParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise XltError("--config needs a file")
+        path = argv[i + 1]
+        if not os.path.isfile(path):
+            raise XltError(f"recipe file not found: {path}")
+        _check_yaml(path)
+    parser = TrlParser(tuple(dataclass_types))
+    try:
+        return tuple(parser.parse_args_and_config(argv))
+    except ValueError as e:
+        msg = str(e)
+        if "Unknown arguments from config file" in msg:
+            keys = [s[2:] for s in msg.split("[", 1)[1].split("]", 1)[0].replace("'", "").split(", ") if s.startswith("--")]
+            raise XltError(f"unknown recipe key(s) {', '.join(keys)} in {argv[argv.index('--config') + 1]}") from None
+        if "not used by the HfArgumentParser" in msg:
+            keys = [s for s in msg.split("[", 1)[1].rstrip("]").replace("'", "").split(", ") if s.startswith("--")]
+            raise XltError(f"unknown option(s) {', '.join(keys) or msg}") from None
+        raise XltError(msg.splitlines()[0]) from None
+
+
+def _check_yaml(path: str) -> None:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise XltError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise XltError(f"{path}: a recipe must be a YAML mapping of key: value")
+
+
+def validate_data_args(args: DataArguments) -> None:
+    """Check the data settings that can be checked without reading any data."""
+    for key in ("ja_ratio_start", "ja_ratio_end"):
+        v = getattr(args, key)
+        if not 0.0 <= v <= 1.0:
+            raise XltError(f"{key}={v} is outside [0, 1]")
+    if args.ja_schedule not in ("constant", "linear", "step", "cosine", "piecewise"):
+        raise XltError(f"ja_schedule={args.ja_schedule!r}: expected constant, linear, step, cosine or piecewise")
+    if not 0.0 < args.ja_ramp_fraction <= 1.0:
+        raise XltError(f"ja_ramp_fraction={args.ja_ramp_fraction} must be in (0, 1]")
+    if args.seq_len <= 0 or args.seq_len % 8:
+        raise XltError(f"seq_len={args.seq_len} must be a positive multiple of 8")
+    if args.slw_min_len is not None and not (8 <= args.slw_min_len <= args.seq_len and args.slw_min_len % 8 == 0):
+        raise XltError(f"slw_min_len={args.slw_min_len} must be a multiple of 8 between 8 and seq_len={args.seq_len}")
+    if args.slw_schedule not in ("linear", "root"):
+        raise XltError(f"slw_schedule={args.slw_schedule!r}: expected linear or root")
+    if not args.sources:
+        raise XltError("sources: the recipe lists no data source")

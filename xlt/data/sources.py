@@ -1,0 +1,235 @@
+"""Document sources: hub datasets (streamed), local files and the embedded corpora.
+
+A source spec is a mapping from a recipe, e.g.::
+
+    {name: wiki, lang: ja, dataset: wikimedia/wikipedia, config: 20231101.ja, split: train}
+    {name: notes, lang: ja, path: "data/*.jsonl", text_field: body}
+    {name: hironsan, lang: ja, embedded: hironsan}
+
+``load_sources`` checks every spec (keys, files, the text field in the first row) and raises an
+``XltError`` naming the key and the file before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+from xlt.config import XltError
+
+LANGS = ("ja", "en")
+_SPEC_KEYS = {"name", "lang", "domain", "embedded", "path", "dataset", "config", "split", "text_field",
+              "weight", "max_docs", "holdout", "revision"}
+
+
+@dataclass
+class Source:
+    """A named stream of documents in one language."""
+
+    name: str
+    lang: str
+    domain: str = "general"
+    embedded: Optional[str] = None
+    path: Optional[str] = None
+    dataset: Optional[str] = None
+    config: Optional[str] = None
+    split: str = "train"
+    revision: Optional[str] = None
+    text_field: str = "text"
+    weight: Optional[float] = None
+    max_docs: Optional[int] = None
+    holdout: float = 0.0
+    key: str = "sources"  # where the spec came from, for error messages
+    _cache: Optional[list[str]] = field(default=None, repr=False, compare=False)
+
+    @property
+    def streaming(self) -> bool:
+        """Hub datasets are streamed; local and embedded sources are read into memory."""
+        return self.dataset is not None
+
+    def files(self) -> list[str]:
+        files = sorted(glob.glob(os.path.expanduser(self.path))) if self.path else []
+        return files
+
+    def validate(self) -> None:
+        """Cheap checks: files exist and the first record has the text field."""
+        if self.embedded is not None:
+            from xlt.embedded import EMBEDDED_CORPORA
+
+            if self.embedded not in EMBEDDED_CORPORA:
+                raise XltError(f"{self.key}: unknown embedded corpus {self.embedded!r} "
+                               f"(choose from {', '.join(sorted(EMBEDDED_CORPORA))})")
+        elif self.path is not None:
+            files = self.files()
+            if not files:
+                raise XltError(f"{self.key}: data file not found: {self.path}")
+            for f in files:
+                _check_text_field(f, self.text_field, self.key)
+        elif self.dataset is not None:
+            if os.path.isdir(self.dataset) or os.path.isfile(self.dataset):
+                return  # a local dataset directory: checked when opened
+            # Hub ids are checked lazily: the hub may be unreachable here, and streaming opens fast.
+
+    def all_documents(self) -> list[str]:
+        """Every document of a non-streaming source, in file order (cached)."""
+        if self.streaming:
+            raise XltError(f"{self.key}: hub source {self.name!r} is streamed; it has no document list")
+        if self._cache is None:
+            if self.embedded is not None:
+                from xlt.embedded import embedded_documents
+
+                docs = embedded_documents(self.embedded)
+            else:
+                docs = []
+                for f in self.files():
+                    docs.extend(read_documents(f, self.text_field, key=self.key))
+            if self.max_docs is not None:
+                docs = docs[: self.max_docs]
+            self._cache = docs
+        return self._cache
+
+    def split_holdout(self) -> tuple[list[str], list[str]]:
+        """(train, held-out) documents: a deterministic split, every k-th document held out."""
+        docs = self.all_documents()
+        if self.holdout <= 0:
+            return docs, []
+        k = max(2, round(1 / self.holdout))
+        held = [d for i, d in enumerate(docs) if i % k == k - 1]
+        train = [d for i, d in enumerate(docs) if i % k != k - 1]
+        return train, held
+
+    def iter_stream(self, seed: int = 0, epoch: int = 0) -> Iterator[str]:
+        """A streamed hub dataset's documents for one epoch (shuffled by seed + epoch)."""
+        ds = self.open_hub_dataset()
+        ds = ds.shuffle(seed=seed, buffer_size=10_000)
+        ds.set_epoch(epoch)
+        for row in ds:
+            yield _text_of(row, self.text_field, self.key, self.dataset)
+
+    def open_hub_dataset(self):
+        """The ``datasets.IterableDataset`` of a hub source (streaming=True)."""
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(self.dataset, self.config, split=self.split, streaming=True,
+                                       revision=self.revision)
+        except Exception as e:  # noqa: BLE001 - re-raised with the key that named it
+            raise XltError(f"{self.key}: cannot open dataset {self.dataset!r}: {str(e).splitlines()[0]}") from None
+        if ds.column_names is not None and self.text_field not in ds.column_names:
+            raise XltError(f"{self.key}: dataset {self.dataset!r} has no field {self.text_field!r} "
+                           f"(fields: {', '.join(ds.column_names)})")
+        return ds
+
+
+def load_sources(specs: Optional[list[dict]], key: str = "sources") -> list[Source]:
+    """Build and validate sources from recipe specs; errors name ``key[i]`` and the problem."""
+    if not specs:
+        raise XltError(f"{key}: no data source given")
+    if not isinstance(specs, list):
+        raise XltError(f"{key}: expected a list of source mappings")
+    sources, names = [], set()
+    for i, spec in enumerate(specs):
+        where = f"{key}[{i}]"
+        if not isinstance(spec, dict):
+            raise XltError(f"{where}: expected a mapping, got {spec!r}")
+        unknown = set(spec) - _SPEC_KEYS
+        if unknown:
+            raise XltError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+        kinds = [k for k in ("embedded", "path", "dataset") if spec.get(k) is not None]
+        if len(kinds) != 1:
+            raise XltError(f"{where}: give exactly one of embedded, path or dataset")
+        lang = spec.get("lang")
+        if lang not in LANGS:
+            raise XltError(f"{where}: lang must be one of {', '.join(LANGS)} (got {lang!r})")
+        name = spec.get("name") or str(spec[kinds[0]])
+        if name in names:
+            raise XltError(f"{where}: duplicate source name {name!r}")
+        names.add(name)
+        weight = spec.get("weight")
+        if weight is not None and not float(weight) > 0:
+            raise XltError(f"{where}: weight must be > 0 (got {weight})")
+        holdout = float(spec.get("holdout", 0.0))
+        if not 0.0 <= holdout < 1.0:
+            raise XltError(f"{where}: holdout must be in [0, 1) (got {holdout})")
+        src = Source(name=name, lang=lang, domain=spec.get("domain", "general"), embedded=spec.get("embedded"),
+                     path=spec.get("path"), dataset=spec.get("dataset"), config=spec.get("config"),
+                     split=spec.get("split", "train"), revision=spec.get("revision"),
+                     text_field=spec.get("text_field", "text"),
+                     weight=None if weight is None else float(weight), max_docs=spec.get("max_docs"),
+                     holdout=holdout, key=where)
+        src.validate()
+        sources.append(src)
+    return sources
+
+
+# ---------------------------------------------------------------------------------------------
+# Local files
+# ---------------------------------------------------------------------------------------------
+def read_documents(path: str, text_field: str = "text", max_docs: Optional[int] = None,
+                   key: str = "data") -> list[str]:
+    """Read documents from jsonl (``text_field``), parquet (``text_field``) or plain text.
+
+    Plain text (``.txt`` or any other suffix) holds one document per blank-line-separated block.
+    """
+    if not os.path.isfile(path):
+        raise XltError(f"{key}: data file not found: {path}")
+    docs: list[str] = []
+    if path.endswith((".jsonl", ".json")):
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise XltError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+                docs.append(_text_of(row, text_field, key, f"{path}:{lineno}"))
+                if max_docs is not None and len(docs) >= max_docs:
+                    break
+    elif path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if text_field not in table.column_names:
+            raise XltError(f"{key}: {path} has no field {text_field!r} (fields: {', '.join(table.column_names)})")
+        docs = [t for t in table.column(text_field).to_pylist() if isinstance(t, str)]
+        docs = docs[:max_docs] if max_docs is not None else docs
+    else:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        docs = [b.strip("\n") for b in text.split("\n\n") if b.strip()]
+        docs = docs[:max_docs] if max_docs is not None else docs
+    return docs
+
+
+def _text_of(row: Any, text_field: str, key: str, where: str) -> str:
+    if not isinstance(row, dict) or text_field not in row:
+        fields = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+        raise XltError(f"{key}: {where} has no field {text_field!r} (fields: {fields})")
+    text = row[text_field]
+    if not isinstance(text, str):
+        raise XltError(f"{key}: {where}: field {text_field!r} is not a string")
+    return text
+
+
+def _check_text_field(path: str, text_field: str, key: str) -> None:
+    """Look at the first record only: cheap, and catches the common mistake early."""
+    if path.endswith((".jsonl", ".json")):
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise XltError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+                    _text_of(row, text_field, key, path)
+                    return
+    elif path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        names = pq.read_schema(path).names
+        if text_field not in names:
+            raise XltError(f"{key}: {path} has no field {text_field!r} (fields: {', '.join(names)})")
