@@ -1,0 +1,70 @@
+"""Shared fixtures of the tokenizer tests: real tokenizers, tiny random models, real shared data."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from functools import lru_cache
+from pathlib import Path
+
+DATA = Path(os.environ.get("XLT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+JA_WIKI = DATA / "ja_wiki_paragraphs.jsonl"
+EN_TEXT = DATA / "en_tinyshakespeare.txt"
+
+ROUND_TRIP = [
+    "東京都は日本の首都であり、人口は約1400万人です。",
+    "The quick brown fox jumps over the lazy dog.",
+    "日本語とEnglishが混ざった文、mixed text です。",
+    "絵文字 😀🎌🍣 and 👨‍👩‍👧‍👦 family",
+    "def f(x):\n    return {'a': [1, 2, 3]}  # code\n\tindent",
+    "runs   of    spaces      and\n\n\nnewlines ",
+    "ｆｕｌｌ－ｗｉｄｔｈ　ＡＢＣ　１２３　ｶﾀｶﾅ",
+    "",
+    " leading space",
+]
+
+
+@lru_cache(maxsize=1)
+def ja_docs() -> tuple[str, ...]:
+    with open(JA_WIKI, encoding="utf-8") as f:
+        return tuple(json.loads(line)["text"] for line in f if line.strip())
+
+
+def ja_split() -> tuple[list[str], list[str]]:
+    """90% train, 10% held out (every 10th paragraph)."""
+    docs = ja_docs()
+    return [d for i, d in enumerate(docs) if i % 10 != 9], [d for i, d in enumerate(docs) if i % 10 == 9]
+
+
+@lru_cache(maxsize=1)
+def en_text() -> str:
+    return EN_TEXT.read_text(encoding="utf-8")
+
+
+def smollm2_dir() -> str:
+    from xlt.models import resolve_model
+
+    return resolve_model("smollm2-135m")
+
+
+def tiny_model_dir(root: Path, tokenizer_dir: str, tied: bool, vocab_size: int | None = None, seed: int = 0) -> str:
+    """A 2-layer, hidden-64 random Llama with the tokenizer files of ``tokenizer_dir``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with open(os.path.join(tokenizer_dir, "tokenizer.json"), encoding="utf-8") as f:
+        tj = json.load(f)
+    ids = list(tj["model"]["vocab"].values()) + [t["id"] for t in tj.get("added_tokens") or []]
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size or max(ids) + 1, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = LlamaForCausalLM(cfg)
+    out = root / f"tiny-{'tied' if tied else 'untied'}"
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if os.path.isfile(os.path.join(tokenizer_dir, f)):
+            shutil.copyfile(os.path.join(tokenizer_dir, f), out / f)
+    return str(out)

@@ -1,0 +1,340 @@
+"""Extend a BPE tokenizer with Japanese merges, appended after all original merges.
+
+Guarantees (tested):
+
+* every original token keeps its id and string; new ids come after the largest old id;
+* new merges are appended after every original merge, so they fire only where the original merges
+  are exhausted: a segmentation that uses no new merge is unchanged;
+* no new merge joins two pure-ASCII pieces, so ASCII text (English, code) keeps its exact ids;
+* every new token is reachable. The precise rule: the BPE model run on the token's own vocabulary
+  string yields exactly that token; and where the token is whole text (complete UTF-8 characters,
+  and for SentencePiece-style tokens, one that starts with ``▁``), ``encode(decode([id])) == [id]``.
+  A byte-level token that ends inside a multi-byte character has no text of its own, so only the
+  first part applies to it; a SentencePiece-style piece without ``▁`` only occurs inside a word, so
+  likewise. Tokens failing the rule are dropped (with every merge that needs them) and the
+  selection is redone until none fails.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from xlt.config import TokenizerArguments, XltError
+from xlt.tokenizer.merges import (
+    BYTE_LEVEL,
+    METASPACE,
+    MergePlan,
+    detect_family,
+    is_ascii_token,
+    is_whole_text,
+    japanese_share,
+    learn_merges,
+    merges_as_pairs,
+    read_tokenizer_json,
+    token_text,
+)
+
+MODES = ("extend", "swap")
+MIN_JA_SHARE = 0.05  # a "Japanese" corpus with under 5% Japanese script is almost surely the wrong file
+
+
+@dataclass
+class Extension:
+    """The extended tokenizer.json and what was added."""
+
+    family: str
+    tokenizer_json: dict
+    new_ids: list[int]
+    new_merges: int
+    unreachable: int
+    base_size: int
+    stats: dict = field(default_factory=dict)
+
+    def tokenizer(self):
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_str(json.dumps(self.tokenizer_json))
+
+
+def _all_ids(tj: dict) -> list[int]:
+    return list(tj["model"]["vocab"].values()) + [t["id"] for t in tj.get("added_tokens") or []]
+
+
+def _select(base_tj: dict, plan: MergePlan, n_new: int, max_token_chars: int, banned: set[str]) -> tuple[dict, list[int], int]:
+    """Pick merges in priority order until ``n_new`` new tokens; return (tokenizer.json, new ids, merges)."""
+    family = plan.family
+    tj = copy.deepcopy(base_tj)
+    model = tj["model"]
+    vocab: dict[str, int] = model["vocab"]
+    base_merges = set(merges_as_pairs(model))
+    next_id = max(_all_ids(base_tj)) + 1
+    new_ids: list[int] = []
+    accepted: list[tuple[str, str]] = []
+    seen = set(base_merges)
+    chars = [c for c in plan.new_chars if c not in banned and not c.isascii() and c != "\ufffd"]
+    char_ok = set(chars)
+
+    def add(s: str) -> None:
+        nonlocal next_id
+        vocab[s] = next_id
+        new_ids.append(next_id)
+        next_id += 1
+
+    # SentencePiece-style: the most frequent missing characters first (each saves 1-3 byte tokens).
+    for c in chars[: n_new // 4] if family == METASPACE else []:
+        add(c)
+    for a, b in plan.merges:
+        if len(new_ids) >= n_new:
+            break
+        parts_ok = True
+        for p in (a, b):
+            if p not in vocab:
+                if family == METASPACE and p in char_ok and len(new_ids) < n_new - 1:
+                    add(p)
+                else:
+                    parts_ok = False
+        if not parts_ok or (a, b) in seen:
+            continue
+        r = a + b
+        if (r in banned or len(token_text(r, family)) > max_token_chars or is_ascii_token(r, family)
+                or (family == METASPACE and "▁" in r[1:])):
+            continue
+        accepted.append((a, b))
+        seen.add((a, b))
+        if r not in vocab:
+            add(r)
+    if family == METASPACE:  # spend what is left of the budget on further characters
+        for c in chars:
+            if len(new_ids) >= n_new:
+                break
+            if c not in vocab:
+                add(c)
+    as_strings = bool(model.get("merges")) and isinstance(model["merges"][0], str)
+    model["merges"] = list(model.get("merges") or []) + [f"{a} {b}" if as_strings else [a, b] for a, b in accepted]
+    return tj, new_ids, len(accepted)
+
+
+def unreachable_tokens(tok, family: str, ids: list[int]) -> list[int]:
+    """The ids among ``ids`` that break the reachability rule of this module's docstring."""
+    bad = []
+    for i in ids:
+        s = tok.id_to_token(i)
+        if [t.id for t in tok.model.tokenize(s)] != [i]:
+            bad.append(i)
+            continue
+        whole = is_whole_text(s, family) and (family == BYTE_LEVEL or s.startswith("▁"))
+        if whole:
+            text = tok.decode([i], skip_special_tokens=False)
+            if tok.encode(text, add_special_tokens=False).ids != [i]:
+                bad.append(i)
+    return bad
+
+
+def extend_tokenizer_json(base_tj: dict, texts: list[str], n_new: int, min_frequency: int = 2,
+                          max_token_chars: int = 16, nfkc: bool = False, mecab: bool = False) -> Extension:
+    """Learn ``n_new`` new tokens from ``texts`` and append them (and their merges) to ``base_tj``."""
+    from tokenizers import Tokenizer
+
+    family = detect_family(base_tj)
+    base = Tokenizer.from_str(json.dumps(base_tj))
+    t0 = time.time()
+    # Ask the trainer for a surplus: filters (ASCII, length, reachability, merges onto old strings) drop some.
+    plan = learn_merges(base, family, texts, n_merges=int(n_new * 1.5) + 200, min_frequency=min_frequency,
+                        max_token_chars=max_token_chars, nfkc=nfkc, mecab=mecab)
+    t_train = time.time() - t0
+    banned: set[str] = set()
+    for _ in range(10):
+        tj, new_ids, n_merges = _select(base_tj, plan, n_new, max_token_chars, banned)
+        tok = Tokenizer.from_str(json.dumps(tj))
+        bad = unreachable_tokens(tok, family, new_ids)
+        if not bad:
+            break
+        banned.update(tok.id_to_token(i) for i in bad)
+    stats = dict(plan.stats, train_seconds=round(t_train, 2), select_rounds=_ + 1, dropped_unreachable=len(banned))
+    return Extension(family=family, tokenizer_json=tj, new_ids=new_ids, new_merges=n_merges, unreachable=len(bad),
+                     base_size=max(_all_ids(base_tj)) + 1, stats=stats)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks before any model is loaded
+# ---------------------------------------------------------------------------------------------
+def check_tokenizer_inputs(model_spec: str, tok_args: TokenizerArguments) -> None:
+    """Cheap checks (no model load): mode, N, init method, tokenizer type and tokenizer.json."""
+    from xlt.tokenizer.embeddings import INIT_METHODS
+
+    mode = tok_args.tokenizer_mode
+    if mode == "none":
+        return
+    if mode not in MODES:
+        raise XltError(f"tokenizer_mode={mode!r}: expected none, extend or swap")
+    if tok_args.new_tokens is None or tok_args.new_tokens <= 0:
+        what = "new tokens" if mode == "extend" else "vocabulary size"
+        raise XltError(f"new_tokens={tok_args.new_tokens}: the number of {what} must be > 0")
+    if tok_args.embedding_init not in INIT_METHODS:
+        raise XltError(f"embedding_init={tok_args.embedding_init!r}: expected one of {', '.join(INIT_METHODS)}")
+    if tok_args.min_frequency < 1:
+        raise XltError(f"min_frequency={tok_args.min_frequency} must be >= 1")
+    if tok_args.max_token_chars < 2:
+        raise XltError(f"max_token_chars={tok_args.max_token_chars} must be >= 2")
+    if tok_args.pad_vocab_multiple < 1:
+        raise XltError(f"pad_vocab_multiple={tok_args.pad_vocab_multiple} must be >= 1")
+    if tok_args.mecab:
+        try:
+            import fugashi  # noqa: F401
+            import unidic_lite  # noqa: F401
+        except ImportError:
+            raise XltError("mecab: needs the PyPI packages fugashi and unidic-lite: pip install fugashi unidic-lite") from None
+    tj = read_tokenizer_json(model_spec)
+    family = detect_family(tj)
+    if mode == "swap" and family != BYTE_LEVEL:
+        raise XltError("tokenizer_mode=swap: supported for byte-level BPE tokenizers only; "
+                       "use tokenizer_mode=extend for SentencePiece-style tokenizers")
+
+
+def check_output_dir(output_dir: str, model_spec: str) -> None:
+    """Refuse to write over a directory that holds some other model."""
+    if not os.path.isdir(output_dir):
+        if os.path.exists(output_dir):
+            raise XltError(f"output: {output_dir} exists and is not a directory")
+        return
+    has_model = any(os.path.isfile(os.path.join(output_dir, f)) for f in ("config.json", "model.safetensors",
+                                                                         "model.safetensors.index.json"))
+    report = os.path.join(output_dir, "tokenizer_report.json")
+    if has_model and not os.path.isfile(report):
+        raise XltError(f"output: {output_dir} already holds another model; choose an empty directory")
+
+
+def check_corpus(texts: list[str]) -> None:
+    if not texts or not any(t.strip() for t in texts):
+        raise XltError("tokenizer corpus: no text")
+    share = japanese_share(texts)
+    if share < MIN_JA_SHARE:
+        raise XltError(f"tokenizer corpus: only {share:.1%} of its characters are Japanese; "
+                       f"new merges are learned from Japanese text (give a Japanese corpus)")
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage: tokenizer + model, saved, with a report
+# ---------------------------------------------------------------------------------------------
+def chars_per_token(tok, texts: list[str]) -> Optional[float]:
+    texts = [t for t in texts if t]
+    if not texts:
+        return None
+    n = sum(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))
+    return round(sum(len(t) for t in texts) / max(1, n), 4)
+
+
+def _cap_chars(texts: list[str], max_chars: int) -> list[str]:
+    out, n = [], 0
+    for t in texts:
+        if n >= max_chars:
+            break
+        out.append(t[: max_chars - n])
+        n += len(out[-1])
+    return out
+
+
+def _copy_tokenizer_files(src_dir: str, dst_dir: str) -> None:
+    """Carry tokenizer_config.json, special tokens and chat template; never the slow model."""
+    for f in ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json",
+              "generation_config.json"):
+        p = os.path.join(src_dir, f)
+        if os.path.isfile(p):
+            shutil.copyfile(p, os.path.join(dst_dir, f))
+
+
+def _samples(old, new, texts: list[str], k: int = 3) -> list[dict]:
+    out = []
+    for t in [t for t in texts if t][:k]:
+        t = t[:80]
+        out.append({"text": t, "base": [old.decode([i]) for i in old.encode(t, add_special_tokens=False).ids],
+                    "extended": [new.decode([i]) for i in new.encode(t, add_special_tokens=False).ids]})
+    return out
+
+
+def build_tokenizer_stage(model_spec: str, tok_args: TokenizerArguments, corpus_texts: list[str],
+                          eval_texts: dict[str, list[str]], output_dir: str,
+                          trust_remote_code: bool = False) -> dict:
+    """Train merges (extend) or a new tokenizer (swap) per tok_args.tokenizer_mode, resize + init the model,
+    save model + tokenizer to output_dir (safetensors, loadable by AutoModelForCausalLM/AutoTokenizer), write
+    output_dir/tokenizer_report.json and return that report dict."""
+    from tokenizers import Tokenizer
+
+    from xlt.models import load_model, resolve_model
+    from xlt.tokenizer.embeddings import padded_size, resize_and_init
+
+    t0 = time.time()
+    check_tokenizer_inputs(model_spec, tok_args)
+    if tok_args.tokenizer_mode == "none":
+        raise XltError("tokenizer_mode=none: nothing to build")
+    check_output_dir(output_dir, model_spec)
+    texts = _cap_chars([t for t in corpus_texts if t], tok_args.tokenizer_max_chars)
+    check_corpus(texts)
+
+    base_tj = read_tokenizer_json(model_spec)
+    base = Tokenizer.from_str(json.dumps(base_tj))
+    mode = tok_args.tokenizer_mode
+    if mode == "extend":
+        ext = extend_tokenizer_json(base_tj, texts, tok_args.new_tokens, min_frequency=tok_args.min_frequency,
+                                    max_token_chars=tok_args.max_token_chars, nfkc=tok_args.tokenizer_nfkc,
+                                    mecab=tok_args.mecab)
+        new_tj, new_tok = ext.tokenizer_json, ext.tokenizer()
+        keep = {i: i for i in _all_ids(base_tj)}
+        new_tokens = {i: new_tok.id_to_token(i) for i in ext.new_ids}
+        n_new, unreachable, extra = len(ext.new_ids), ext.unreachable, {"new_merges": ext.new_merges, **ext.stats}
+    else:
+        from xlt.tokenizer.swap import train_swap_tokenizer
+
+        sw = train_swap_tokenizer(base_tj, texts, tok_args.new_tokens, min_frequency=tok_args.min_frequency,
+                                  max_token_chars=tok_args.max_token_chars, nfkc=tok_args.tokenizer_nfkc)
+        new_tj, new_tok = sw.tokenizer_json, sw.tokenizer()
+        keep = sw.shared
+        new_tokens = {i: s for s, i in new_tj["model"]["vocab"].items() if i not in keep}
+        n_new, unreachable, extra = len(new_tokens), sw.unreachable, {"shared_tokens": len(keep)}
+    family = detect_family(new_tj)
+
+    model = load_model(model_spec, torch_dtype="float32", trust_remote_code=trust_remote_code)
+    old_rows = int(model.get_input_embeddings().weight.shape[0])
+    new_size = padded_size(max(_all_ids(new_tj)) + 1, tok_args.pad_vocab_multiple)
+    pieces = {i: [t.id for t in base.model.tokenize(s)] for i, s in new_tokens.items()}
+    summary = resize_and_init(model, new_size, keep, pieces, method=tok_args.embedding_init)
+
+    os.makedirs(output_dir, exist_ok=True)
+    model.save_pretrained(output_dir, safe_serialization=True)
+    src = resolve_model(model_spec)
+    if os.path.isdir(src):
+        _copy_tokenizer_files(src, output_dir)
+    with open(os.path.join(output_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
+        json.dump(new_tj, f, ensure_ascii=False)
+    if mode == "swap":
+        from xlt.tokenizer.swap import fix_tokenizer_config
+
+        fix_tokenizer_config(output_dir, new_tj)
+
+    report = {
+        "mode": mode,
+        "family": family,
+        "init": tok_args.embedding_init,
+        "base_model": model_spec,
+        "new_tokens": n_new,
+        "unreachable": unreachable,
+        "vocab_size": {"base": len(base_tj["model"]["vocab"]), "extended": len(new_tj["model"]["vocab"])},
+        "embedding_rows": {"base": old_rows, "extended": new_size},
+        "embeddings": summary,
+        "chars_per_token": {lang: {"base": chars_per_token(base, ts), "extended": chars_per_token(new_tok, ts)}
+                            for lang, ts in eval_texts.items()},
+        "corpus_chars": sum(len(t) for t in texts),
+        "seconds": 0.0,
+        "samples": _samples(base, new_tok, list(eval_texts.get("ja") or texts)),
+        **extra,
+    }
+    report["seconds"] = round(time.time() - t0, 2)
+    with open(os.path.join(output_dir, "tokenizer_report.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, ensure_ascii=False, indent=2)
+    return report
