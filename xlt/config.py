@@ -230,3 +230,24 @@ def validate_data_args(args: DataArguments) -> None:
         raise XltError(f"slw_schedule={args.slw_schedule!r}: expected linear or root")
     if not args.sources:
         raise XltError("sources: the recipe lists no data source")
+
+
+@dataclass
+class EvalArguments:
+    """Evaluation of a run directory: bits per character of base / cpt / sft, and a sample generation."""
+
+    output_dir: str = field(default="runs/smollm2-135m-ja", metadata={"help": "The run directory to evaluate."})
+    model: str = field(default=EMBEDDED_MODEL, metadata={"help": "The base model spec (the 'base' column)."})
+    eval_max_docs: int = field(default=200, metadata={"help": "Held-out documents per language."})
+    eval_max_length: int = field(default=1024, metadata={"help": "Window length (tokens) for bits per character."})
+    generate_prompt: str = field(default="日本の首都はどこですか？", metadata={"help": "Instruction for the sample generation."})
+    max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated for the sample."})
+    prompt_format: str = field(default="stablelm_alpaca", metadata={"help": "Prompt format of the SFT model."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "See ModelArguments.trust_remote_code."})
+
+
+@dataclass
+class OutputArguments:
+    """Where a stage that is not a Trainer run (the tokenizer stage) writes."""
+
+    output_dir: str = field(default="runs/smollm2-135m-ja", metadata={"help": "The run directory."})

@@ -13,6 +13,7 @@ A source spec is a mapping from a recipe, e.g.::
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import os
 from dataclasses import dataclass, field
@@ -233,3 +234,29 @@ def _check_text_field(path: str, text_field: str, key: str) -> None:
         names = pq.read_schema(path).names
         if text_field not in names:
             raise XltError(f"{key}: {path} has no field {text_field!r} (fields: {', '.join(names)})")
+
+
+def heldout_texts(sources: list[Source], eval_sources: Optional[list[Source]] = None,
+                  max_docs: Optional[int] = None) -> dict[str, list[str]]:
+    """Held-out documents per language: ``eval_sources`` if given, else each source's ``holdout`` split.
+
+    The same documents are excluded from training (``Source.split_holdout``), so evaluation is fair.
+    """
+    per_source: dict[str, list[list[str]]] = {}
+    for s in eval_sources or sources:
+        if s.streaming:
+            if not eval_sources:
+                continue  # a streamed training source has no held-out split
+            # A streamed evaluation set: its first documents, in order (no shuffle: the same every run).
+            docs = [_text_of(row, s.text_field, s.key, s.dataset)
+                    for row in itertools.islice(s.open_hub_dataset(), max_docs or 1000)]
+        else:
+            docs = s.all_documents() if eval_sources else s.split_holdout()[1]
+        if docs:
+            per_source.setdefault(s.lang, []).append(docs)
+    out = {}
+    for lang, lists in per_source.items():
+        # Round-robin over sources, so a cap keeps every source represented.
+        merged = [d for group in itertools.zip_longest(*lists) for d in group if d is not None]
+        out[lang] = merged[:max_docs] if max_docs is not None else merged
+    return out

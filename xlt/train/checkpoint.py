@@ -1,0 +1,130 @@
+"""Run identity, atomic writes and resume points.
+
+The Trainer writes ``checkpoint-N/`` itself; we add ``xlt_state.json`` (stream position,
+accounting, spike guard) *last*, with an atomic rename, so its presence marks a complete
+checkpoint. Resume picks the newest checkpoint that has it and ignores a half-written one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from typing import Any, Optional
+
+from xlt.config import XltError
+
+RUN_FILE = "xlt_run.json"
+STATE_FILE = "xlt_state.json"
+
+
+def atomic_write_json(path: str, obj: Any) -> None:
+    """Write JSON to a temporary file in the same folder, fsync, then rename over ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False, sort_keys=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_save_dir(save_fn, final_dir: str) -> None:
+    """Call ``save_fn(tmp_dir)`` then swap the folder into place, so ``final_dir`` is never half written."""
+    parent = os.path.dirname(os.path.abspath(final_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+    try:
+        save_fn(tmp)
+        old = None
+        if os.path.exists(final_dir):
+            old = final_dir + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final_dir, old)
+        os.replace(tmp, final_dir)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fingerprint(*parts: Any, exclude: tuple[str, ...] = ()) -> dict:
+    """A JSON-able description of the settings that define a run (dataclasses merged)."""
+    out: dict[str, Any] = {}
+    for part in parts:
+        d = dataclasses.asdict(part) if dataclasses.is_dataclass(part) else dict(part)
+        for k, v in d.items():
+            if k not in exclude and not k.startswith("_"):
+                out[k] = v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else str(v)
+    return json.loads(json.dumps(out, default=str))
+
+
+def claim_output_dir(output_dir: str, stage: str, settings: dict) -> bool:
+    """Make ``output_dir`` this run's, or refuse it. Returns True when the same run is already there.
+
+    A directory holding a different run (another model, other data or hyper-parameters) is an
+    error, so nothing there is overwritten by mistake; the same run resumes.
+    """
+    path = os.path.join(output_dir, RUN_FILE)
+    runs: dict[str, Any] = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            runs = json.load(f)
+        if stage in runs:
+            old = runs[stage]
+            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            if diff:
+                shown = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff[:3])
+                raise XltError(f"output dir {output_dir} holds a different {stage} run ({shown}"
+                               f"{', ...' if len(diff) > 3 else ''}); use another --output_dir or delete it")
+            return True
+    elif os.path.isdir(output_dir) and any(not n.startswith(".") for n in os.listdir(output_dir)):
+        raise XltError(f"output dir {output_dir} is not empty and holds no xlt run; use another --output_dir")
+    runs[stage] = settings
+    atomic_write_json(path, runs)
+    return False
+
+
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def last_complete_checkpoint(output_dir: str) -> Optional[str]:
+    """The newest ``checkpoint-N`` that holds ``xlt_state.json`` (written last), or None."""
+    if not os.path.isdir(output_dir):
+        return None
+    best = None
+    for name in os.listdir(output_dir):
+        m = _CKPT.match(name)
+        if m and os.path.isfile(os.path.join(output_dir, name, STATE_FILE)):
+            if best is None or int(m.group(1)) > best[0]:
+                best = (int(m.group(1)), name)
+    return os.path.join(output_dir, best[1]) if best else None
+
+
+def update_report(output_dir: str, section: dict) -> dict:
+    """Merge ``section`` into ``output_dir/report.json`` (recursively) and write it atomically."""
+    path = os.path.join(output_dir, "report.json")
+    report: dict[str, Any] = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            report = json.load(f)
+
+    def merge(dst: dict, src: dict) -> None:
+        for k, v in src.items():
+            if isinstance(v, dict) and isinstance(dst.get(k), dict):
+                merge(dst[k], v)
+            else:
+                dst[k] = v
+
+    merge(report, section)
+    atomic_write_json(path, report)
+    return report

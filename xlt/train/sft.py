@@ -1,0 +1,84 @@
+"""Instruction SFT with TRL's SFTTrainer on prompt-completion pairs (loss on the completion only).
+
+Phases: inputs → model → data → train → save → report. The run directory is the recipe's
+``output_dir`` (shared with continued pretraining); SFT checkpoints go to ``sft-checkpoints/``
+and the final model to ``sft/``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from xlt.config import SftArguments, XltError
+from xlt.data.sft import check_sft_specs, load_instruction_examples
+from xlt.models import check_model_spec, load_model, load_tokenizer
+from xlt.train.checkpoint import atomic_save_dir, claim_output_dir, fingerprint, update_report
+
+_RUN_KEYS = ("learning_rate", "lr_scheduler_type", "warmup_ratio", "weight_decay", "num_train_epochs", "max_steps",
+             "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "max_length", "bf16")
+
+
+def _log(msg: str) -> None:
+    print(f"[xlt sft] {msg}", flush=True)
+
+
+def resolve_sft_model(sft_args: SftArguments, run_dir: str) -> str:
+    if sft_args.model:
+        return sft_args.model
+    cpt_dir = os.path.join(run_dir, "cpt")
+    if not os.path.isdir(cpt_dir):
+        raise XltError(f"model: no model given and {cpt_dir} does not exist (run continued pretraining first, "
+                       "or pass --model)")
+    return cpt_dir
+
+
+def run_sft(sft_args: SftArguments, training_args: Any) -> dict:
+    t0 = time.time()
+    run_dir = training_args.output_dir
+    # -- phase: inputs --------------------------------------------------------------------------
+    check_sft_specs(sft_args.sft_datasets)
+    model_spec = resolve_sft_model(sft_args, run_dir)
+    check_model_spec(model_spec)
+    if sft_args.prompt_format not in ("stablelm_alpaca", "chat"):
+        raise XltError(f"prompt_format={sft_args.prompt_format!r}: expected stablelm_alpaca or chat")
+    settings = fingerprint(sft_args, {k: getattr(training_args, k, None) for k in _RUN_KEYS})
+    claim_output_dir(run_dir, "sft", settings)
+    training_args.output_dir = os.path.join(run_dir, "sft-checkpoints")
+
+    # -- phase: model ---------------------------------------------------------------------------
+    tokenizer = load_tokenizer(model_spec, trust_remote_code=sft_args.trust_remote_code)
+    model = load_model(model_spec, trust_remote_code=sft_args.trust_remote_code)
+
+    # -- phase: data ----------------------------------------------------------------------------
+    import datasets
+
+    examples = load_instruction_examples(sft_args.sft_datasets, sft_args.prompt_format, tokenizer)
+    train = datasets.Dataset.from_list(examples)
+    _log(f"{len(train)} instruction examples x {training_args.num_train_epochs} epochs, prompt={sft_args.prompt_format}")
+
+    # -- phase: train ---------------------------------------------------------------------------
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTTrainer
+
+    trainer = SFTTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer)
+    last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+    result = trainer.train(resume_from_checkpoint=last)
+
+    # -- phase: save + report -------------------------------------------------------------------
+    final_dir = os.path.join(run_dir, "sft")
+    if trainer.is_world_process_zero():
+        def save(tmp: str) -> None:
+            trainer.model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+
+        atomic_save_dir(save, final_dir)
+    section = {"sft": {"model": model_spec, "model_dir": final_dir, "examples": len(train),
+                       "epochs": training_args.num_train_epochs, "steps": trainer.state.global_step,
+                       "train_loss": round(float(result.training_loss), 4), "seconds": round(time.time() - t0, 1),
+                       "prompt_format": sft_args.prompt_format}}
+    if trainer.is_world_process_zero():
+        update_report(run_dir, section)
+    _log(f"done: {trainer.state.global_step} steps; model in {final_dir}")
+    return section
