@@ -70,7 +70,7 @@ def tiny_llama(vocab_size: int, attn: str = "sdpa", seed: int = 0):
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.3,
                       attn_implementation=attn)
     return LlamaForCausalLM(cfg).eval().float()
 
