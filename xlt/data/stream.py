@@ -223,7 +223,7 @@ class PretrainStream(torch.utils.data.IterableDataset):
         if fp != mine:
             diff = [k for k in mine if (fp or {}).get(k) != mine[k]]
             raise XltError(f"data stream: the checkpoint was written with other data settings ({', '.join(diff)}); "
-                           f"resume with the same data_seed, sources and seq_len")
+                           f"resume with the same stream_seed, sources and seq_len")
 
     def _make_readers(self, states: dict) -> dict[str, Any]:
         readers: dict[str, Any] = {}
