@@ -68,3 +68,25 @@ def tiny_model_dir(root: Path, tokenizer_dir: str, tied: bool, vocab_size: int |
         if os.path.isfile(os.path.join(tokenizer_dir, f)):
             shutil.copyfile(os.path.join(tokenizer_dir, f), out / f)
     return str(out)
+
+
+def sentencepiece_bpe_dir(root: Path, vocab_size: int = 2000) -> str:
+    """A real SentencePiece BPE with byte fallback (Llama-2 recipe) trained on the shared English
+    text, converted to Llama-2's tokenizer.json layout; the slow tokenizer.model is kept beside it."""
+    import sentencepiece as spm
+
+    from xlt.tokenizer.spm import tokenizer_json_from_spm
+
+    out = root / "spm-bpe"
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [ln for ln in en_text().split("\n") if ln.strip()][:20000]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(out / "tokenizer"),
+                                   vocab_size=vocab_size, model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
+                                   normalization_rule_name="identity", unk_id=0, bos_id=1, eos_id=2, minloglevel=2)
+    with open(out / "tokenizer.json", "w", encoding="utf-8") as f:
+        json.dump(tokenizer_json_from_spm(str(out / "tokenizer.model")), f, ensure_ascii=False)
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False}))
+    return str(out)

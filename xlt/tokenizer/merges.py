@@ -51,8 +51,12 @@ def tokenizer_json_path(spec: str) -> str:
         path = os.path.join(where, "tokenizer.json")
         if not os.path.isfile(path):
             slow = [f for f in ("tokenizer.model", "spiece.model", "vocab.json") if os.path.isfile(os.path.join(where, f))]
-            hint = (f" (it has only the slow {slow[0]}; convert it once with transformers: "
-                    f"AutoTokenizer.from_pretrained(dir).save_pretrained(dir))") if slow else ""
+            hint = ""
+            if slow and slow[0] == "tokenizer.model":
+                hint = (f" (it has only the slow tokenizer.model; for a SentencePiece BPE convert it once with "
+                        f"`python -m xlt.tokenizer.spm {where}`)")
+            elif slow:
+                hint = f" (it has only the slow {slow[0]}; save the fast tokenizer with transformers first)"
             raise XltError(f"tokenizer: {spec} has no tokenizer.json{hint}")
         return path
     try:
