@@ -129,7 +129,12 @@ class DataArguments:
         default=0.0, metadata={"help": "Drop 'ja' documents whose share of Japanese script is below this."}
     )
     clean_dedup: bool = field(default=True, metadata={"help": "Drop exact duplicate documents within a source."})
-    data_seed: int = field(default=0, metadata={"help": "Seed of the stream (shuffles of every source)."})
+    stream_seed: int = field(default=0, metadata={"help": "Seed of the stream (shuffles of every source). Named so as "
+                             "not to clash with TrainingArguments.data_seed."})
+
+    @property
+    def data_seed(self) -> int:
+        return self.stream_seed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,7 +171,7 @@ class SftArguments:
         default="stablelm_alpaca",
         metadata={"help": "'stablelm_alpaca' (Japanese StableLM Alpaca prompt) or 'chat' (the tokenizer's chat template)."},
     )
-    trust_remote_code: bool = field(default=False, metadata={"help": "See ModelArguments.trust_remote_code."})
+    # trust_remote_code comes from SFTConfig (default False).
 
 
 def parse_recipe(dataclass_types: Sequence[type], argv: Optional[Sequence[str]] = None) -> tuple[Any, ...]:

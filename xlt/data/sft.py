@@ -15,11 +15,20 @@ STABLELM_SYSTEM = "以下は、タスクを説明する指示と、文脈のあ�
 
 
 def stablelm_alpaca_prompt(instruction: str, input_text: str = "") -> str:
+    """The prompt up to ``### 応答: ``; the completion starts with the format's ``\n``.
+
+    Why the newline goes with the completion: byte-level pre-tokenizers cut a trailing " \n" differently
+    at the end of a string than before text, so a prompt ending in it would not be a token prefix of
+    prompt + completion and the loss mask would slip. The concatenated text is exactly the StableLM format.
+    """
     sep = "\n\n### "
     prompt = STABLELM_SYSTEM + sep + "指示: \n" + instruction
     if input_text:
         prompt += sep + "入力: \n" + input_text
-    return prompt + sep + "応答: \n"
+    return prompt + sep + "応答: "
+
+
+COMPLETION_PREFIX = {"stablelm_alpaca": "\n", "chat": ""}
 
 
 def _alpaca(row: dict) -> Optional[dict]:
@@ -122,7 +131,7 @@ def load_instruction_examples(specs: list[dict], prompt_format: str = "stablelm_
             if ex is None or not ex["instruction"].strip() or not ex["output"].strip():
                 continue
             out.append({"prompt": format_prompt(ex["instruction"], ex["input"], prompt_format, tokenizer),
-                        "completion": ex["output"]})
+                        "completion": COMPLETION_PREFIX[prompt_format] + ex["output"]})
             n += 1
             if spec.get("max_examples") and n >= spec["max_examples"]:
                 break

@@ -34,7 +34,7 @@ from xlt.train.checkpoint import (
 )
 
 # TrainingArguments that change what a run computes (the rest — logging, saving, paths — may differ on resume).
-_RUN_KEYS = ("learning_rate", "lr_scheduler_type", "warmup_ratio", "warmup_steps", "weight_decay", "adam_beta1",
+_RUN_KEYS = ("learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "adam_beta1",
              "adam_beta2", "adam_epsilon", "max_grad_norm", "per_device_train_batch_size",
              "gradient_accumulation_steps", "max_steps", "seed", "bf16", "fp16", "optim")
 
@@ -220,7 +220,7 @@ def run_cpt(model_args: ModelArguments, tok_args: TokenizerArguments, data_args:
     sources, eval_sources, plan = check_cpt_inputs(model_args, tok_args, data_args, cpt_args, training_args)
     training_args.max_steps = plan.max_steps
     settings = fingerprint(model_args, tok_args, data_args, cpt_args,
-                           {k: getattr(training_args, k) for k in _RUN_KEYS}, exclude=("resume", "eval_max_docs"))
+                           {k: getattr(training_args, k, None) for k in _RUN_KEYS}, exclude=("resume", "eval_max_docs"))
     same_run = claim_output_dir(output_dir, "cpt", settings)
     _log(plan.describe())
     eval_texts = heldout_texts(sources, eval_sources, cpt_args.eval_max_docs)
@@ -256,6 +256,11 @@ def run_cpt(model_args: ModelArguments, tok_args: TokenizerArguments, data_args:
         if state.get("guard"):
             guard.load_state_dict(state["guard"])
         _log(f"resuming from {resume_from} (step {state['global_step']}, no batch replay)")
+        if state["global_step"] >= plan.max_steps and os.path.isfile(os.path.join(output_dir, "cpt", "config.json")):
+            _log(f"the run is complete ({plan.max_steps} steps); nothing to do")
+            with open(os.path.join(output_dir, "report.json"), encoding="utf-8") as f:
+                report = json.load(f)
+            return {k: report[k] for k in ("tokens_trained", "cpt", "tokenizer") if k in report}
     # The stream restores its own position, so the Trainer must not skip batches on resume.
     training_args.ignore_data_skip = True
 

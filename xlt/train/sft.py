@@ -16,7 +16,7 @@ from xlt.data.sft import check_sft_specs, load_instruction_examples
 from xlt.models import check_model_spec, load_model, load_tokenizer
 from xlt.train.checkpoint import atomic_save_dir, claim_output_dir, fingerprint, update_report
 
-_RUN_KEYS = ("learning_rate", "lr_scheduler_type", "warmup_ratio", "weight_decay", "num_train_epochs", "max_steps",
+_RUN_KEYS = ("learning_rate", "lr_scheduler_type", "weight_decay", "num_train_epochs", "max_steps",
              "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "max_length", "bf16")
 
 
@@ -48,8 +48,8 @@ def run_sft(sft_args: SftArguments, training_args: Any) -> dict:
     training_args.output_dir = os.path.join(run_dir, "sft-checkpoints")
 
     # -- phase: model ---------------------------------------------------------------------------
-    tokenizer = load_tokenizer(model_spec, trust_remote_code=sft_args.trust_remote_code)
-    model = load_model(model_spec, trust_remote_code=sft_args.trust_remote_code)
+    tokenizer = load_tokenizer(model_spec, trust_remote_code=training_args.trust_remote_code)
+    model = load_model(model_spec, trust_remote_code=training_args.trust_remote_code)
 
     # -- phase: data ----------------------------------------------------------------------------
     import datasets
