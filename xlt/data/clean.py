@@ -44,6 +44,7 @@ class Cleaner:
         self.seen: set[bytes] = set()
         self.dropped: Counter = Counter()
         self.kept = 0
+        self.heldout_kept = 0
 
     def __call__(self, text: str) -> Optional[str]:
         """The cleaned document, or None when it is dropped (the reason is counted)."""
@@ -72,7 +73,7 @@ class Cleaner:
         return None
 
     def report(self) -> dict:
-        return {"kept": self.kept, "dropped": {r: int(self.dropped.get(r, 0)) for r in REASONS}}
+        return {"kept": self.kept, "heldout_kept": self.heldout_kept, "dropped": {r: int(self.dropped.get(r, 0)) for r in REASONS}}
 
 
 def clean_documents(docs: Iterable[str], lang: str, args: Any, cleaner: Optional[Cleaner] = None

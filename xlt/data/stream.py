@@ -296,6 +296,8 @@ def build_pretrain_stream(data_args: DataArguments, tokenizer: Any, total_tokens
         held_cleaner = Cleaner(s.lang, data_args)
         held_cleaner.seen = cleaner.seen  # dedup held-out against train: no leakage into evaluation
         held = [t for t in map(held_cleaner, held) if t is not None]
+        cleaner.dropped.update(held_cleaner.dropped)  # the report covers the whole source
+        cleaner.heldout_kept = held_cleaner.kept
         train_docs[s.name], heldout[s.name] = train, held
         sizes[s.name] = _estimate_tokens(train, encoder)
     weights = resolve_weights(sources, sizes)
