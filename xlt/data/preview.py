@@ -1,0 +1,133 @@
+"""``xlt data preview``: run the real stream (no model) and show the curriculum it realises.
+
+Per optimizer step: tokens so far, the Japanese share the schedule asks for over the step's
+tokens and the share the stream actually placed, the same two cumulatively, and the warmup
+sequence length. Nothing here is simulated: the rows come from ``build_pretrain_stream``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Optional
+
+from xlt.config import XltError
+from xlt.data.schedule import cumulative_ja_target, ja_ratio
+
+KEYS = ("step", "tokens", "target_ja", "realised_ja", "cum_target_ja", "cum_realised_ja", "seq_len")
+TEXT_ROWS = 40  # text output shows this many evenly spaced steps (--json shows all)
+
+
+def preview(data_args: Any, tokenizer: Any, total_tokens: int, rows_per_step: int, steps: int) -> list[dict]:
+    """One dict per step (keys ``KEYS``) for the first ``steps`` steps of the stream."""
+    from xlt.data.stream import build_pretrain_stream
+
+    stream = build_pretrain_stream(data_args, tokenizer, total_tokens, rows_per_step)
+    step_tokens = rows_per_step * int(data_args.seq_len)
+    out: list[dict] = []
+    ja_step = ja_cum = 0
+    seq_len = None
+    rows = stream.global_rows()
+    for step in range(1, steps + 1):
+        ja_step = 0
+        for i in range(rows_per_step):
+            row = next(rows)
+            if i == 0:
+                seq_len = row.warm_len
+            ja_step += row.lang_tokens["ja"]
+        ja_cum += ja_step
+        t0, t1 = (step - 1) * step_tokens, step * step_tokens
+        c0, c1 = cumulative_ja_target(t0, total_tokens, data_args), cumulative_ja_target(t1, total_tokens, data_args)
+        out.append({"step": step, "tokens": t1, "target_ja": (c1 - c0) / step_tokens,
+                    "realised_ja": ja_step / step_tokens, "cum_target_ja": c1 / t1, "cum_realised_ja": ja_cum / t1,
+                    "seq_len": seq_len})
+    return out
+
+
+def plot_preview(rows: list[dict], png_path: str, data_args: Optional[Any] = None,
+                 total_tokens: Optional[int] = None) -> None:
+    """Japanese share (schedule, per step, cumulative) and the warmup length against tokens."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tokens = [r["tokens"] for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if data_args is not None and total_tokens:
+        xs = [tokens[-1] * i / 400 for i in range(401)]
+        ax.plot(xs, [ja_ratio(x, total_tokens, data_args) for x in xs], color="0.6", lw=1, label="schedule r(t)")
+    ax.step(tokens, [r["realised_ja"] for r in rows], where="pre", color="tab:red", lw=1, label="realised, per step")
+    ax.plot(tokens, [r["cum_target_ja"] for r in rows], color="tab:blue", ls="--", lw=1.5, label="cumulative target")
+    ax.plot(tokens, [r["cum_realised_ja"] for r in rows], color="tab:green", ls=":", lw=2, label="cumulative realised")
+    ax.set_xlabel("tokens trained")
+    ax.set_ylabel("Japanese share of tokens")
+    ax.set_ylim(-0.02, 1.02)
+    ax2 = ax.twinx()
+    ax2.plot(tokens, [r["seq_len"] for r in rows], color="tab:purple", lw=1, alpha=0.7, label="sequence length")
+    ax2.set_ylabel("sequence length (tokens)")
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="lower right", fontsize=8)
+    ax.set_title("xlt data preview: Japanese-ratio curriculum and sequence-length warmup")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+
+
+def _run_preview(ns: argparse.Namespace) -> int:
+    try:
+        return _preview_command(ns)
+    except XltError as e:
+        print(f"xlt: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _preview_command(ns: argparse.Namespace) -> int:
+    import transformers
+
+    from xlt.config import CptArguments, DataArguments, ModelArguments, TokenizerArguments, parse_recipe
+    from xlt.models import load_tokenizer
+    from xlt.train.cpt import plan_steps
+
+    model_args, tok_args, data_args, cpt_args, training_args = parse_recipe(
+        [ModelArguments, TokenizerArguments, DataArguments, CptArguments, transformers.TrainingArguments],
+        ["--config", ns.config])
+    plan = plan_steps(data_args, cpt_args, training_args, world_size=1)
+    steps = plan.max_steps if ns.steps is None else ns.steps
+    if steps <= 0:
+        raise XltError(f"--steps must be positive (got {steps})")
+    tokenizer = load_tokenizer(model_args.model, trust_remote_code=model_args.trust_remote_code)
+    rows = preview(data_args, tokenizer, plan.total_tokens, plan.rows_per_step, steps)
+    if ns.plot:
+        plot_preview(rows, ns.plot, data_args, plan.total_tokens)
+    if ns.json:
+        print(json.dumps(rows))
+        return 0
+    note = ""
+    if tok_args.tokenizer_mode != "none":
+        note = f" (base tokenizer of {model_args.model}; the '{tok_args.tokenizer_mode}' tokenizer is not applied here)"
+    print(f"{plan.describe()}{note}")
+    print(f"{'step':>7} {'tokens':>12} {'target_ja':>9} {'real_ja':>8} {'cum_tgt':>8} {'cum_real':>8} {'seq_len':>7}")
+    shown = rows if len(rows) <= TEXT_ROWS else [rows[round(i * (len(rows) - 1) / (TEXT_ROWS - 1))] for i in range(TEXT_ROWS)]
+    for r in shown:
+        print(f"{r['step']:>7} {r['tokens']:>12,} {r['target_ja']:>9.4f} {r['realised_ja']:>8.4f} "
+              f"{r['cum_target_ja']:>8.4f} {r['cum_realised_ja']:>8.4f} {r['seq_len']:>7}")
+    if len(rows) > TEXT_ROWS:
+        print(f"({TEXT_ROWS} of {len(rows)} steps shown; --json prints every step)")
+    if ns.plot:
+        print(f"plot: {ns.plot}")
+    return 0
+
+
+def add_data_commands(subparsers: Any) -> None:
+    """Register ``xlt data preview``."""
+    data = subparsers.add_parser("data", help="inspect the continued-pretraining data stream")
+    sub = data.add_subparsers(dest="data_command", required=True)
+    p = sub.add_parser("preview", help="realised Japanese share and sequence length per step of a cpt recipe")
+    p.add_argument("--config", required=True, help="cpt recipe YAML")
+    p.add_argument("--steps", type=int, default=None, help="steps to preview (default: the whole run)")
+    p.add_argument("--plot", default=None, help="write the curriculum plot to this PNG")
+    p.add_argument("--json", action="store_true", help="print a JSON list of per-step records: " + ", ".join(KEYS))
+    p.set_defaults(func=_run_preview)
