@@ -32,6 +32,7 @@ from xlt.data.sources import LANGS, Source
 log = logging.getLogger("xlt.data")
 
 LOOKAHEAD_DOCS = 256  # documents tokenised per batch call (one Rust call, both cores)
+CACHE_ALL_TOKENS = 50_000_000  # in-memory sources up to this size keep their tokens (int32) for all epochs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,14 +91,22 @@ def permutation(seed: int, name: str, epoch: int, n: int) -> np.ndarray:
 # Readers: a source's documents in epoch order, as token arrays
 # ---------------------------------------------------------------------------------------------
 class MemoryReader:
-    """An in-memory source (local files, embedded corpora). Position = (epoch, cursor)."""
+    """An in-memory source (local files, embedded corpora). Position = (epoch, cursor).
+
+    ``cache`` maps document index -> tokens and is shared by every reader of the source (it
+    survives resumes and re-iteration). With ``cache_all`` each document is tokenised once for
+    all epochs; otherwise only the pre-seeded entries (the size-estimation sample) are kept.
+    """
 
     streaming = False
 
-    def __init__(self, name: str, docs: list[str], encoder: DocEncoder, seed: int):
+    def __init__(self, name: str, docs: list[str], encoder: DocEncoder, seed: int,
+                 cache: Optional[dict[int, np.ndarray]] = None, cache_all: bool = False):
         if not docs:
             raise XltError(f"source {name!r} has no training documents")
         self.name, self.docs, self.encoder, self.seed = name, docs, encoder, seed
+        self.cache = cache if cache is not None else {}
+        self.cache_all = cache_all
         self.epoch, self.cursor = 0, 0
         self._perm = permutation(seed, name, 0, len(docs))
         self._buf: list[np.ndarray] = []
@@ -114,6 +123,15 @@ class MemoryReader:
     def epochs(self) -> float:
         return self.epoch + self.cursor / len(self.docs)
 
+    def _tokens(self, indices: np.ndarray) -> list[np.ndarray]:
+        """Tokens of documents by index: one batched encoder call for those not cached."""
+        cache = self.cache
+        missing = [int(j) for j in indices if int(j) not in cache]
+        fresh = dict(zip(missing, self.encoder.encode([self.docs[j] for j in missing])))
+        if self.cache_all:
+            cache.update(fresh)
+        return [cache[j] if j in cache else fresh[j] for j in map(int, indices)]
+
     def next_doc(self) -> tuple[np.ndarray, int, dict]:
         """(tokens, characters, cursor to reopen it) of the next document; a new epoch reshuffles."""
         if self.cursor >= len(self.docs):
@@ -123,8 +141,7 @@ class MemoryReader:
             self._buf, self._buf_start = [], 0
         i = self.cursor - self._buf_start
         if i >= len(self._buf) or i < 0:
-            idx = self._perm[self.cursor:self.cursor + LOOKAHEAD_DOCS]
-            self._buf = self.encoder.encode([self.docs[j] for j in idx])
+            self._buf = self._tokens(self._perm[self.cursor:self.cursor + LOOKAHEAD_DOCS])
             self._buf_start, i = self.cursor, 0
         text_len = len(self.docs[self._perm[self.cursor]])
         where = {"epoch": self.epoch, "index": self.cursor}
@@ -134,7 +151,7 @@ class MemoryReader:
     def reopen(self, where: dict) -> np.ndarray:
         """Tokens of an earlier document (to restore a half-placed document on resume)."""
         perm = permutation(self.seed, self.name, int(where["epoch"]), len(self.docs))
-        return self.encoder.encode([self.docs[perm[int(where["index"])]]])[0]
+        return self._tokens(perm[int(where["index"]):int(where["index"]) + 1])[0]
 
 
 class StreamReader:

@@ -25,7 +25,7 @@ import torch
 from xlt.config import DataArguments, XltError, validate_data_args
 from xlt.data.accounting import Accounting
 from xlt.data.clean import Cleaner
-from xlt.data.mixture import MemoryReader, StreamReader, pick_language, pick_source, resolve_weights, step_quota
+from xlt.data.mixture import CACHE_ALL_TOKENS, MemoryReader, StreamReader, pick_language, pick_source, resolve_weights, step_quota
 from xlt.data.packing import DocEncoder, RowBuilder
 from xlt.data.schedule import cumulative_ja_target, ratio_range, seq_len_at, validate_schedule
 from xlt.data.sources import LANGS, Source, load_sources
@@ -55,7 +55,8 @@ class PretrainStream(torch.utils.data.IterableDataset):
     def __init__(self, args: DataArguments, sources: list[Source], train_docs: dict[str, list[str]],
                  heldout: dict[str, list[str]], cleaners: dict[str, Cleaner], weights: dict[str, float],
                  encoder: DocEncoder, total_tokens: int, rows_per_step: int, rank: int, world_size: int,
-                 history_rows: Optional[int] = None):
+                 history_rows: Optional[int] = None, token_cache: Optional[dict[str, dict]] = None,
+                 cache_all: Optional[dict[str, bool]] = None):
         super().__init__()
         self.args, self.sources, self.encoder = args, sources, encoder
         self.seq_len = int(args.seq_len)
@@ -71,6 +72,8 @@ class PretrainStream(torch.utils.data.IterableDataset):
         self._latest: dict = self._start_state
         self.accounting = Accounting(self.source_langs)
         self.warnings: list[str] = []
+        self._token_cache: dict[str, dict[int, np.ndarray]] = token_cache or {}  # per source: doc index -> tokens
+        self._cache_all: dict[str, bool] = cache_all or {}
 
     # -- public state API ----------------------------------------------------------------------
     @property
@@ -232,7 +235,8 @@ class PretrainStream(torch.utils.data.IterableDataset):
             if s.streaming:
                 r: Any = StreamReader(s, self.encoder, seed, self._cleaners[s.name])
             else:
-                r = MemoryReader(s.name, self._train_docs[s.name], self.encoder, seed)
+                r = MemoryReader(s.name, self._train_docs[s.name], self.encoder, seed,
+                                 self._token_cache.setdefault(s.name, {}), self._cache_all.get(s.name, False))
             if states.get(s.name) is not None:
                 r.load(states[s.name])
             readers[s.name] = r
@@ -252,15 +256,17 @@ def check_languages(args: DataArguments, sources: list[Source]) -> None:
         raise XltError(f"sources: the Japanese ratio goes down to {lo:g}, so English is needed, but no source has lang: en")
 
 
-def _estimate_tokens(docs: list[str], encoder: DocEncoder) -> float:
-    """Tokens of a source, from the token/char ratio of an evenly spaced sample of documents."""
+def _estimate_tokens(docs: list[str], encoder: DocEncoder) -> tuple[float, dict[int, np.ndarray]]:
+    """Tokens of a source, from the token/char ratio of an evenly spaced sample of documents,
+    and the sample's tokens (they seed the reader's cache, so nothing is tokenised twice)."""
     step = max(1, len(docs) // SIZE_SAMPLE_DOCS)
-    sample = docs[::step][:SIZE_SAMPLE_DOCS]
-    tokens = sum(len(t) for t in encoder.encode(sample))
-    chars = sum(len(d) for d in sample)
-    if len(sample) == len(docs):
-        return float(tokens)
-    return tokens / max(chars, 1) * sum(len(d) for d in docs)
+    idx = list(range(0, len(docs), step))[:SIZE_SAMPLE_DOCS]
+    encoded = dict(zip(idx, encoder.encode([docs[i] for i in idx])))
+    tokens = sum(len(t) for t in encoded.values())
+    if len(idx) == len(docs):
+        return float(tokens), encoded
+    chars = sum(len(docs[i]) for i in idx)
+    return tokens / max(chars, 1) * sum(len(d) for d in docs), encoded
 
 
 def build_pretrain_stream(data_args: DataArguments, tokenizer: Any, total_tokens: int, rows_per_step: int,
@@ -282,6 +288,7 @@ def build_pretrain_stream(data_args: DataArguments, tokenizer: Any, total_tokens
     heldout: dict[str, list[str]] = {}
     cleaners: dict[str, Cleaner] = {}
     sizes: dict[str, Optional[float]] = {}
+    token_cache: dict[str, dict[int, np.ndarray]] = {}
     for s in sources:
         cleaner = cleaners[s.name] = Cleaner(s.lang, data_args)
         if s.streaming:
@@ -299,10 +306,11 @@ def build_pretrain_stream(data_args: DataArguments, tokenizer: Any, total_tokens
         cleaner.dropped.update(held_cleaner.dropped)  # the report covers the whole source
         cleaner.heldout_kept = held_cleaner.kept
         train_docs[s.name], heldout[s.name] = train, held
-        sizes[s.name] = _estimate_tokens(train, encoder)
+        sizes[s.name], token_cache[s.name] = _estimate_tokens(train, encoder)
     weights = resolve_weights(sources, sizes)
+    cache_all = {name: bool(size) and size <= CACHE_ALL_TOKENS for name, size in sizes.items()}
     stream = PretrainStream(data_args, sources, train_docs, heldout, cleaners, weights, encoder, total_tokens,
-                            rows_per_step, rank, world_size)
+                            rows_per_step, rank, world_size, token_cache=token_cache, cache_all=cache_all)
     # Repetition forecast: tokens each source will supply over the run / its size.
     tokens_run = -(-total_tokens // (rows_per_step * data_args.seq_len)) * rows_per_step * data_args.seq_len
     ja_run = cumulative_ja_target(tokens_run, total_tokens, data_args)
