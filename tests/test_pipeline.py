@@ -1,0 +1,140 @@
+"""A tiny end-to-end run: extend → continued pretraining → SFT → evaluate, and the outputs reload.
+
+The recipe is the shipped demo recipe with a tiny random Llama (carrying the real SmolLM2
+tokenizer) in place of the embedded model, so every stage runs for real in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import REPO
+from xlt.cli import run_recipe
+
+CPT = str(REPO / "recipes/smollm2-135m-ja/cpt.yaml")
+SFT = str(REPO / "recipes/smollm2-135m-ja/sft.yaml")
+EVAL = str(REPO / "recipes/smollm2-135m-ja/evaluate.yaml")
+
+
+def cpt_args(model: str, out: str, *extra: str) -> list[str]:
+    return ["--config", CPT, "--model", model, "--output_dir", out, "--new_tokens", "64", "--train_tokens", "6144",
+            "--save_steps", "2", "--logging_steps", "2", "--eval_max_docs", "8", *extra]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_model_dir):
+    out = str(tmp_path_factory.mktemp("run") / "r")
+    assert run_recipe("cpt", cpt_args(tiny_model_dir, out)) == 0
+    assert run_recipe("sft", ["--config", SFT, "--output_dir", out, "--max_steps", "2",
+                              "--per_device_train_batch_size", "2"]) == 0
+    assert run_recipe("evaluate", ["--config", EVAL, "--output_dir", out, "--model", tiny_model_dir,
+                                   "--eval_max_docs", "8", "--max_new_tokens", "4"]) == 0
+    return out
+
+
+def test_report_has_every_promised_figure(run_dir):
+    with open(os.path.join(run_dir, "report.json"), encoding="utf-8") as f:
+        report = json.load(f)
+    tok = report["tokenizer"]
+    assert tok["new_tokens"] > 0
+    for lang in ("ja", "en"):
+        assert set(tok[f"{lang}_chars_per_token"]) == {"base", "extended"}
+        assert set(report["bpc"][lang]) == {"base", "cpt", "sft"}
+        assert all(v > 0 for v in report["bpc"][lang].values())
+    # Extension makes Japanese cheaper and leaves English alone.
+    assert tok["ja_chars_per_token"]["extended"] > tok["ja_chars_per_token"]["base"]
+    assert tok["en_chars_per_token"]["extended"] == pytest.approx(tok["en_chars_per_token"]["base"])
+    trained = report["tokens_trained"]
+    assert sum(trained.values()) == 6144 and trained["ja"] > trained["en"] > 0
+    assert report["cpt"]["steps"] == 6 and report["sft"]["steps"] == 2
+
+
+def test_final_models_reload_with_auto_classes(run_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for stage in ("tokenizer", "cpt", "sft"):
+        path = os.path.join(run_dir, stage)
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path)
+        assert model.get_input_embeddings().weight.shape[0] >= len(tok)
+        ids = tok("日本語の文章です。", return_tensors="pt").input_ids
+        with torch.no_grad():
+            assert torch.isfinite(model(ids).logits).all()
+    base = AutoTokenizer.from_pretrained(os.path.join(run_dir, "tokenizer"))
+    sft = AutoTokenizer.from_pretrained(os.path.join(run_dir, "sft"))
+    assert len(base) == len(sft)
+
+
+def test_cpt_changed_the_weights_and_sft_changed_them_again(run_dir):
+    from safetensors.torch import load_file
+
+    w = {s: load_file(os.path.join(run_dir, s, "model.safetensors")) for s in ("tokenizer", "cpt", "sft")}
+    key = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(w["tokenizer"][key], w["cpt"][key])
+    assert not torch.equal(w["cpt"][key], w["sft"][key])
+
+
+def test_checkpoints_carry_stream_state_and_accounting(run_dir):
+    ckpts = sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint-"))
+    assert ckpts
+    with open(os.path.join(run_dir, ckpts[-1], "xlt_state.json"), encoding="utf-8") as f:
+        state = json.load(f)
+    assert state["rows_consumed"] == state["global_step"] * 4
+    assert sum(state["accounting"]["tokens_trained"].values()) == state["rows_consumed"] * 256
+
+
+def test_same_run_again_resumes_and_does_nothing_more(run_dir, tiny_model_dir):
+    with open(os.path.join(run_dir, "report.json"), encoding="utf-8") as f:
+        before = json.load(f)["cpt"]["steps"]
+    assert run_recipe("cpt", cpt_args(tiny_model_dir, run_dir)) == 0
+    with open(os.path.join(run_dir, "report.json"), encoding="utf-8") as f:
+        assert json.load(f)["cpt"]["steps"] == before
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_model_dir):
+    """Stop after 2 of 4 steps, resume: the final weights equal an uninterrupted run's."""
+    from safetensors.torch import load_file
+
+    common = ["--tokenizer_mode", "none", "--train_tokens", "4096", "--save_steps", "2"]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    assert run_recipe("cpt", cpt_args(tiny_model_dir, full, *common)) == 0
+    # The interrupted run: same settings, stopped by hand after its step-2 checkpoint.
+    from transformers import TrainerCallback
+
+    import xlt.train.cpt as cpt_module
+
+    class StopAt2(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step >= 2:
+                raise KeyboardInterrupt
+
+    original = cpt_module._make_trainer_class
+
+    def patched():
+        cls = original()
+
+        class Interrupted(cls):
+            def __init__(self, *a, **k):
+                k["callbacks"] = list(k.get("callbacks") or []) + [StopAt2()]
+                super().__init__(*a, **k)
+
+        return Interrupted
+
+    cpt_module._make_trainer_class = patched
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_recipe("cpt", cpt_args(tiny_model_dir, part, *common))
+    finally:
+        cpt_module._make_trainer_class = original
+    assert not os.path.exists(os.path.join(part, "cpt"))
+    assert run_recipe("cpt", cpt_args(tiny_model_dir, part, *common)) == 0
+    a = load_file(os.path.join(full, "cpt", "model.safetensors"))
+    b = load_file(os.path.join(part, "cpt", "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    with open(os.path.join(full, "report.json")) as f1, open(os.path.join(part, "report.json")) as f2:
+        assert json.load(f1)["tokens_trained"] == json.load(f2)["tokens_trained"]
