@@ -169,6 +169,7 @@ class StreamReader:
 
     def __init__(self, source: Source, encoder: DocEncoder, seed: int, cleaner: Any):
         self.source, self.name, self.encoder, self.seed, self.cleaner = source, source.name, encoder, seed, cleaner
+        cleaner.seen.clear()  # a new iteration of the stream dedups from scratch, as the first one did
         self.epoch, self.taken, self.docs_in_epoch = 0, 0, 0
         self.snapshot: Optional[dict] = None
         self._ds = None
