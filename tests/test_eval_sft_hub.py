@@ -1,0 +1,134 @@
+"""Bits per character, instruction data and prompts, the spike guard, the model card."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+from xlt.data.sft import check_sft_specs, load_instruction_examples, stablelm_alpaca_prompt
+from xlt.eval.bpc import _windows, bits_per_char
+from xlt.train.callbacks import SpikeGuard
+
+
+def manual_bits(model, ids: list[int], start: int) -> float:
+    seq = torch.tensor([[start] + ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(seq).logits[0, :-1].float(), -1)
+    return -float(logp.gather(-1, seq[0, 1:, None]).sum()) / math.log(2)
+
+
+def test_bits_per_char_counts_every_token_once(embedded_tokenizer):
+    model = tiny_llama(len(embedded_tokenizer)).eval()
+    texts = ["日本語の文章です。", "A short English line.", "東京は日本の首都である。" * 3]
+    start = embedded_tokenizer.eos_token_id if embedded_tokenizer.bos_token_id is None else embedded_tokenizer.bos_token_id
+    expected = sum(manual_bits(model, embedded_tokenizer(t, add_special_tokens=False)["input_ids"], start)
+                   for t in texts)
+    r = bits_per_char(model, embedded_tokenizer, texts, batch_size=2)
+    assert r["chars"] == sum(map(len, texts))
+    assert r["bits"] == pytest.approx(expected, rel=1e-4)
+    assert r["bits_per_char"] == pytest.approx(expected / r["chars"], rel=1e-4)
+
+
+def test_long_documents_are_windowed_without_losing_or_repeating_a_token():
+    ids = list(range(100, 125))
+    wins = _windows(ids, start=1, max_length=8)
+    predicted = [t for w, _ in wins for t in w[1:]]
+    assert predicted == ids  # each token predicted exactly once, each window conditioned on the token before
+    assert all(len(w) <= 8 for w, _ in wins)
+
+
+def test_evaluate_bpc_command_prints_the_json_interface(tmp_path, tiny_model_dir, capsys):
+    from xlt.cli import main
+
+    data = tmp_path / "ja.jsonl"
+    data.write_text("\n".join(json.dumps({"body": t}, ensure_ascii=False) for t in ["今日は晴れ。", "明日は雨。"]),
+                    encoding="utf-8")
+    assert main(["evaluate", "bpc", "--model", tiny_model_dir, "--data", str(data), "--text-field", "body",
+                 "--max-docs", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(out) == {"bits_per_char", "chars", "tokens"} and out["chars"] == len("今日は晴れ。")
+    txt = tmp_path / "en.txt"
+    txt.write_text("First document.\n\nSecond one.\n", encoding="utf-8")
+    assert main(["evaluate", "bpc", "--model", tiny_model_dir, "--data", str(txt), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["chars"] == len("First document.") + len("Second one.")
+
+
+def test_stablelm_alpaca_prompt_and_token_prefix(embedded_tokenizer):
+    p = stablelm_alpaca_prompt("日本の首都は？")
+    full = p + "\n東京です。"
+    assert full == ("以下は、タスクを説明する指示と、文脈のある入力の組み合わせです。要求を適切に満たす応答を書きなさい。"
+                    "\n\n### 指示: \n日本の首都は？\n\n### 応答: \n東京です。")
+    assert "### 入力: \n文脈" in stablelm_alpaca_prompt("質問", "文脈")
+    # The prompt's tokens are a prefix of prompt + completion, so the completion-only mask is exact.
+    a = embedded_tokenizer(p)["input_ids"]
+    b = embedded_tokenizer(full)["input_ids"]
+    assert b[: len(a)] == a
+
+
+def test_instruction_adapters(tmp_path):
+    alpaca = tmp_path / "a.jsonl"
+    alpaca.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [
+        {"instruction": "要約して", "input": "長い文", "output": "短い文"},
+        {"instruction": "空", "input": "", "output": ""}]), encoding="utf-8")
+    hh = tmp_path / "hh.jsonl"
+    hh.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [
+        {"instruction": "こんにちは", "output": "どうも", "ng_translation": "0"},
+        {"instruction": "壊れた", "output": "翻訳", "ng_translation": "1"}]), encoding="utf-8")
+    ex = load_instruction_examples([{"adapter": "alpaca", "path": str(alpaca)}, {"adapter": "hh_rlhf", "path": str(hh)},
+                                    {"adapter": "chatterbot", "embedded": "chatterbot-ja", "max_examples": 3}])
+    assert len(ex) == 1 + 1 + 3  # empty outputs and failed translations are dropped
+    assert "### 入力: \n長い文" in ex[0]["prompt"] and ex[0]["completion"] == "\n短い文"
+    with pytest.raises(Exception, match=r"sft_datasets\[0\]: adapter must be one of"):
+        check_sft_specs([{"adapter": "vicuna", "path": str(alpaca)}])
+    with pytest.raises(Exception, match="has no field 'output'"):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps({"instruction": "x", "answer": "y"}))
+        check_sft_specs([{"adapter": "alpaca", "path": str(bad)}])
+
+
+def test_spike_guard_skips_the_update_and_keeps_the_weights():
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    guard = SpikeGuard(factor=2.0, min_history=3)
+    guard.wrap(opt)
+    x = torch.ones(2, 4)
+    for loss_value in (1.0, 1.1, 0.9, 1.0):
+        guard.observe(loss_value)
+        model(x).sum().backward()
+        before = model.weight.detach().clone()
+        opt.step()
+        opt.zero_grad()
+        assert not torch.equal(before, model.weight)  # normal steps update
+    state_before = {k: v.clone() for k, v in opt.state[model.weight].items() if torch.is_tensor(v)}
+    guard.observe(5.0)  # a spike: > 2 x the running mean
+    model(x).sum().backward()
+    before = model.weight.detach().clone()
+    opt.step()
+    assert torch.equal(before, model.weight) and guard.skipped == 1
+    assert all(torch.equal(state_before[k], opt.state[model.weight][k]) for k in state_before)
+    guard.observe(float("nan"))
+    opt.step()
+    assert guard.skipped == 2 and len(guard.history) == 4  # spikes never enter the running mean
+
+
+def test_model_card_dry_run(tmp_path, tiny_model_dir):
+    import shutil
+
+    from xlt.hub import push
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model_dir, run / "sft")
+    (run / "report.json").write_text(json.dumps({
+        "cpt": {"model": "smollm2-135m", "steps": 48, "tokens_per_step": 1024, "train_loss": 3.2},
+        "tokens_trained": {"ja": 30000, "en": 19152}, "bpc": {"ja": {"base": 6.5, "cpt": 4.1}},
+        "generation": {"prompt": "日本の首都は？", "output": "東京です。"}}), encoding="utf-8")
+    card = push(str(run / "sft"), "me/test-ja", dry_run=True)
+    text = open(card, encoding="utf-8").read()
+    assert "smollm2-135m" in text and "49,152" in text and "6.5000" in text and "東京です。" in text
+    assert not any(n.endswith(".bin") for n in os.listdir(run / "sft"))
