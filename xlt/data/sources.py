@@ -93,13 +93,18 @@ class Source:
         return self._cache
 
     def split_holdout(self) -> tuple[list[str], list[str]]:
-        """(train, held-out) documents: a deterministic split, every k-th document held out."""
+        """(train, held-out) documents: a deterministic split, every k-th document held out.
+
+        A held-out document that also occurs in the training part (corpora repeat lines) is
+        dropped from the held-out part, so evaluation never scores text the model trained on.
+        """
         docs = self.all_documents()
         if self.holdout <= 0:
             return docs, []
         k = max(2, round(1 / self.holdout))
-        held = [d for i, d in enumerate(docs) if i % k == k - 1]
         train = [d for i, d in enumerate(docs) if i % k != k - 1]
+        seen = set(train)
+        held = [d for i, d in enumerate(docs) if i % k == k - 1 and d not in seen]
         return train, held
 
     def iter_stream(self, seed: int = 0, epoch: int = 0) -> Iterator[str]:
