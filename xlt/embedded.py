@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from xlt.config import XltError
@@ -98,7 +98,7 @@ def _require(pkg: str, pip_name: str) -> Path:
     return d
 
 
-@lru_cache(maxsize=None)
+@cache
 def _hironsan_sentences() -> tuple[str, ...]:
     path = _require("hironsan", "hironsancorpus") / "corpus" / "iob_sents.txt"
     sents, cur = [], []
@@ -115,7 +115,7 @@ def _hironsan_sentences() -> tuple[str, ...]:
     return tuple(sents)
 
 
-@lru_cache(maxsize=None)
+@cache
 def chatterbot_conversations(lang: str) -> tuple[tuple[str, ...], ...]:
     """Every conversation (a tuple of utterances) of chatterbot-corpus in 'japanese' or 'english'."""
     import yaml

@@ -6,7 +6,8 @@ them; the prompt is Japanese StableLM's Alpaca format (or the tokenizer's chat t
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
+from typing import Any, Optional
 
 from xlt.config import XltError
 

@@ -16,8 +16,9 @@ import glob
 import itertools
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from xlt.config import XltError
 

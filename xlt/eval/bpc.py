@@ -11,7 +11,8 @@ long document in windows of ``max_length`` where each window is conditioned on t
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 
