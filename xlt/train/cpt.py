@@ -196,7 +196,8 @@ def _make_trainer_class():
             return loss
 
         def log(self, logs: dict, start_time: Optional[float] = None) -> None:
-            if self.xlt_stream is not None and "loss" in logs:
+            # Only the main process iterates the stream (accelerate dispatches batches from it).
+            if self.xlt_stream is not None and "loss" in logs and self.is_world_process_zero():
                 acc = self.xlt_stream.accounting_at(self.state.global_step * self.xlt_rows_per_step)
                 trained = acc.get("tokens_trained", {})
                 total = sum(trained.values()) or 1
@@ -285,7 +286,8 @@ def run_cpt(model_args: ModelArguments, tok_args: TokenizerArguments, data_args:
     trainer.accelerator.wait_for_everyone()
 
     # -- phase: report --------------------------------------------------------------------------
-    accounting = stream.accounting_at(trainer.state.global_step * plan.rows_per_step)
+    rows = trainer.state.global_step * plan.rows_per_step
+    accounting = stream.accounting_at(rows) if trainer.is_world_process_zero() else {}
     seconds = time.time() - t0
     section = {
         "tokens_trained": accounting.get("tokens_trained", {}),
