@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any, Optional
 
@@ -13,7 +13,7 @@ JA_WIKI = SHARED / "ja_wiki_paragraphs.jsonl"
 EN_SHAKESPEARE = SHARED / "en_tinyshakespeare.txt"
 
 
-@lru_cache(maxsize=None)
+@cache
 def smol_tokenizer():
     from xlt.models import load_tokenizer
 

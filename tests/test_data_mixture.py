@@ -38,7 +38,7 @@ def test_every_schedule_is_realised_per_step_and_cumulatively(name):
         # this step's own share: the schedule's mean over the step's tokens, up to rounding
         step_target = (cumulative_ja_target(t1, total, args) - cumulative_ja_target(t0, total, args)) / step_tokens
         assert abs(ja / step_tokens - step_target) <= 1.0 / step_tokens
-        if not (SCHEDULES[name].get("ja_schedule") in ("step", "piecewise")):
+        if SCHEDULES[name].get("ja_schedule") not in ("step", "piecewise"):
             assert abs(ja / step_tokens - ja_ratio((t0 + t1) / 2, total, args)) < 0.01
         # cumulative share within +-0.5 points of the cumulative target after the first 5 %
         if t1 >= 0.05 * total:
@@ -101,7 +101,7 @@ def test_repetition_reshuffles_and_counts_epochs(tmp_path, caplog):
     n_docs = len(docs)
     orders: dict[int, list[int]] = {}
     for row in itertools.islice(stream.global_rows(), 1200):
-        for name, where, off, n in row.segments:
+        for name, where, off, _n in row.segments:
             if name == "ja_small" and off == 0:
                 doc_id = int(permutation(args.data_seed, name, where["epoch"], n_docs)[where["index"]])
                 orders.setdefault(where["epoch"], []).append(doc_id)

@@ -13,7 +13,7 @@ from xlt.data.stream import build_pretrain_stream
 
 def _segments(row):
     starts = [i for i in range(len(row.position_ids)) if row.position_ids[i] == 0]
-    return list(zip(starts, starts[1:] + [len(row.position_ids)]))
+    return list(zip(starts, starts[1:] + [len(row.position_ids)], strict=False))
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -85,7 +85,7 @@ def test_bos_only_when_the_tokenizer_adds_it_and_always_eos(add_bos):
     conv = detect_conventions(tok)
     assert (conv.bos_id is not None) == add_bos and conv.eos_id == tok.eos_token_id
     enc = DocEncoder(tok).encode(texts)
-    for text, ids in zip(texts, enc):
+    for text, ids in zip(texts, enc, strict=False):
         body = tok(text, add_special_tokens=False)["input_ids"]
         assert list(ids) == ([tok.bos_token_id] if add_bos else []) + body + [tok.eos_token_id]
 
@@ -94,5 +94,5 @@ def test_fast_encoder_matches_tokenizer_call():
     tok = smol_tokenizer()
     assert detect_conventions(tok).bos_id is None  # SmolLM2 adds no BOS by default
     texts = ["梅雨（つゆ、ばいう）は、東アジアの気象現象。", "First Citizen:\nBefore we proceed any further, hear me speak.", " x "]
-    for text, ids in zip(texts, DocEncoder(tok).encode(texts)):
+    for text, ids in zip(texts, DocEncoder(tok).encode(texts), strict=False):
         assert list(ids[:-1]) == tok(text)["input_ids"] and ids[-1] == tok.eos_token_id

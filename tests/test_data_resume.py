@@ -108,7 +108,7 @@ def test_two_processes_gloo_disjoint_union_is_the_single_stream(tmp_path):
     assert idx0 == list(range(0, 2 * n_rows, 2)) and idx1 == list(range(1, 2 * n_rows, 2))
     union = sorted(gathered[0]["rows"] + gathered[1]["rows"])
     assert [r[0] for r in union] == [r.index for r in single]
-    for got, want in zip(union, single):
+    for got, want in zip(union, single, strict=False):
         assert got[1] == want.input_ids.tolist() and got[2] == want.position_ids.tolist()
         assert got[3] == want.labels.tolist()
     for rank in (0, 1):  # iter() (the DataLoader path) yields the same rows as global_rows(own_only)

@@ -5,8 +5,14 @@ import math
 import pytest
 
 from xlt.config import DataArguments, XltError
-from xlt.data.schedule import (cumulative_ja_share, cumulative_ja_target, ja_ratio, parse_points, seq_len_at,
-                               validate_schedule)
+from xlt.data.schedule import (
+    cumulative_ja_share,
+    cumulative_ja_target,
+    ja_ratio,
+    parse_points,
+    seq_len_at,
+    validate_schedule,
+)
 
 SCHEDULES = {
     "constant": dict(ja_schedule="constant", ja_ratio_start=0.7),
@@ -76,7 +82,7 @@ def test_seq_len_warmup(kind):
     lens = [seq_len_at(t, total, args) for t in range(0, total, 997)]
     assert lens[0] == 64 and lens[-1] == 2048
     assert all(x % 8 == 0 and 64 <= x <= 2048 for x in lens)
-    assert all(a <= b for a, b in zip(lens, lens[1:]))
+    assert all(a <= b for a, b in zip(lens, lens[1:], strict=False))
     assert seq_len_at(0.2 * total, total, args) == 2048
     assert seq_len_at(0.2 * total - 1000, total, args) < 2048
     mid = seq_len_at(0.05 * total, total, args)  # a quarter of the warmup

@@ -15,7 +15,7 @@ stream state and ``report.json`` unchanged.
 from __future__ import annotations
 
 import copy
-from typing import Iterable
+from collections.abc import Iterable
 
 from xlt.data.sources import LANGS
 
@@ -80,7 +80,7 @@ class Accounting:
         }
 
     @classmethod
-    def from_dict(cls, d: dict, source_langs: dict[str, str]) -> "Accounting":
+    def from_dict(cls, d: dict, source_langs: dict[str, str]) -> Accounting:
         acc = cls(source_langs)
         for key in ("tokens_read", "tokens_trained", "target_tokens", "chars", "docs", "tokens_by_source",
                     "tokens_read_by_source", "chars_by_source", "docs_by_source", "epochs_by_source"):

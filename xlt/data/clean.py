@@ -10,7 +10,8 @@ import hashlib
 import re
 import unicodedata
 from collections import Counter
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any, Optional
 
 REASONS = ("empty", "too_short", "low_ja_share", "duplicate")
 

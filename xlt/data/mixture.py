@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 import zlib
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any, Optional
 
 import numpy as np
 
@@ -127,7 +128,7 @@ class MemoryReader:
         """Tokens of documents by index: one batched encoder call for those not cached."""
         cache = self.cache
         missing = [int(j) for j in indices if int(j) not in cache]
-        fresh = dict(zip(missing, self.encoder.encode([self.docs[j] for j in missing])))
+        fresh = dict(zip(missing, self.encoder.encode([self.docs[j] for j in missing]), strict=False))
         if self.cache_all:
             cache.update(fresh)
         return [cache[j] if j in cache else fresh[j] for j in map(int, indices)]
@@ -235,7 +236,7 @@ class StreamReader:
                 texts.append(cleaned)
         if not texts:
             raise XltError(f"{self.source.key}: source {self.name!r} yields no document (empty or all cleaned away)")
-        self._batch = list(zip(self.encoder.encode(texts), texts))
+        self._batch = list(zip(self.encoder.encode(texts), texts, strict=False))
         self.taken = 0
 
     def next_doc(self) -> tuple[np.ndarray, int, dict]:

@@ -14,8 +14,9 @@ so attention spans at most L tokens while the batch stays rectangular and tokens
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 

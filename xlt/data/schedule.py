@@ -108,7 +108,7 @@ def _ratio_x(x: float, args: Any) -> float:
         u = min(x / ramp, 1.0)
         return a + (b - a) * (1.0 - math.cos(math.pi * u)) / 2.0
     knots = _knots(args)
-    for (x0, r0), (x1, r1) in zip(knots, knots[1:]):
+    for (x0, r0), (x1, r1) in zip(knots, knots[1:], strict=False):
         if x < x1 or (x1 == 1.0 and x <= 1.0):
             if x1 == x0:
                 continue
@@ -128,7 +128,7 @@ def _integral_x(x: float, args: Any) -> float:
         return ramp_part + max(x - ramp, 0.0) * b + tail
     total = 0.0
     knots = _knots(args)
-    for (x0, r0), (x1, r1) in zip(knots, knots[1:]):
+    for (x0, r0), (x1, r1) in zip(knots, knots[1:], strict=False):
         if x <= x0:
             break
         if x1 == x0:

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -25,7 +26,15 @@ import torch
 from xlt.config import DataArguments, XltError, validate_data_args
 from xlt.data.accounting import Accounting
 from xlt.data.clean import Cleaner
-from xlt.data.mixture import CACHE_ALL_TOKENS, MemoryReader, StreamReader, pick_language, pick_source, resolve_weights, step_quota
+from xlt.data.mixture import (
+    CACHE_ALL_TOKENS,
+    MemoryReader,
+    StreamReader,
+    pick_language,
+    pick_source,
+    resolve_weights,
+    step_quota,
+)
 from xlt.data.packing import DocEncoder, RowBuilder
 from xlt.data.schedule import cumulative_ja_target, ratio_range, seq_len_at, validate_schedule
 from xlt.data.sources import LANGS, Source, load_sources
@@ -261,7 +270,7 @@ def _estimate_tokens(docs: list[str], encoder: DocEncoder) -> tuple[float, dict[
     and the sample's tokens (they seed the reader's cache, so nothing is tokenised twice)."""
     step = max(1, len(docs) // SIZE_SAMPLE_DOCS)
     idx = list(range(0, len(docs), step))[:SIZE_SAMPLE_DOCS]
-    encoded = dict(zip(idx, encoder.encode([docs[i] for i in idx])))
+    encoded = dict(zip(idx, encoder.encode([docs[i] for i in idx]), strict=False))
     tokens = sum(len(t) for t in encoded.values())
     if len(idx) == len(docs):
         return float(tokens), encoded
