@@ -60,7 +60,7 @@ def test_local_files_jsonl_txt_parquet_and_globs(tmp_path):
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"body": f"文書{i}"}, ensure_ascii=False)
                                                 for i in range(3)) + "\n", encoding="utf-8")
     (tmp_path / "b.jsonl").write_text(json.dumps({"body": "最後"}, ensure_ascii=False) + "\n", encoding="utf-8")
-    (tmp_path / "c.txt").write_text("first doc\nline two\n\nsecond doc\n\n\nthird\n", encoding="utf-8")
+    (tmp_path / "c.txt").write_bytes("first doc\nline two\n\nsecond doc\r\n\r\n\nthird\n".encode())
     pq.write_table(pa.table({"text": ["x one", "x two"]}), tmp_path / "d.parquet")
     srcs = load_sources([
         {"name": "ja", "lang": "ja", "path": str(tmp_path / "*.jsonl"), "text_field": "body"},
@@ -112,8 +112,17 @@ def test_heldout_split_is_disjoint_from_training_and_covers_every_source():
     for s in srcs:
         train, held = s.split_holdout()
         docs = s.all_documents()
-        assert train == [d for i, d in enumerate(docs) if i % 10 != 9]
+        assert train == [d for i, d in enumerate(docs) if i % 10 != 9]  # a 0.1 holdout: every 10th document
         assert held and held == [d for d in docs[9::10] if d not in set(train)]  # no leakage of repeated text
     held = heldout_texts(srcs, max_docs=20)["ja"]
     assert len(held) == 20
     assert set(held) & set(srcs[0].split_holdout()[1]) and set(held) & set(srcs[1].split_holdout()[1])
+
+
+def test_holdout_fraction_is_exact():
+    from xlt.data.sources import Source
+
+    src = Source(name="x", lang="en", path="unused", holdout=0.6)
+    src._cache = [f"d{i}" for i in range(100)]
+    train, held = src.split_holdout()
+    assert len(held) == 60 and len(train) == 40

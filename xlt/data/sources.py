@@ -102,10 +102,12 @@ class Source:
         docs = self.all_documents()
         if self.holdout <= 0:
             return docs, []
-        k = max(2, round(1 / self.holdout))
-        train = [d for i, d in enumerate(docs) if i % k != k - 1]
+        # Document i is held out when floor((i + 1) * h) steps up: exactly a fraction h, evenly spread.
+        h = self.holdout
+        is_held = [int((i + 1) * h) > int(i * h) for i in range(len(docs))]
+        train = [d for d, held in zip(docs, is_held) if not held]
         seen = set(train)
-        held = [d for i, d in enumerate(docs) if i % k == k - 1 and d not in seen]
+        held = [d for d, held in zip(docs, is_held) if held and d not in seen]
         return train, held
 
     def iter_stream(self, seed: int = 0, epoch: int = 0) -> Iterator[str]:
@@ -206,7 +208,7 @@ def read_documents(path: str, text_field: str = "text", max_docs: Optional[int] 
         docs = docs[:max_docs] if max_docs is not None else docs
     else:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            text = f.read().replace("\r\n", "\n")
         docs = [b.strip("\n") for b in text.split("\n\n") if b.strip()]
         docs = docs[:max_docs] if max_docs is not None else docs
     return docs
