@@ -28,7 +28,7 @@ from itertools import chain
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SHARED = os.environ.get("XLT_SHARED_DATA", "/work/shared/data")
+SHARED = os.environ.get("XLT_SHARED_DATA", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data"))
 JA = os.path.join(SHARED, "ja_wiki_paragraphs.jsonl")
 EN = os.path.join(SHARED, "en_tinyshakespeare.txt")
 

@@ -8,7 +8,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Optional
 
-SHARED = Path(os.environ.get("XLT_SHARED_DATA", "/work/shared/data"))
+SHARED = Path(os.environ.get("XLT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 JA_WIKI = SHARED / "ja_wiki_paragraphs.jsonl"
 EN_SHAKESPEARE = SHARED / "en_tinyshakespeare.txt"
 
