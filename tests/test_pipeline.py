@@ -88,11 +88,15 @@ def test_checkpoints_carry_stream_state_and_accounting(run_dir):
 
 
 def test_same_run_again_resumes_and_does_nothing_more(run_dir, tiny_model_dir):
+    stamps = {s: os.path.getmtime(os.path.join(run_dir, s, "model.safetensors")) for s in ("cpt", "sft")}
     with open(os.path.join(run_dir, "report.json"), encoding="utf-8") as f:
         before = json.load(f)["cpt"]["steps"]
     assert run_recipe("cpt", cpt_args(tiny_model_dir, run_dir)) == 0
+    assert run_recipe("sft", ["--config", SFT, "--output_dir", run_dir, "--max_steps", "2",
+                              "--per_device_train_batch_size", "2"]) == 0
     with open(os.path.join(run_dir, "report.json"), encoding="utf-8") as f:
         assert json.load(f)["cpt"]["steps"] == before
+    assert stamps == {s: os.path.getmtime(os.path.join(run_dir, s, "model.safetensors")) for s in ("cpt", "sft")}
 
 
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_model_dir):

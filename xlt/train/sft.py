@@ -44,7 +44,11 @@ def run_sft(sft_args: SftArguments, training_args: Any) -> dict:
     if sft_args.prompt_format not in ("stablelm_alpaca", "chat"):
         raise XltError(f"prompt_format={sft_args.prompt_format!r}: expected stablelm_alpaca or chat")
     settings = fingerprint(sft_args, {k: getattr(training_args, k, None) for k in _RUN_KEYS})
-    claim_output_dir(run_dir, "sft", settings)
+    same_run = claim_output_dir(run_dir, "sft", settings)
+    final_dir = os.path.join(run_dir, "sft")
+    if same_run and os.path.isfile(os.path.join(final_dir, "config.json")):
+        _log(f"the run is complete ({final_dir} exists); nothing to do")
+        return {}
     training_args.output_dir = os.path.join(run_dir, "sft-checkpoints")
 
     # -- phase: model ---------------------------------------------------------------------------
@@ -67,7 +71,6 @@ def run_sft(sft_args: SftArguments, training_args: Any) -> dict:
     result = trainer.train(resume_from_checkpoint=last)
 
     # -- phase: save + report -------------------------------------------------------------------
-    final_dir = os.path.join(run_dir, "sft")
     if trainer.is_world_process_zero():
         def save(tmp: str) -> None:
             trainer.model.save_pretrained(tmp, safe_serialization=True)
