@@ -60,7 +60,7 @@ def test_local_files_jsonl_txt_parquet_and_globs(tmp_path):
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"body": f"文書{i}"}, ensure_ascii=False)
                                                 for i in range(3)) + "\n", encoding="utf-8")
     (tmp_path / "b.jsonl").write_text(json.dumps({"body": "最後"}, ensure_ascii=False) + "\n", encoding="utf-8")
-    (tmp_path / "c.txt").write_bytes("first doc\nline two\n\nsecond doc\r\n\r\n\nthird\n".encode())
+    (tmp_path / "c.txt").write_bytes(b"first doc\nline two\n\nsecond doc\r\n\r\n\nthird\n")
     pq.write_table(pa.table({"text": ["x one", "x two"]}), tmp_path / "d.parquet")
     srcs = load_sources([
         {"name": "ja", "lang": "ja", "path": str(tmp_path / "*.jsonl"), "text_field": "body"},

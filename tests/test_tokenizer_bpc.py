@@ -13,12 +13,11 @@ N_NEW = 4000
 
 @pytest.mark.slow
 def test_init_methods_bits_per_char():
+    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
     from xlt.eval.bpc import bits_per_char
     from xlt.models import load_model, load_tokenizer
-    from tokenizers import Tokenizer
-
     from xlt.tokenizer.embeddings import padded_size, resize_and_init
     from xlt.tokenizer.extend import extend_tokenizer_json
     from xlt.tokenizer.merges import read_tokenizer_json

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from tok_fixtures import ROUND_TRIP, EN_TEXT, JA_WIKI, en_text, ja_split, smollm2_dir, tiny_model_dir
+from tok_fixtures import EN_TEXT, JA_WIKI, ROUND_TRIP, en_text, ja_split, smollm2_dir, tiny_model_dir
 from tokenizers import Tokenizer
 
 from xlt.config import TokenizerArguments, XltError

@@ -9,7 +9,8 @@ output head (transformers #35141).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

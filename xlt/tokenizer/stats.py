@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Optional
 
-from xlt.tokenizer.merges import BYTE_LEVEL, _BYTE_TOKEN, detect_family, is_whole_text, read_tokenizer_json
+from xlt.tokenizer.merges import _BYTE_TOKEN, BYTE_LEVEL, detect_family, is_whole_text, read_tokenizer_json
 
 
 def load_fast_tokenizer(spec: str):
