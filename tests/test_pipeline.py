@@ -142,3 +142,32 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_model_dir):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     with open(os.path.join(full, "report.json")) as f1, open(os.path.join(part, "report.json")) as f2:
         assert json.load(f1)["tokens_trained"] == json.load(f2)["tokens_trained"]
+
+
+def test_two_processes_train_like_one(tmp_path, tiny_model_dir):
+    """torchrun with 2 gloo processes x batch 2 = 1 process x batch 4: same stream, same tokens, same weights."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    common = ["--tokenizer_mode", "none", "--train_tokens", "4096", "--save_steps", "100", "--logging_steps", "2"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    assert run_recipe("cpt", cpt_args(tiny_model_dir, one, *common, "--per_device_train_batch_size", "4")) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29533", str(REPO / "recipes/cpt.py"),
+                           *cpt_args(tiny_model_dir, two, *common, "--per_device_train_batch_size", "2")],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "processes 2 = 1,024" in proc.stdout
+    reports = []
+    for d in (one, two):
+        with open(os.path.join(d, "report.json"), encoding="utf-8") as f:
+            reports.append(json.load(f))
+    assert reports[0]["tokens_trained"] == reports[1]["tokens_trained"]
+    assert reports[0]["cpt"]["accounting"]["tokens_by_source"] == reports[1]["cpt"]["accounting"]["tokens_by_source"]
+    a = load_file(os.path.join(one, "cpt", "model.safetensors"))
+    b = load_file(os.path.join(two, "cpt", "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
