@@ -171,3 +171,18 @@ def test_two_processes_train_like_one(tmp_path, tiny_model_dir):
     b = load_file(os.path.join(two, "cpt", "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_extend_tokenizer_stage_is_reused_by_continued_pretraining(tmp_path, tiny_model_dir, capsys):
+    out = str(tmp_path / "run")
+    tok_recipe = str(REPO / "recipes/smollm2-135m-ja/tokenizer.yaml")
+    assert run_recipe("extend_tokenizer", ["--config", tok_recipe, "--model", tiny_model_dir, "--output_dir", out,
+                                           "--new_tokens", "64", "--eval_max_docs", "8"]) == 0
+    assert "new tokens" in capsys.readouterr().out
+    stamp = os.path.getmtime(os.path.join(out, "tokenizer", "model.safetensors"))
+    assert run_recipe("cpt", cpt_args(tiny_model_dir, out, "--train_tokens", "1024")) == 0
+    assert "tokenizer: reusing" in capsys.readouterr().out
+    assert os.path.getmtime(os.path.join(out, "tokenizer", "model.safetensors")) == stamp
+    # Other tokenizer settings in the same directory are a different run: refused, nothing rebuilt.
+    assert run_recipe("cpt", cpt_args(tiny_model_dir, out, "--train_tokens", "1024", "--new_tokens", "32")) == 2
+    assert os.path.getmtime(os.path.join(out, "tokenizer", "model.safetensors")) == stamp
