@@ -103,5 +103,8 @@ def dist_worker(rank: int, world: int, init_file: str, out_dir: str, sources: li
 
             with open(os.path.join(out_dir, "gathered.pkl"), "wb") as f:
                 pickle.dump(gathered, f)
+        # Both ranks reach this point before either tears gloo down: a rank that exits while its peer
+        # still holds the connection can abort the peer ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
