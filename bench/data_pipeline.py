@@ -108,7 +108,7 @@ def run_xlt(ja_docs: list[str], en_docs: list[str], tokenizer, seq_len: int, ja_
             key = (name, where["epoch"], where["index"])
             if key not in cache:
                 docs = texts[name]
-                text = docs[permutation(args.data_seed, name, where["epoch"], len(docs))[where["index"]]]
+                text = docs[permutation(args.stream_seed, name, where["epoch"], len(docs))[where["index"]]]
                 cache[key] = np.array(tokenizer(text)["input_ids"] + [eos])
             doc = cache[key]
             if np.array_equal(batch["input_ids"][w:w + n].numpy(), doc[off:off + n]):

@@ -108,3 +108,12 @@ def dist_worker(rank: int, world: int, init_file: str, out_dir: str, sources: li
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+# One case per schedule type, shared by the schedule and mixer tests.
+SCHEDULES = {
+    "constant": dict(ja_schedule="constant", ja_ratio_start=0.7),
+    "linear": dict(ja_schedule="linear", ja_ratio_start=0.2, ja_ratio_end=0.9, ja_ramp_fraction=0.6),
+    "step": dict(ja_schedule="step", ja_ratio_start=0.3, ja_ratio_end=0.6, ja_ramp_fraction=0.8),
+    "cosine": dict(ja_schedule="cosine", ja_ratio_start=0.1, ja_ratio_end=0.8, ja_ramp_fraction=0.7),
+    "piecewise": dict(ja_schedule="piecewise", ja_points="0:0.1,0.25:0.5,0.5:0.5,0.5:0.9,1:0.4"),
+}

@@ -3,18 +3,10 @@
 import itertools
 
 import pytest
-from data_fixtures import data_args, shared_sources, smol_tokenizer, write_small_corpus
+from data_fixtures import SCHEDULES, data_args, shared_sources, smol_tokenizer, write_small_corpus
 
 from xlt.data.schedule import cumulative_ja_target, ja_ratio
 from xlt.data.stream import build_pretrain_stream
-
-SCHEDULES = {
-    "constant": dict(ja_schedule="constant", ja_ratio_start=0.7),
-    "linear": dict(ja_schedule="linear", ja_ratio_start=0.2, ja_ratio_end=0.9, ja_ramp_fraction=0.6),
-    "step": dict(ja_schedule="step", ja_ratio_start=0.3, ja_ratio_end=0.6, ja_ramp_fraction=0.8),
-    "cosine": dict(ja_schedule="cosine", ja_ratio_start=0.1, ja_ratio_end=0.8, ja_ramp_fraction=0.7),
-    "piecewise": dict(ja_schedule="piecewise", ja_points="0:0.1,0.25:0.5,0.5:0.5,0.5:0.9,1:0.4"),
-}
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULES))
@@ -103,7 +95,7 @@ def test_repetition_reshuffles_and_counts_epochs(tmp_path, caplog):
     for row in itertools.islice(stream.global_rows(), 1200):
         for name, where, off, _n in row.segments:
             if name == "ja_small" and off == 0:
-                doc_id = int(permutation(args.data_seed, name, where["epoch"], n_docs)[where["index"]])
+                doc_id = int(permutation(args.stream_seed, name, where["epoch"], n_docs)[where["index"]])
                 orders.setdefault(where["epoch"], []).append(doc_id)
     full = [e for e in orders if len(orders[e]) == n_docs]
     assert len(full) >= 4

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+from data_fixtures import SCHEDULES
 
 from xlt.config import DataArguments, XltError
 from xlt.data.schedule import (
@@ -13,14 +14,6 @@ from xlt.data.schedule import (
     seq_len_at,
     validate_schedule,
 )
-
-SCHEDULES = {
-    "constant": dict(ja_schedule="constant", ja_ratio_start=0.7),
-    "linear": dict(ja_schedule="linear", ja_ratio_start=0.2, ja_ratio_end=0.9, ja_ramp_fraction=0.6),
-    "step": dict(ja_schedule="step", ja_ratio_start=0.3, ja_ratio_end=0.6, ja_ramp_fraction=0.8),
-    "cosine": dict(ja_schedule="cosine", ja_ratio_start=0.1, ja_ratio_end=0.8, ja_ramp_fraction=0.7),
-    "piecewise": dict(ja_schedule="piecewise", ja_points="0:0.1,0.25:0.5,0.5:0.5,0.5:0.9,1:0.4"),
-}
 
 
 def _args(**kw) -> DataArguments:

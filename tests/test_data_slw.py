@@ -51,7 +51,7 @@ def test_slw_reshape_trains_every_token_and_accounting_matches_the_passes(tmp_pa
         # Every token of every complete pass was placed, in order, exactly once (nothing truncated or dropped).
         expected_trained = 0
         for epoch in range(full_epochs + 1):
-            perm = permutation(args.data_seed, name, epoch, n)
+            perm = permutation(args.stream_seed, name, epoch, n)
             for index in range(n):
                 parts = placed[name].get((epoch, index))
                 if parts is None:

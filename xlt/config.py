@@ -133,10 +133,6 @@ class DataArguments:
     stream_seed: int = field(default=0, metadata={"help": "Seed of the stream (shuffles of every source). Named so as "
                              "not to clash with TrainingArguments.data_seed."})
 
-    @property
-    def data_seed(self) -> int:
-        return self.stream_seed
-
 
 # ---------------------------------------------------------------------------------------------
 # Continued pretraining extras (TrainingArguments holds the optimiser / schedule / precision)

@@ -220,7 +220,7 @@ class PretrainStream(torch.utils.data.IterableDataset):
             self._history.popitem(last=False)
 
     def _fingerprint(self) -> dict:
-        return {"seed": int(self.args.data_seed), "sources": [s.name for s in self.sources], "seq_len": self.seq_len}
+        return {"seed": int(self.args.stream_seed), "sources": [s.name for s in self.sources], "seq_len": self.seq_len}
 
     def _initial_state(self) -> dict:
         return {"version": STATE_VERSION, "fingerprint": self._fingerprint(), "row": 0,
@@ -239,7 +239,7 @@ class PretrainStream(torch.utils.data.IterableDataset):
 
     def _make_readers(self, states: dict) -> dict[str, Any]:
         readers: dict[str, Any] = {}
-        seed = int(self.args.data_seed)
+        seed = int(self.args.stream_seed)
         for s in self.sources:
             if s.streaming:
                 r: Any = StreamReader(s, self.encoder, seed, self._cleaners[s.name])
