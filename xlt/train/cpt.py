@@ -27,6 +27,7 @@ from xlt.train.checkpoint import (
     STATE_FILE,
     atomic_save_dir,
     atomic_write_json,
+    atomic_write_jsonl,
     claim_output_dir,
     fingerprint,
     last_complete_checkpoint,
@@ -84,14 +85,14 @@ def _log(msg: str) -> None:
 def check_cpt_inputs(model_args: ModelArguments, tok_args: TokenizerArguments, data_args: DataArguments,
                      cpt_args: CptArguments, training_args: Any) -> tuple[list[Source], Optional[list[Source]], StepPlan]:
     """Every check that needs no model: keys, files, text fields, schedule, model spec, run length."""
+    from xlt.data.schedule import validate_schedule
+    from xlt.data.stream import check_languages
+
     validate_data_args(data_args)
+    validate_schedule(data_args)
     sources = load_sources(data_args.sources, "sources")
     eval_sources = load_sources(data_args.eval_sources, "eval_sources") if data_args.eval_sources else None
-    for lang in ("ja", "en"):
-        needs = {"ja": max(data_args.ja_ratio_start, data_args.ja_ratio_end) > 0,
-                 "en": min(data_args.ja_ratio_start, data_args.ja_ratio_end) < 1}[lang]
-        if needs and not any(s.lang == lang for s in sources):
-            raise XltError(f"sources: the schedule needs '{lang}' text but no source has lang: {lang}")
+    check_languages(data_args, sources)  # the schedule's whole range (piecewise points too), not just start/end
     check_model_spec(model_args.model)
     if tok_args.tokenizer_mode not in ("none", "extend", "swap"):
         raise XltError(f"tokenizer_mode={tok_args.tokenizer_mode!r}: expected none, extend or swap")
@@ -222,19 +223,19 @@ def run_cpt(model_args: ModelArguments, tok_args: TokenizerArguments, data_args:
     training_args.max_steps = plan.max_steps
     settings = fingerprint(model_args, tok_args, data_args, cpt_args,
                            {k: getattr(training_args, k, None) for k in _RUN_KEYS}, exclude=("resume", "eval_max_docs"))
-    same_run = claim_output_dir(output_dir, "cpt", settings)
     _log(plan.describe())
     eval_texts = heldout_texts(sources, eval_sources, cpt_args.eval_max_docs)
-    for lang, docs in eval_texts.items():
-        path = os.path.join(output_dir, "heldout", f"{lang}.jsonl")
-        if not os.path.isfile(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path + ".tmp", "w", encoding="utf-8") as f:
-                f.writelines(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs)
-            os.replace(path + ".tmp", path)
+    # The main process claims the directory, writes the held-out split and builds the tokenizer first; the
+    # others then find all three in place (the tokenizer by its cache key) instead of racing to write them.
+    with training_args.main_process_first(local=False, desc="xlt run directory"):
+        claim_output_dir(output_dir, "cpt", settings)
+        for lang, docs in eval_texts.items():
+            path = os.path.join(output_dir, "heldout", f"{lang}.jsonl")
+            if not os.path.isfile(path):
+                atomic_write_jsonl(path, [{"text": d} for d in docs])
 
-    # -- phase: tokenizer -----------------------------------------------------------------------
-    model_dir, tok_report = prepare_model_dir(model_args, tok_args, sources, eval_texts, output_dir)
+        # -- phase: tokenizer -------------------------------------------------------------------
+        model_dir, tok_report = prepare_model_dir(model_args, tok_args, sources, eval_texts, output_dir)
 
     # -- phase: model ---------------------------------------------------------------------------
     tokenizer = load_tokenizer(model_dir, trust_remote_code=model_args.trust_remote_code)
@@ -246,7 +247,8 @@ def run_cpt(model_args: ModelArguments, tok_args: TokenizerArguments, data_args:
     from xlt.data.stream import build_pretrain_stream
 
     stream = build_pretrain_stream(data_args, tokenizer, plan.total_tokens, plan.rows_per_step)
-    resume_from = last_complete_checkpoint(output_dir) if (same_run and cpt_args.resume) else None
+    # Checkpoints here can only be this run's: claim_output_dir refuses a directory holding another run.
+    resume_from = last_complete_checkpoint(output_dir) if cpt_args.resume else None
     from xlt.train.callbacks import SpikeGuard, XltStateCallback
 
     guard = SpikeGuard(cpt_args.spike_factor)

@@ -44,7 +44,8 @@ def run_sft(sft_args: SftArguments, training_args: Any) -> dict:
     if sft_args.prompt_format not in ("stablelm_alpaca", "chat"):
         raise XltError(f"prompt_format={sft_args.prompt_format!r}: expected stablelm_alpaca or chat")
     settings = fingerprint(sft_args, {k: getattr(training_args, k, None) for k in _RUN_KEYS})
-    same_run = claim_output_dir(run_dir, "sft", settings)
+    with training_args.main_process_first(local=False, desc="xlt run directory"):
+        same_run = claim_output_dir(run_dir, "sft", settings)
     final_dir = os.path.join(run_dir, "sft")
     if same_run and os.path.isfile(os.path.join(final_dir, "config.json")):
         _log(f"the run is complete ({final_dir} exists); nothing to do")
