@@ -96,3 +96,22 @@ def test_the_console_script_exits_non_zero_with_one_line(tmp_path):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.startswith("xlt: error")]
     assert lines == [f"xlt: error: unknown recipe key(s) bogus_key in {tmp_path / 'recipe.yaml'}"]
+
+
+def test_language_check_follows_the_whole_schedule(tmp_path):
+    """A piecewise schedule that stays at 100% Japanese needs no English source; one that dips below needs it."""
+    from transformers import TrainingArguments
+
+    from xlt.config import CptArguments, DataArguments, ModelArguments, TokenizerArguments, XltError, parse_recipe
+    from xlt.train.cpt import check_cpt_inputs
+
+    ja_only = [{"name": "ja", "lang": "ja", "embedded": "hironsan"}]
+    for points, ok in (("0:1,1:1", True), ("0:1,0.5:1,1:0.9", False)):
+        path = recipe(tmp_path, sources=ja_only, ja_schedule="piecewise", ja_points=points, tokenizer_mode="none")
+        parsed = parse_recipe([ModelArguments, TokenizerArguments, DataArguments, CptArguments, TrainingArguments],
+                              ["--config", path])
+        if ok:
+            check_cpt_inputs(*parsed)
+        else:
+            with pytest.raises(XltError, match="no source has lang: en"):
+                check_cpt_inputs(*parsed)
