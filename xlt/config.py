@@ -37,11 +37,23 @@ class ModelArguments:
     )
     torch_dtype: str = field(
         default="auto",
-        metadata={"help": "Weights dtype: 'auto' (bfloat16 on GPUs that support it, else float32), 'bfloat16', 'float32'."},
+        metadata={"help": "Dtype the weights are loaded in for inference ('auto', 'bfloat16', 'float32'). Training "
+                  "loads them in `master_weights_dtype` instead; 'bfloat16' here without `master_weights_dtype: "
+                  "bfloat16` is refused (it would silently train pure bf16)."},
     )
     attn_implementation: Optional[str] = field(
         default=None,
-        metadata={"help": "'flash_attention_2' (varlen packing on GPU), 'sdpa' (default), or 'eager'."},
+        metadata={"help": "'auto' (flash_attention_2 on a GPU when the flash-attn package imports, else sdpa), "
+                  "'flash_attention_2', 'flash_attention_3', 'sdpa' (the default), 'flex_attention' or 'eager'. "
+                  "Checked before any work; the one used is logged. Packed rows keep per-document attention "
+                  "under each of them."},
+    )
+    master_weights_dtype: str = field(
+        default="float32",
+        metadata={"help": "Dtype of the weights the optimizer updates. 'float32' (default): fp32 master weights; "
+                  "with `bf16: true` the forward/backward runs in bf16 (autocast, or FSDP2's mixed-precision "
+                  "policy). 'bfloat16': pure-bf16 training, asked for by name (most small updates round to "
+                  "nothing at LR 1e-5; a warning is printed)."},
     )
 
 
@@ -168,6 +180,10 @@ class SftArguments:
         default="stablelm_alpaca",
         metadata={"help": "'stablelm_alpaca' (Japanese StableLM Alpaca prompt) or 'chat' (the tokenizer's chat template)."},
     )
+    model_revision: Optional[str] = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
+    torch_dtype: str = field(default="auto", metadata={"help": "See ModelArguments.torch_dtype."})
+    attn_implementation: Optional[str] = field(default=None, metadata={"help": "See ModelArguments.attn_implementation."})
+    master_weights_dtype: str = field(default="float32", metadata={"help": "See ModelArguments.master_weights_dtype."})
     # trust_remote_code comes from SFTConfig (default False).
 
 

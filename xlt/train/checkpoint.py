@@ -136,3 +136,33 @@ def update_report(output_dir: str, section: dict) -> dict:
     merge(report, section)
     atomic_write_json(path, report)
     return report
+
+
+def rotate_complete_checkpoints(output_dir: str, limit: Optional[int]) -> list[str]:
+    """Delete old checkpoints, keeping the newest ``limit`` complete ones (those holding ``xlt_state.json``).
+
+    Why not the Trainer's rotation: it runs inside ``_save_checkpoint``, before ``xlt_state.json`` marks the new
+    checkpoint complete, so a crash between the two leaves nothing to resume from; it also counts incomplete
+    checkpoints and orders by mtime. Here only checkpoints older than the newest complete one are candidates,
+    and an incomplete one is deleted only when a newer complete one exists. Returns the deleted paths.
+    """
+    if not limit or limit <= 0 or not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        m = _CKPT.match(name)
+        if m:
+            path = os.path.join(output_dir, name)
+            found.append((int(m.group(1)), path, os.path.isfile(os.path.join(path, STATE_FILE))))
+    found.sort()
+    complete = [f for f in found if f[2]]
+    if not complete:
+        return []
+    keep = {p for _, p, _ in complete[-limit:]}
+    newest_complete = complete[-1][0]
+    deleted = []
+    for step, path, _ in found:
+        if path not in keep and step < newest_complete:
+            shutil.rmtree(path, ignore_errors=True)
+            deleted.append(path)
+    return deleted

@@ -22,7 +22,7 @@ from xlt.config import (
     validate_data_args,
 )
 from xlt.data.sources import Source, heldout_texts, load_sources
-from xlt.models import check_model_spec, load_model, load_tokenizer, resolve_model
+from xlt.models import EMBEDDED_ALIASES, check_model_spec, load_model, load_tokenizer, resolve_model
 from xlt.train.checkpoint import (
     STATE_FILE,
     atomic_save_dir,
@@ -31,7 +31,17 @@ from xlt.train.checkpoint import (
     claim_output_dir,
     fingerprint,
     last_complete_checkpoint,
+    rotate_complete_checkpoints,
     update_report,
+)
+from xlt.train.distributed import check_replicas, file_equals_json, is_main_process, save_final_model, wait_for
+from xlt.train.lock import RunLock
+from xlt.train.runtime import (
+    Launcher,
+    master_weights_dtype,
+    own_activation_checkpointing,
+    resolve_attn_implementation,
+    warn_pure_bf16,
 )
 
 # TrainingArguments that change what a run computes (the rest — logging, saving, paths — may differ on resume).
@@ -94,6 +104,7 @@ def check_cpt_inputs(model_args: ModelArguments, tok_args: TokenizerArguments, d
     eval_sources = load_sources(data_args.eval_sources, "eval_sources") if data_args.eval_sources else None
     check_languages(data_args, sources)  # the schedule's whole range (piecewise points too), not just start/end
     check_model_spec(model_args.model)
+    check_model_runtime(model_args)
     if tok_args.tokenizer_mode not in ("none", "extend", "swap"):
         raise XltError(f"tokenizer_mode={tok_args.tokenizer_mode!r}: expected none, extend or swap")
     if tok_args.tokenizer_mode != "none":
@@ -102,8 +113,27 @@ def check_cpt_inputs(model_args: ModelArguments, tok_args: TokenizerArguments, d
         if tok_args.tokenizer_corpus:
             load_sources(tok_args.tokenizer_corpus, "tokenizer_corpus")
         check_tokenizer_inputs(model_args.model, tok_args)
-    plan = plan_steps(data_args, cpt_args, training_args, int(os.environ.get("WORLD_SIZE", "1")))
+    plan = plan_steps(data_args, cpt_args, training_args, Launcher.from_env().world_size)
     return sources, eval_sources, plan
+
+
+def check_model_runtime(model_args: Any) -> tuple[str, str]:
+    """Precision and attention, decided before any work: (master weights dtype, attention implementation)."""
+    master = master_weights_dtype(model_args.master_weights_dtype, model_args.torch_dtype)
+    return master, resolve_attn_implementation(model_args.attn_implementation)
+
+
+def resolve_revision(spec: str, revision: Optional[str]) -> str:
+    """A hub model at a pinned revision, as a local snapshot every later stage (tokenizer, model) reads.
+
+    Without a revision (or for a local directory / the embedded alias) the spec is returned unchanged.
+    """
+    if not revision or spec in EMBEDDED_ALIASES or os.path.isdir(os.path.expanduser(spec)):
+        return spec
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(spec, revision=revision,
+                             allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"])
 
 
 def tokenizer_corpus(tok_args: TokenizerArguments, sources: list[Source]) -> list[str]:
@@ -121,12 +151,19 @@ def tokenizer_corpus(tok_args: TokenizerArguments, sources: list[Source]) -> lis
     return texts
 
 
+def tokenizer_stage_key(model_spec: str, tok_args: TokenizerArguments, sources: list[Source]) -> dict:
+    return fingerprint(tok_args, {"model": model_spec, "sources": [s.name for s in sources]})
+
+
 def prepare_model_dir(model_args: ModelArguments, tok_args: TokenizerArguments, sources: list[Source],
-                      eval_texts: dict[str, list[str]], output_dir: str) -> tuple[str, Optional[dict]]:
+                      eval_texts: dict[str, list[str]], output_dir: str,
+                      build: bool = True) -> tuple[str, Optional[dict]]:
     """The model to train from: the base, or the extended/swapped one in ``OUTPUT_DIR/tokenizer``.
 
     The extension is cached there, keyed by its settings: a second run with the same settings
-    reuses it, a run with other settings rebuilds it.
+    reuses it, a run with other settings rebuilds it. With ``build=False`` (the non-main processes of a
+    multi-process launch) it waits, without a collective and so without ``ddp_timeout``, until the main
+    process has built it.
     """
     base = resolve_model(model_args.model)
     if tok_args.tokenizer_mode == "none":
@@ -134,14 +171,16 @@ def prepare_model_dir(model_args: ModelArguments, tok_args: TokenizerArguments, 
     from xlt.tokenizer.extend import build_tokenizer_stage
 
     tok_dir = os.path.join(output_dir, "tokenizer")
-    key = fingerprint(tok_args, {"model": model_args.model, "sources": [s.name for s in sources]})
+    key = tokenizer_stage_key(model_args.model, tok_args, sources)
     key_file = os.path.join(tok_dir, "xlt_tokenizer_key.json")
-    if os.path.isfile(key_file) and os.path.isfile(os.path.join(tok_dir, "tokenizer_report.json")):
-        with open(key_file, encoding="utf-8") as f:
-            if json.load(f) == key:
-                _log(f"tokenizer: reusing {tok_dir} (same settings)")
-                with open(os.path.join(tok_dir, "tokenizer_report.json"), encoding="utf-8") as f:
-                    return tok_dir, json.load(f)
+    report_file = os.path.join(tok_dir, "tokenizer_report.json")
+    if not build:
+        wait_for(lambda: file_equals_json(key_file, key) and os.path.isfile(report_file),
+                 f"tokenizer stage in {tok_dir}", log=_log)
+    if file_equals_json(key_file, key) and os.path.isfile(report_file):
+        _log(f"tokenizer: reusing {tok_dir} (same settings)")
+        with open(report_file, encoding="utf-8") as f:
+            return tok_dir, json.load(f)
     texts = tokenizer_corpus(tok_args, sources)
     _log(f"tokenizer: {tok_args.tokenizer_mode} with {tok_args.new_tokens} new tokens from "
          f"{sum(map(len, texts)):,} characters")
@@ -173,15 +212,25 @@ def run_tokenizer_stage(model_args: ModelArguments, tok_args: TokenizerArguments
     return report
 
 
+def total_trained(trained: dict) -> int:
+    return int(sum(trained.values()))
+
+
 def _make_trainer_class():
     from transformers import Trainer
 
     class XltTrainer(Trainer):
-        """Trainer plus: a spike guard on the optimizer step, and token accounting in every log."""
+        """Trainer plus: a spike guard on the optimizer step, token accounting and tokens/s in every log,
+        checkpoints marked complete (and replicas compared) before any old one is rotated away."""
 
         xlt_guard = None
         xlt_stream = None
         xlt_rows_per_step = 1
+        xlt_tokens_per_step = 0
+        xlt_state_writer = None
+        xlt_data_args = None
+        xlt_replicas_in_sync: Optional[bool] = None
+        _xlt_last_log: Optional[tuple[float, int]] = None
 
         def create_optimizer(self, *args: Any, **kwargs: Any):
             opt = super().create_optimizer(*args, **kwargs)
@@ -196,7 +245,31 @@ def _make_trainer_class():
                 self.xlt_guard.observe(float(loss.detach()) * self.args.gradient_accumulation_steps)
             return loss
 
+        def _save_checkpoint(self, model, trial) -> None:
+            # The Trainer rotates old checkpoints inside _save_checkpoint, before xlt_state.json marks the new one
+            # complete: a crash in between would leave nothing to resume. Save with rotation off, compare the
+            # replicas, mark the checkpoint complete, and only then rotate (complete checkpoints only).
+            limit = self.args.save_total_limit
+            self.args.save_total_limit = None
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.save_total_limit = limit
+            self.xlt_replicas_in_sync = check_replicas(self.model_wrapped, self.accelerator, self.state.global_step)
+            run_dir = self._get_output_dir(trial=trial)
+            if self.args.should_save and self.xlt_state_writer is not None:
+                self.xlt_state_writer.write(run_dir, self.state.global_step)
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                rotate_complete_checkpoints(run_dir, limit)
+
         def log(self, logs: dict, start_time: Optional[float] = None) -> None:
+            if "loss" in logs:
+                now, step = time.time(), self.state.global_step
+                if self._xlt_last_log is not None and step > self._xlt_last_log[1]:
+                    dt = max(now - self._xlt_last_log[0], 1e-9)
+                    logs["tokens_per_second"] = round((step - self._xlt_last_log[1]) * self.xlt_tokens_per_step / dt, 1)
+                self._xlt_last_log = (now, step)
             # Only the main process iterates the stream (accelerate dispatches batches from it).
             if self.xlt_stream is not None and "loss" in logs and self.is_world_process_zero():
                 acc = self.xlt_stream.accounting_at(self.state.global_step * self.xlt_rows_per_step)
@@ -206,11 +279,27 @@ def _make_trainer_class():
                 for lang, n in trained.items():
                     logs[f"tokens_trained_{lang}"] = n
                 logs["ja_share_cum"] = round(trained.get("ja", 0) / total, 4)
+                if self.xlt_data_args is not None:
+                    from xlt.data.schedule import ja_ratio, seq_len_at
+
+                    args, total = self.xlt_data_args, self.xlt_tokens_per_step * self.args.max_steps
+                    logs["ja_share_target"] = round(ja_ratio(total_trained(trained), total, args), 4)
+                    logs["seq_len"] = seq_len_at(total_trained(trained), total, args)
                 if self.xlt_guard is not None:
                     logs["skipped_steps"] = self.xlt_guard.skipped
             super().log(logs, start_time)
 
+        def on_train_begin_xlt(self) -> None:
+            self._xlt_last_log = (time.time(), self.state.global_step)
+
     return XltTrainer
+
+
+def _run_lock(output_dir: str, stage: str):
+    """The run directory's lock, held by the main process for the whole run (others hold nothing)."""
+    import contextlib
+
+    return RunLock(output_dir, stage) if is_main_process() else contextlib.nullcontext()
 
 
 def run_cpt(model_args: ModelArguments, tok_args: TokenizerArguments, data_args: DataArguments,
@@ -220,28 +309,43 @@ def run_cpt(model_args: ModelArguments, tok_args: TokenizerArguments, data_args:
     output_dir = training_args.output_dir
     # -- phase: inputs (no model loaded yet) ---------------------------------------------------
     sources, eval_sources, plan = check_cpt_inputs(model_args, tok_args, data_args, cpt_args, training_args)
+    master_dtype, attn = check_model_runtime(model_args)
+    launcher = Launcher.from_env()
     training_args.max_steps = plan.max_steps
     settings = fingerprint(model_args, tok_args, data_args, cpt_args,
                            {k: getattr(training_args, k, None) for k in _RUN_KEYS}, exclude=("resume", "eval_max_docs"))
     _log(plan.describe())
+    with _run_lock(output_dir, "cpt"):
+        return _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, sources, eval_sources,
+                               plan, settings, master_dtype, attn, launcher, t0)
+
+
+def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, sources, eval_sources, plan,
+                    settings, master_dtype, attn, launcher, t0) -> dict:
+    output_dir = training_args.output_dir
     eval_texts = heldout_texts(sources, eval_sources, cpt_args.eval_max_docs)
-    # The main process claims the directory, writes the held-out split and builds the tokenizer first; the
-    # others then find all three in place (the tokenizer by its cache key) instead of racing to write them.
+    # The main process claims the directory and writes the held-out split first; the others then find it.
     with training_args.main_process_first(local=False, desc="xlt run directory"):
         claim_output_dir(output_dir, "cpt", settings)
         for lang, docs in eval_texts.items():
             path = os.path.join(output_dir, "heldout", f"{lang}.jsonl")
             if not os.path.isfile(path):
                 atomic_write_jsonl(path, [{"text": d} for d in docs])
+    model_args.model = resolve_revision(model_args.model, model_args.model_revision)
 
-        # -- phase: tokenizer -------------------------------------------------------------------
-        model_dir, tok_report = prepare_model_dir(model_args, tok_args, sources, eval_texts, output_dir)
+    # -- phase: tokenizer: built by the main process; the others wait for it without a barrier timeout ---------
+    model_dir, tok_report = prepare_model_dir(model_args, tok_args, sources, eval_texts, output_dir,
+                                              build=is_main_process())
 
     # -- phase: model ---------------------------------------------------------------------------
     tokenizer = load_tokenizer(model_dir, trust_remote_code=model_args.trust_remote_code)
-    model = load_model(model_dir, model_args.torch_dtype, model_args.attn_implementation,
-                       model_args.trust_remote_code)
+    warn_pure_bf16(master_dtype)
+    model = load_model(model_dir, master_dtype, attn, model_args.trust_remote_code)
     model.config.use_cache = False  # a cache disables the packed (per-document) attention mask
+    checkpointing = own_activation_checkpointing(training_args, launcher)
+    _log(f"launcher {launcher.describe()}; master weights {master_dtype}, compute "
+         f"{'bf16' if training_args.bf16 else 'fp16' if training_args.fp16 else master_dtype}; attention {attn}; "
+         f"activation checkpointing {checkpointing}")
 
     # -- phase: data ----------------------------------------------------------------------------
     from xlt.data.stream import build_pretrain_stream
@@ -249,7 +353,7 @@ def run_cpt(model_args: ModelArguments, tok_args: TokenizerArguments, data_args:
     stream = build_pretrain_stream(data_args, tokenizer, plan.total_tokens, plan.rows_per_step)
     # Checkpoints here can only be this run's: claim_output_dir refuses a directory holding another run.
     resume_from = last_complete_checkpoint(output_dir) if cpt_args.resume else None
-    from xlt.train.callbacks import SpikeGuard, XltStateCallback
+    from xlt.train.callbacks import ProgressPostfix, SpikeGuard, XltStateCallback
 
     guard = SpikeGuard(cpt_args.spike_factor)
     if resume_from:
@@ -271,21 +375,20 @@ def run_cpt(model_args: ModelArguments, tok_args: TokenizerArguments, data_args:
     from transformers import default_data_collator
 
     trainer_cls = _make_trainer_class()
+    state_writer, postfix = XltStateCallback(stream, plan.rows_per_step, guard), ProgressPostfix()
     trainer = trainer_cls(model=model, args=training_args, train_dataset=stream, data_collator=default_data_collator,
-                          processing_class=tokenizer, callbacks=[XltStateCallback(stream, plan.rows_per_step, guard)])
+                          processing_class=tokenizer, callbacks=[state_writer, postfix])
+    postfix.handler = trainer.callback_handler
     trainer.xlt_guard, trainer.xlt_stream, trainer.xlt_rows_per_step = guard, stream, plan.rows_per_step
+    trainer.xlt_tokens_per_step, trainer.xlt_state_writer = plan.tokens_per_step, state_writer
+    trainer.xlt_data_args = data_args
+    trainer.on_train_begin_xlt()
     result = trainer.train(resume_from_checkpoint=resume_from)
 
-    # -- phase: save ----------------------------------------------------------------------------
+    # -- phase: save (every rank: the weights are gathered when sharded) -----------------------------
+    in_sync = check_replicas(trainer.model_wrapped, trainer.accelerator, trainer.state.global_step)
     final_dir = os.path.join(output_dir, "cpt")
-    if trainer.is_world_process_zero():
-        def save(tmp: str) -> None:
-            trainer.model.config.use_cache = True
-            trainer.model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-
-        atomic_save_dir(save, final_dir)
-    trainer.accelerator.wait_for_everyone()
+    save_final_model(trainer.model_wrapped, tokenizer, final_dir, trainer.accelerator)
 
     # -- phase: report --------------------------------------------------------------------------
     rows = trainer.state.global_step * plan.rows_per_step
@@ -302,6 +405,12 @@ def run_cpt(model_args: ModelArguments, tok_args: TokenizerArguments, data_args:
             "skipped_steps": guard.skipped,
             "seconds": round(seconds, 1),
             "train_tokens_per_second": round(plan.tokens_per_step * trainer.state.global_step / max(seconds, 1e-9), 1),
+            "world_size": launcher.world_size,
+            "launcher": launcher.kind,
+            "replicas_in_sync": in_sync,
+            "master_weights_dtype": master_dtype,
+            "attn_implementation": attn,
+            "activation_checkpointing": checkpointing,
             "accounting": accounting,
             "cleaning": getattr(stream, "cleaning_report", {}),
         },

@@ -1,0 +1,159 @@
+"""Multi-process pieces: the gathered final save, the replica check, waiting for the main process.
+
+Every function here that takes part in a collective must be called on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any, Optional
+
+from xlt.config import XltError
+from xlt.train.checkpoint import atomic_save_dir
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def is_main_process() -> bool:
+    dist = _dist()
+    return dist is None or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    dist = _dist()
+    if dist is not None:
+        dist.barrier()
+
+
+def _is_sharded(param: Any) -> bool:
+    from torch.distributed.tensor import DTensor, Shard
+
+    return isinstance(param, DTensor) and any(isinstance(p, Shard) for p in param.placements)
+
+
+def _is_deepspeed(accelerator: Any) -> bool:
+    return accelerator is not None and str(getattr(accelerator, "distributed_type", "")).endswith("DEEPSPEED")
+
+
+def gather_full_state_dict(model: Any, accelerator: Any = None) -> dict:
+    """The full (unsharded) state dict on the main process; call on EVERY rank (it is a collective when sharded).
+
+    FSDP2 parameters are DTensor shards: torch's ``get_model_state_dict(full_state_dict=True)`` — the path
+    accelerate and the Trainer use for FSDP2 — all-gathers them (offloaded to CPU, main process only). DeepSpeed
+    goes through ``accelerator.get_state_dict``. Replicated parameters (one process, DDP) are read as they are.
+    Non-main processes may get an empty dict.
+    """
+    if _is_deepspeed(accelerator):
+        return accelerator.get_state_dict(model)
+    module = accelerator.unwrap_model(model) if accelerator is not None else model
+    if any(_is_sharded(p) for p in module.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+def save_final_model(model: Any, tokenizer: Any, final_dir: str, accelerator: Any = None,
+                     transform: Optional[Callable[[dict], tuple[Any, dict]]] = None) -> None:
+    """Write the final model as a plain safetensors folder that the Auto classes load; call on EVERY rank.
+
+    The weights are gathered through :func:`gather_full_state_dict` (a rank-0-only ``save_pretrained`` of a
+    sharded model fails, or writes one shard); the main process writes a temporary folder and swaps it in,
+    so ``final_dir`` is never half written. ``transform(state_dict) -> (module_to_save, state_dict)`` lets
+    LoRA runs merge their adapters into the base weights first.
+    """
+    state_dict = gather_full_state_dict(model, accelerator)
+    if is_main_process():
+        module = accelerator.unwrap_model(model) if accelerator is not None else model
+        if transform is not None:
+            module, state_dict = transform(state_dict)
+
+        def save(tmp: str) -> None:
+            module.config.use_cache = True
+            module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+
+        atomic_save_dir(save, final_dir)
+    barrier()
+
+
+def _checksum(tensor: Any) -> Any:
+    """An exact, order-sensitive integer checksum of a tensor's bits (equal bits <=> equal sums, in practice)."""
+    import torch
+
+    t = tensor.detach().contiguous().reshape(-1)
+    words = t.view(torch.int32) if (t.numel() * t.element_size()) % 4 == 0 and t.element_size() >= 2 else \
+        t.view(torch.uint8).to(torch.int32)
+    w = words.to(torch.int64)
+    weights = torch.arange(w.numel(), dtype=torch.int64, device=w.device) % 65521 + 1
+    return torch.stack([w.sum(), (w * weights).sum()])
+
+
+def replicas_in_sync(model: Any, accelerator: Any = None) -> Optional[bool]:
+    """Compare every replicated parameter across ranks (one all-gather of checksums); call on EVERY rank.
+
+    True: all equal; False: some replica differs (its weights went their own way — a rank-local decision
+    changed them); None: nothing is replicated (one process, or every parameter sharded, or DeepSpeed, whose
+    engine owns the partitions).
+    """
+    import torch
+
+    dist = _dist()
+    if dist is None or dist.get_world_size() == 1 or _is_deepspeed(accelerator):
+        return None
+    module = accelerator.unwrap_model(model) if accelerator is not None else model
+    replicated = [p for p in module.parameters() if not _is_sharded(p)]
+    if not replicated:
+        return None
+    from torch.distributed.tensor import DTensor
+
+    local = torch.stack([_checksum(p.to_local() if isinstance(p, DTensor) else p) for p in replicated]).cpu()
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    local = local.to(device)
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    return all(torch.equal(gathered[0], g) for g in gathered[1:])
+
+
+def check_replicas(model: Any, accelerator: Any, step: int) -> Optional[bool]:
+    """:func:`replicas_in_sync`, stopping the run with one line on a mismatch."""
+    ok = replicas_in_sync(model, accelerator)
+    if ok is False:
+        raise XltError(f"replicas out of sync at step {step}: the processes hold different weights for replicated "
+                       "parameters (a decision was taken on one rank only); stopping before saving a wrong model")
+    return ok
+
+
+def wait_for(predicate: Callable[[], bool], what: str, poll_seconds: float = 2.0,
+             log: Callable[[str], None] = print, log_every: float = 60.0) -> None:
+    """Wait (without any collective, so no process-group timeout applies) until ``predicate()`` is true.
+
+    Used by the non-main processes while the main one builds something long (the tokenizer stage over
+    hundreds of millions of characters can outlast ``ddp_timeout``'s 30 minutes at a barrier). If the main
+    process dies, the launcher ends the others.
+    """
+    start = last = time.monotonic()
+    while not predicate():
+        time.sleep(poll_seconds)
+        if time.monotonic() - last >= log_every:
+            last = time.monotonic()
+            log(f"waiting for the main process: {what} ({last - start:.0f}s)")
+
+
+def file_equals_json(path: str, value: Any) -> bool:
+    import json
+
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f) == value
+    except (OSError, ValueError):
+        return False

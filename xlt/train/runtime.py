@@ -1,0 +1,172 @@
+"""The launch environment and the decisions that depend on it: launcher, precision, attention, checkpointing.
+
+Each decision is a function of recipe keys, the variables ``accelerate launch`` sets (or an accelerate config
+file, for the preflight check) and the packages that import, so ``xlt check`` (before any GPU is touched) and
+the training stages decide the same way. Nothing here loads a model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+from xlt.config import XltError
+
+LauncherKind = Literal["single", "ddp", "fsdp", "deepspeed"]
+ATTN_CHOICES = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+_FLASH_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+MASTER_DTYPES = ("float32", "bfloat16")
+_LOW_PRECISION = ("bfloat16", "bf16", "float16", "fp16", "half")
+
+
+def _truthy(value: Any) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class Launcher:
+    """How the processes were (or will be) started: what kind of data parallelism, how many, which precision."""
+
+    kind: LauncherKind
+    world_size: int = 1
+    fsdp_version: Optional[int] = None
+    fsdp_activation_checkpointing: bool = False
+    mixed_precision: str = "no"
+    use_cpu: bool = False
+
+    @classmethod
+    def from_env(cls, env: Optional[Mapping[str, str]] = None) -> Launcher:
+        """The launcher of this process, from the variables ``accelerate launch`` / torchrun set."""
+        env = os.environ if env is None else env
+        world = int(env.get("WORLD_SIZE", "1") or 1)
+        if _truthy(env.get("ACCELERATE_USE_DEEPSPEED", "false")):
+            kind: LauncherKind = "deepspeed"
+        elif _truthy(env.get("ACCELERATE_USE_FSDP", "false")):
+            kind = "fsdp"
+        else:
+            kind = "ddp" if world > 1 else "single"
+        return cls(kind=kind, world_size=world,
+                   fsdp_version=int(env.get("FSDP_VERSION", "1")) if kind == "fsdp" else None,
+                   fsdp_activation_checkpointing=_truthy(env.get("FSDP_ACTIVATION_CHECKPOINTING", "false")),
+                   mixed_precision=env.get("ACCELERATE_MIXED_PRECISION", "no"),
+                   use_cpu=_truthy(env.get("ACCELERATE_USE_CPU", "false")))
+
+    @classmethod
+    def from_config_file(cls, path: str) -> Launcher:
+        """The launcher an accelerate config file describes (for the preflight check)."""
+        import yaml
+
+        try:
+            with open(path, encoding="utf-8") as f:
+                cfg = yaml.safe_load(f)
+        except OSError as e:
+            raise XltError(f"accelerate config {path}: {e.strerror}") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise XltError(f"accelerate config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(cfg, dict):
+            raise XltError(f"accelerate config {path}: expected a mapping of key: value")
+        dist = str(cfg.get("distributed_type", "NO")).upper()
+        nproc = int(cfg.get("num_processes", 1) or 1)
+        fsdp = cfg.get("fsdp_config") or {}
+        if dist == "DEEPSPEED":
+            kind: LauncherKind = "deepspeed"
+        elif dist == "FSDP":
+            kind = "fsdp"
+        elif dist in ("MULTI_GPU", "MULTI_CPU") and nproc > 1:
+            kind = "ddp"
+        else:
+            kind = "single"
+        return cls(kind=kind, world_size=nproc if kind != "single" else 1,
+                   fsdp_version=int(fsdp.get("fsdp_version", 1)) if kind == "fsdp" else None,
+                   fsdp_activation_checkpointing=_truthy(fsdp.get("fsdp_activation_checkpointing", False)),
+                   mixed_precision=str(cfg.get("mixed_precision", "no")), use_cpu=_truthy(cfg.get("use_cpu", False)))
+
+    def describe(self) -> str:
+        extra = f" v{self.fsdp_version}" if self.kind == "fsdp" else ""
+        return f"{self.kind}{extra} x{self.world_size}" + (" (cpu)" if self.use_cpu else "")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Precision: fp32 master weights unless a recipe asks for pure bf16 by name
+# ---------------------------------------------------------------------------------------------------------
+def master_weights_dtype(master: str, torch_dtype: Optional[str]) -> str:
+    """The dtype training loads (and the optimizer updates) the weights in: 'float32' or 'bfloat16'.
+
+    Loading in bf16 with ``bf16: true`` on one GPU or DDP is pure-bf16 AdamW: at LR 1e-5 most updates round
+    to nothing (a one-step test changes ~15% of the weights instead of ~96%). So the load dtype follows
+    ``master_weights_dtype`` (default float32; bf16 compute comes from autocast or FSDP2's mixed-precision
+    policy), and a low-precision ``torch_dtype`` without asking for pure bf16 by name is refused.
+    """
+    if master not in MASTER_DTYPES:
+        raise XltError(f"master_weights_dtype={master!r}: expected float32 or bfloat16")
+    if master == "float32" and str(torch_dtype).lower() in _LOW_PRECISION:
+        raise XltError(f"torch_dtype={torch_dtype} would train pure {torch_dtype} weights (most small updates round "
+                       "to nothing); remove torch_dtype (fp32 master weights, bf16 compute with bf16: true) or set "
+                       "master_weights_dtype: bfloat16 to ask for pure bf16")
+    return master
+
+
+def warn_pure_bf16(master: str) -> None:
+    if master == "bfloat16":
+        warnings.warn("master_weights_dtype=bfloat16: pure-bf16 training as the recipe asks; updates smaller than "
+                      "bf16's resolution (about 1/256 of a weight) are lost", stacklevel=2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------------------
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_attn_implementation(name: Optional[str], cuda: Optional[bool] = None,
+                                importable=lambda pkg: importlib.util.find_spec(pkg) is not None) -> str:
+    """The attention implementation to load the model with, checked before any work.
+
+    ``auto``: flash_attention_2 on a CUDA GPU when flash-attn imports, else sdpa. A flash implementation
+    asked for by name needs its package and a GPU: refused with one line otherwise. ``cuda`` overrides the
+    detection (the preflight check describes hardware it is not running on).
+    """
+    name = name or "sdpa"
+    if name not in ATTN_CHOICES:
+        raise XltError(f"attn_implementation={name!r}: expected one of {', '.join(ATTN_CHOICES)}")
+    cuda = _cuda_available() if cuda is None else cuda
+    if name == "auto":
+        return "flash_attention_2" if cuda and importable("flash_attn") else "sdpa"
+    if name in _FLASH_PACKAGES:
+        pkg = _FLASH_PACKAGES[name]
+        if not importable(pkg):
+            raise XltError(f"attn_implementation={name} needs the {pkg} package, which is not installed "
+                           "(pip install 'xlt[gpu]'), or use attn_implementation: auto (falls back to sdpa)")
+        if not cuda:
+            raise XltError(f"attn_implementation={name} needs a CUDA GPU; use auto or sdpa on this machine")
+    return name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Activation checkpointing: the recipe key is the one owner
+# ---------------------------------------------------------------------------------------------------------
+def own_activation_checkpointing(training_args: Any, launcher: Launcher, env: Optional[dict] = None) -> str:
+    """Make the recipe's ``activation_checkpointing`` the single switch; returns 'fsdp', 'trainer' or 'off'.
+
+    transformers' Trainer raises when FSDP's own activation checkpointing and the training argument are both
+    on (and TRL's SFTConfig turns the argument on by default), and it recommends FSDP's under FSDP. So under
+    FSDP the request is handed to FSDP (the variable its plugin reads when the Trainer creates the
+    accelerator) and the Trainer's is turned off; elsewhere the Trainer checkpoints. An accelerate config
+    that sets ``fsdp_activation_checkpointing`` no longer decides anything on its own.
+    """
+    env = os.environ if env is None else env
+    want = bool(getattr(training_args, "activation_checkpointing", False))
+    if launcher.kind == "fsdp":
+        env["FSDP_ACTIVATION_CHECKPOINTING"] = "true" if want else "false"
+        training_args.activation_checkpointing = False
+        if hasattr(training_args, "gradient_checkpointing"):
+            training_args.gradient_checkpointing = False  # the deprecated alias must agree
+        return "fsdp" if want else "off"
+    return "trainer" if want else "off"
