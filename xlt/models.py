@@ -47,6 +47,19 @@ def check_model_spec(spec: str) -> None:
     resolve_model(spec)  # directories and hub ids are checked without loading anything
 
 
+def resolve_revision(spec: str, revision: Optional[str]) -> str:
+    """A hub model at a pinned revision, as a local snapshot every later stage (tokenizer, model) reads.
+
+    Without a revision (or for a local directory / the embedded alias) the spec is returned unchanged.
+    """
+    if not revision or spec in EMBEDDED_ALIASES or os.path.isdir(os.path.expanduser(spec)):
+        return spec
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(spec, revision=revision,
+                             allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"])
+
+
 def pick_dtype(name: str = "auto"):
     import torch
 

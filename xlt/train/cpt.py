@@ -22,7 +22,7 @@ from xlt.config import (
     validate_data_args,
 )
 from xlt.data.sources import Source, heldout_texts, load_sources
-from xlt.models import EMBEDDED_ALIASES, check_model_spec, load_model, load_tokenizer, resolve_model
+from xlt.models import check_model_spec, load_model, load_tokenizer, resolve_model, resolve_revision
 from xlt.train.checkpoint import (
     STATE_FILE,
     atomic_save_dir,
@@ -35,7 +35,7 @@ from xlt.train.checkpoint import (
     update_report,
 )
 from xlt.train.distributed import check_replicas, file_equals_json, is_main_process, save_final_model, wait_for
-from xlt.train.lock import RunLock
+from xlt.train.lock import run_lock
 from xlt.train.runtime import (
     Launcher,
     master_weights_dtype,
@@ -121,19 +121,6 @@ def check_model_runtime(model_args: Any) -> tuple[str, str]:
     """Precision and attention, decided before any work: (master weights dtype, attention implementation)."""
     master = master_weights_dtype(model_args.master_weights_dtype, model_args.torch_dtype)
     return master, resolve_attn_implementation(model_args.attn_implementation)
-
-
-def resolve_revision(spec: str, revision: Optional[str]) -> str:
-    """A hub model at a pinned revision, as a local snapshot every later stage (tokenizer, model) reads.
-
-    Without a revision (or for a local directory / the embedded alias) the spec is returned unchanged.
-    """
-    if not revision or spec in EMBEDDED_ALIASES or os.path.isdir(os.path.expanduser(spec)):
-        return spec
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(spec, revision=revision,
-                             allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"])
 
 
 def tokenizer_corpus(tok_args: TokenizerArguments, sources: list[Source]) -> list[str]:
@@ -295,13 +282,6 @@ def _make_trainer_class():
     return XltTrainer
 
 
-def _run_lock(output_dir: str, stage: str):
-    """The run directory's lock, held by the main process for the whole run (others hold nothing)."""
-    import contextlib
-
-    return RunLock(output_dir, stage) if is_main_process() else contextlib.nullcontext()
-
-
 def run_cpt(model_args: ModelArguments, tok_args: TokenizerArguments, data_args: DataArguments,
             cpt_args: CptArguments, training_args: Any) -> dict:
     """Run (or resume) continued pretraining; returns the report section it wrote."""
@@ -315,7 +295,7 @@ def run_cpt(model_args: ModelArguments, tok_args: TokenizerArguments, data_args:
     settings = fingerprint(model_args, tok_args, data_args, cpt_args,
                            {k: getattr(training_args, k, None) for k in _RUN_KEYS}, exclude=("resume", "eval_max_docs"))
     _log(plan.describe())
-    with _run_lock(output_dir, "cpt"):
+    with run_lock(output_dir, "cpt"):
         return _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, sources, eval_sources,
                                plan, settings, master_dtype, attn, launcher, t0)
 

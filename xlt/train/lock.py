@@ -71,3 +71,12 @@ def _read_holder(fd: int) -> str:
     if not info:
         return "holder unknown"
     return f"{info.get('stage', 'run')} on host {info.get('host')}, pid {info.get('pid')}, since {info.get('since')}"
+
+
+def run_lock(output_dir: str, stage: str):
+    """The run directory's lock, held by the main process for the whole run (the other ranks hold nothing)."""
+    import contextlib
+
+    from xlt.train.distributed import is_main_process
+
+    return RunLock(output_dir, stage) if is_main_process() else contextlib.nullcontext()
