@@ -16,7 +16,7 @@ def _segments(row):
     return list(zip(starts, starts[1:] + [len(row.position_ids)], strict=False))
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention"])
 def test_packed_loss_equals_per_document_losses(tmp_path, attn):
     sources = write_small_corpus(tmp_path)
     stream = build_pretrain_stream(data_args(sources, seq_len=256), smol_tokenizer(), 256 * 8, 2)

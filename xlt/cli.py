@@ -40,10 +40,11 @@ def _recipe_stage(name: str) -> Callable[[Sequence[str]], int]:
             from transformers import TrainingArguments
 
             from xlt.train.cpt import run_cpt
+            from xlt.train.lora import LoraSettings
 
-            parsed = parse_recipe([ModelArguments, TokenizerArguments, DataArguments, CptArguments,
-                                   TrainingArguments], argv)
-            run_cpt(*parsed)
+            *parsed, lora, training_args = parse_recipe([ModelArguments, TokenizerArguments, DataArguments,
+                                                         CptArguments, LoraSettings, TrainingArguments], argv)
+            run_cpt(*parsed, training_args, lora=lora)
         elif name == "extend_tokenizer":
             from xlt.train.cpt import run_tokenizer_stage
 

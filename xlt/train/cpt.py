@@ -36,6 +36,7 @@ from xlt.train.checkpoint import (
 )
 from xlt.train.distributed import check_replicas, file_equals_json, is_main_process, save_final_model, wait_for
 from xlt.train.lock import run_lock
+from xlt.train.lora import LoraSettings
 from xlt.train.runtime import (
     Launcher,
     master_weights_dtype,
@@ -283,25 +284,45 @@ def _make_trainer_class():
 
 
 def run_cpt(model_args: ModelArguments, tok_args: TokenizerArguments, data_args: DataArguments,
-            cpt_args: CptArguments, training_args: Any) -> dict:
+            cpt_args: CptArguments, training_args: Any, lora: Optional[LoraSettings] = None) -> dict:
     """Run (or resume) continued pretraining; returns the report section it wrote."""
     t0 = time.time()
     output_dir = training_args.output_dir
+    lora = lora if lora is not None and lora.use_lora else None
     # -- phase: inputs (no model loaded yet) ---------------------------------------------------
     sources, eval_sources, plan = check_cpt_inputs(model_args, tok_args, data_args, cpt_args, training_args)
     master_dtype, attn = check_model_runtime(model_args)
+    if lora is not None:
+        check_lora_model(model_args, lora)
     launcher = Launcher.from_env()
     training_args.max_steps = plan.max_steps
-    settings = fingerprint(model_args, tok_args, data_args, cpt_args,
+    settings = fingerprint(model_args, tok_args, data_args, cpt_args, lora or {},
                            {k: getattr(training_args, k, None) for k in _RUN_KEYS}, exclude=("resume", "eval_max_docs"))
     _log(plan.describe())
     with run_lock(output_dir, "cpt"):
         return _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, sources, eval_sources,
-                               plan, settings, master_dtype, attn, launcher, t0)
+                               plan, settings, master_dtype, attn, launcher, t0, lora)
+
+
+def check_lora_model(model_args: ModelArguments, lora: LoraSettings) -> None:
+    """The LoRA target modules exist in the model (its config only; no weights are read)."""
+    from transformers import AutoConfig
+
+    from xlt.train.lora import check_lora_targets
+
+    config = AutoConfig.from_pretrained(resolve_model(model_args.model), trust_remote_code=model_args.trust_remote_code)
+    check_lora_targets(config, lora)
+
+
+def new_row_ids(model: Any, base_spec: str, trust_remote_code: bool = False) -> list[int]:
+    """Embedding rows the base tokenizer never uses: the new tokens of an extension plus padding rows."""
+    base_ids = set(load_tokenizer(base_spec, trust_remote_code=trust_remote_code).get_vocab().values())
+    rows = int(model.get_input_embeddings().weight.shape[0])
+    return [i for i in range(rows) if i not in base_ids]
 
 
 def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, sources, eval_sources, plan,
-                    settings, master_dtype, attn, launcher, t0) -> dict:
+                    settings, master_dtype, attn, launcher, t0, lora=None) -> dict:
     output_dir = training_args.output_dir
     eval_texts = heldout_texts(sources, eval_sources, cpt_args.eval_max_docs)
     # The main process claims the directory and writes the held-out split first; the others then find it.
@@ -322,6 +343,14 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
     warn_pure_bf16(master_dtype)
     model = load_model(model_dir, master_dtype, attn, model_args.trust_remote_code)
     model.config.use_cache = False  # a cache disables the packed (per-document) attention mask
+    if lora is not None:
+        from xlt.train.lora import apply_lora
+
+        new_ids = new_row_ids(model, model_args.model, model_args.trust_remote_code) if tok_report else []
+        model = apply_lora(model, lora, new_ids)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        _log(f"LoRA r={lora.lora_r} on {lora.lora_target_modules}; new rows: {len(new_ids)} via {lora.lora_new_rows}; "
+             f"{trainable:,} trainable parameters")
     checkpointing = own_activation_checkpointing(training_args, launcher)
     _log(f"launcher {launcher.describe()}; master weights {master_dtype}, compute "
          f"{'bf16' if training_args.bf16 else 'fp16' if training_args.fp16 else master_dtype}; attention {attn}; "
@@ -391,6 +420,7 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
             "master_weights_dtype": master_dtype,
             "attn_implementation": attn,
             "activation_checkpointing": checkpointing,
+            "mode": "lora" if lora is not None else "full",
             "accounting": accounting,
             "cleaning": getattr(stream, "cleaning_report", {}),
         },

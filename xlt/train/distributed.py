@@ -59,20 +59,25 @@ def gather_full_state_dict(model: Any, accelerator: Any = None) -> dict:
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 
-def save_final_model(model: Any, tokenizer: Any, final_dir: str, accelerator: Any = None,
-                     transform: Optional[Callable[[dict], tuple[Any, dict]]] = None) -> None:
+def save_final_model(model: Any, tokenizer: Any, final_dir: str, accelerator: Any = None) -> None:
     """Write the final model as a plain safetensors folder that the Auto classes load; call on EVERY rank.
 
     The weights are gathered through :func:`gather_full_state_dict` (a rank-0-only ``save_pretrained`` of a
     sharded model fails, or writes one shard); the main process writes a temporary folder and swaps it in,
-    so ``final_dir`` is never half written. ``transform(state_dict) -> (module_to_save, state_dict)`` lets
-    LoRA runs merge their adapters into the base weights first.
+    so ``final_dir`` is never half written. A LoRA (peft) model is saved merged: adapters folded into the
+    base weights (from the gathered state dict, since sharded modules cannot merge in place).
     """
     state_dict = gather_full_state_dict(model, accelerator)
     if is_main_process():
         module = accelerator.unwrap_model(model) if accelerator is not None else model
-        if transform is not None:
-            module, state_dict = transform(state_dict)
+        peft_config = getattr(module, "peft_config", None)
+        if peft_config:
+            from xlt.train.lora import merged_state_dict, save_merged
+
+            base = module.get_base_model()
+            save_merged(base.config, merged_state_dict(state_dict, peft_config["default"]), tokenizer, final_dir)
+            barrier()
+            return
 
         def save(tmp: str) -> None:
             module.config.use_cache = True

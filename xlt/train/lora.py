@@ -39,7 +39,7 @@ class LoraSettings:
     lora_r: int = field(default=64, metadata={"help": "LoRA rank (> 0)."})
     lora_alpha: float = field(default=128, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input, in [0, 1)."})
-    lora_target_modules: Any = field(
+    lora_target_modules: str = field(  # a YAML list is accepted too (normalised in __post_init__)
         default=ALL_LINEAR,
         metadata={"help": "Linear module names to adapt (a list, or comma-separated), or 'all-linear' (every "
                   "linear layer except the output head)."},

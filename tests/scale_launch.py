@@ -1,0 +1,105 @@
+"""Launched by tests/test_scale.py in subprocesses (torchrun / plain python): one mode per scenario.
+
+    python tests/scale_launch.py fsdp_save OUT_DIR MODEL_DIR        (under torchrun, 2 gloo processes)
+    python tests/scale_launch.py cpt_pause MARKER -- CPT_ARGS...     (pauses inside step 1 after writing MARKER)
+    python tests/scale_launch.py cpt_sigkill STEP -- CPT_ARGS...     (SIGKILLs itself mid-step STEP: after the
+                                                                      backward pass, before the optimizer step)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+
+def fsdp_save(out: str, model_dir: str) -> None:
+    """FSDP2 (torch fully_shard) on gloo: the gathered save writes a loadable model equal to the full weights."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from xlt.train.distributed import replicas_in_sync, save_final_model
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(rank))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    full = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+    result: dict = {"replicas_in_sync": replicas_in_sync(model)}
+    # (The old path, save_pretrained of the sharded module on rank 0 alone, either raises or deadlocks waiting
+    # for the other rank's all-gather: it cannot be run here as a control.)
+    save_final_model(model, tok, os.path.join(out, "final"))
+    if rank == 0:
+        reloaded = AutoModelForCausalLM.from_pretrained(os.path.join(out, "final"))
+        sd = reloaded.state_dict()
+        result["max_abs_diff"] = max(float((sd[n] - t).abs().max()) for n, t in full.items())
+        result["keys_missing"] = sorted(set(full) - set(sd))
+        with open(os.path.join(out, "result.json"), "w", encoding="utf-8") as f:
+            json.dump(result, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _patched_cpt(hook) -> int:
+    """Run ``xlt cpt`` with ``hook(trainer)`` called inside every training step, after the backward pass."""
+    import xlt.train.cpt as cpt_module
+    from xlt.cli import run_recipe
+
+    original = cpt_module._make_trainer_class
+
+    def patched():
+        cls = original()
+
+        class Hooked(cls):
+            def training_step(self, *a, **k):
+                loss = super().training_step(*a, **k)
+                hook(self)
+                return loss
+
+        return Hooked
+
+    cpt_module._make_trainer_class = patched
+    return run_recipe("cpt", sys.argv[sys.argv.index("--") + 1:])
+
+
+def cpt_pause(marker: str) -> int:
+    def hook(trainer) -> None:
+        if trainer.state.global_step == 1 and not os.path.exists(marker):
+            with open(marker, "w") as f:
+                f.write(str(os.getpid()))
+            time.sleep(120)
+
+    return _patched_cpt(hook)
+
+
+def cpt_sigkill(step: int) -> int:
+    def hook(trainer) -> None:
+        if trainer.state.global_step == step:
+            sys.stdout.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return _patched_cpt(hook)
+
+
+if __name__ == "__main__":
+    mode = sys.argv[1]
+    if mode == "fsdp_save":
+        fsdp_save(sys.argv[2], sys.argv[3])
+    elif mode == "cpt_pause":
+        sys.exit(cpt_pause(sys.argv[2]))
+    elif mode == "cpt_sigkill":
+        sys.exit(cpt_sigkill(int(sys.argv[2])))
+    else:
+        raise SystemExit(f"unknown mode {mode}")
