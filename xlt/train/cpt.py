@@ -176,25 +176,50 @@ def run_tokenizer_stage(model_args: ModelArguments, tok_args: TokenizerArguments
 def _make_trainer_class():
     from transformers import Trainer
 
+    from xlt.train.skip_step import SkipStepCallback, SkipStepOptimizer, check_backend
+
     class XltTrainer(Trainer):
-        """Trainer plus: a spike guard on the optimizer step, and token accounting in every log."""
+        """Trainer plus: the skip-step guard on the optimizer step, and token accounting in every log.
+
+        The guard (``xlt_guard``, a ``SkipStepGuard``) wraps the raw optimizer before accelerate does, is fed
+        each micro-batch loss (a device tensor, no sync) and the grad norm the clipper reduced, and judges
+        each step on values all-reduced over the processes (xlt/train/skip_step.py).
+        """
 
         xlt_guard = None
         xlt_stream = None
         xlt_rows_per_step = 1
 
+        def _guard_on(self) -> bool:
+            return self.xlt_guard is not None and self.xlt_guard.enabled
+
+        def train(self, *args: Any, **kwargs: Any):
+            check_backend(self, self.xlt_guard)  # DeepSpeed steps and clips itself: refuse before any work
+            if self._guard_on() and not any(isinstance(c, SkipStepCallback) for c in self.callback_handler.callbacks):
+                self.add_callback(SkipStepCallback(self.xlt_guard))
+            return super().train(*args, **kwargs)
+
         def create_optimizer(self, *args: Any, **kwargs: Any):
             opt = super().create_optimizer(*args, **kwargs)
-            if self.xlt_guard is not None and self.xlt_guard.enabled and not getattr(opt, "_xlt_wrapped", False):
-                self.xlt_guard.wrap(opt)
-                opt._xlt_wrapped = True
+            if self._guard_on() and not isinstance(opt, SkipStepOptimizer):
+                self.optimizer = opt = SkipStepOptimizer(opt, self.xlt_guard)
             return opt
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
-            if self.xlt_guard is not None:
-                self.xlt_guard.observe(float(loss.detach()) * self.args.gradient_accumulation_steps)
+            if self._guard_on():
+                # The Trainer divides each micro-batch loss by the accumulation steps; undo it so the guard
+                # averages micro-batch losses. A tensor op: nothing is read back until the optimizer step.
+                self.xlt_guard.record_loss(loss * self.current_gradient_accumulation_steps, self.state.global_step + 1)
             return loss
+
+        def _get_grad_norm(self, model, grad_norm=None):
+            # transformers 5.24 computes the global (cross-rank) norm here on every optimizer step, clipping or
+            # not (max_grad_norm 0: clip_grad_norm_ with max inf). Without it the guard checks the gradients itself.
+            grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+            if self._guard_on():
+                self.xlt_guard.record_grad_norm(grad_norm, self.state.global_step + 1)
+            return grad_norm
 
         def log(self, logs: dict, start_time: Optional[float] = None) -> None:
             # Only the main process iterates the stream (accelerate dispatches batches from it).
@@ -249,9 +274,10 @@ def run_cpt(model_args: ModelArguments, tok_args: TokenizerArguments, data_args:
     stream = build_pretrain_stream(data_args, tokenizer, plan.total_tokens, plan.rows_per_step)
     # Checkpoints here can only be this run's: claim_output_dir refuses a directory holding another run.
     resume_from = last_complete_checkpoint(output_dir) if cpt_args.resume else None
-    from xlt.train.callbacks import SpikeGuard, XltStateCallback
+    from xlt.train.callbacks import XltStateCallback
+    from xlt.train.skip_step import SkipStepGuard
 
-    guard = SpikeGuard(cpt_args.spike_factor)
+    guard = SkipStepGuard.from_args(cpt_args)
     if resume_from:
         with open(os.path.join(resume_from, STATE_FILE), encoding="utf-8") as f:
             state = json.load(f)
@@ -275,6 +301,9 @@ def run_cpt(model_args: ModelArguments, tok_args: TokenizerArguments, data_args:
                           processing_class=tokenizer, callbacks=[XltStateCallback(stream, plan.rows_per_step, guard)])
     trainer.xlt_guard, trainer.xlt_stream, trainer.xlt_rows_per_step = guard, stream, plan.rows_per_step
     result = trainer.train(resume_from_checkpoint=resume_from)
+    if guard.stop_requested:  # the guard saved a checkpoint and stopped the run: end with one line (exit 2)
+        trainer.accelerator.wait_for_everyone()
+        raise XltError(guard.stop_message(output_dir, trainer.state.global_step))
 
     # -- phase: save ----------------------------------------------------------------------------
     final_dir = os.path.join(output_dir, "cpt")
