@@ -159,10 +159,50 @@ class CptArguments:
     )
     spike_factor: float = field(
         default=0.0,
-        metadata={"help": "Loss-spike guard: skip the update when loss > factor x its running mean (0 disables)."},
+        metadata={"help": "Spike guard, ratio rule: skip the update when the step's loss (averaged over all "
+                  "processes) > factor x its mean over the last skip_step_window taken steps (0 disables; else > 1)."},
     )
     eval_max_docs: int = field(default=200, metadata={"help": "Held-out documents per language for bits per character."})
     resume: bool = field(default=True, metadata={"help": "Resume when OUTPUT_DIR holds the same run's checkpoints."})
+    # Spike guard (xlt/train/skip_step.py). Every rule judges values all-reduced over the processes, so all
+    # ranks skip together; a skipped step leaves weights and optimizer state untouched. Not under DeepSpeed.
+    skip_step_sigma: float = field(
+        default=6.0,
+        metadata={"help": "Spike guard, z-score rule: skip the update when the step's loss or gradient norm is "
+                  "more than this many standard deviations above its mean over the last skip_step_window taken "
+                  "steps (0 disables)."},
+    )
+    skip_step_window: int = field(
+        default=128, metadata={"help": "Spike guard: how many recent taken steps the mean and deviation are over."}
+    )
+    skip_step_min_history: int = field(
+        default=20,
+        metadata={"help": "Spike guard: the z-score and ratio rules wait for this many taken steps (>= 2, <= "
+                  "skip_step_window). Non-finite steps are skipped from the first step."},
+    )
+    max_consecutive_skips: int = field(
+        default=10,
+        metadata={"help": "Spike guard: after this many skipped steps in a row, save a checkpoint and stop with "
+                  "an error naming the step (0: never stop)."},
+    )
+    skip_nonfinite: bool = field(
+        default=True,
+        metadata={"help": "Spike guard: always skip a step whose loss or gradient is NaN / inf (on any process)."},
+    )
+
+    def __post_init__(self) -> None:
+        """The spike-guard keys, checked at parse time (before any model loads)."""
+        if self.spike_factor != 0 and not self.spike_factor > 1:
+            raise XltError(f"spike_factor={self.spike_factor}: expected 0 (off) or a factor > 1")
+        if not self.skip_step_sigma >= 0:
+            raise XltError(f"skip_step_sigma={self.skip_step_sigma}: expected >= 0 (0 disables)")
+        if self.skip_step_window < 2:
+            raise XltError(f"skip_step_window={self.skip_step_window}: expected >= 2")
+        if not 2 <= self.skip_step_min_history <= self.skip_step_window:
+            raise XltError(f"skip_step_min_history={self.skip_step_min_history}: expected between 2 and "
+                           f"skip_step_window={self.skip_step_window}")
+        if self.max_consecutive_skips < 0:
+            raise XltError(f"max_consecutive_skips={self.max_consecutive_skips}: expected >= 0 (0: never stop)")
 
 
 @dataclass

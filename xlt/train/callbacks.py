@@ -1,73 +1,17 @@
-"""Trainer callbacks and guards: loss-spike skipping, xlt state in every checkpoint, progress."""
+"""Trainer callbacks: xlt state in every checkpoint (the spike guard itself lives in xlt/train/skip_step.py)."""
 
 from __future__ import annotations
 
 import os
 import time
-from collections import deque
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from transformers import TrainerCallback
 
 from xlt.train.checkpoint import STATE_FILE, atomic_write_json
 
-
-class SpikeGuard:
-    """Skip the optimizer update of a step whose loss jumps above ``factor`` x the recent mean.
-
-    Gradient clipping bounds the update's size but not its direction; a batch that spikes the
-    loss (bad data, an fp overflow) still pushes the weights the wrong way. We drop that update:
-    the optimizer's ``step`` is wrapped so the skipped step leaves weights and Adam moments alone.
-    """
-
-    def __init__(self, factor: float, window: int = 50, min_history: int = 10) -> None:
-        self.factor = factor
-        self.history: deque[float] = deque(maxlen=window)
-        self.min_history = min_history
-        self.skip_now = False
-        self.skipped = 0
-        self._step_losses: list[float] = []
-
-    @property
-    def enabled(self) -> bool:
-        return self.factor > 0
-
-    def observe(self, loss: float) -> None:
-        """Record one micro-batch loss of the current optimizer step."""
-        self._step_losses.append(loss)
-
-    def decide(self) -> bool:
-        """At the optimizer step: True to skip it. Spiking steps do not enter the running mean."""
-        loss = sum(self._step_losses) / max(1, len(self._step_losses))
-        self._step_losses = []
-        spike = (
-            self.enabled
-            and len(self.history) >= self.min_history
-            and (loss != loss or loss > self.factor * (sum(self.history) / len(self.history)))  # NaN too
-        )
-        if spike:
-            self.skipped += 1
-        else:
-            self.history.append(loss)
-        return spike
-
-    def wrap(self, optimizer: Any) -> None:
-        original_step = optimizer.step
-
-        def step(*args: Any, **kwargs: Any) -> Any:
-            if self.decide():
-                optimizer.zero_grad(set_to_none=True)
-                return None
-            return original_step(*args, **kwargs)
-
-        optimizer.step = step
-
-    def state_dict(self) -> dict:
-        return {"history": list(self.history), "skipped": self.skipped}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.history.extend(state.get("history", []))
-        self.skipped = int(state.get("skipped", 0))
+if TYPE_CHECKING:
+    from xlt.train.skip_step import SkipStepGuard
 
 
 class XltStateCallback(TrainerCallback):
@@ -76,9 +20,11 @@ class XltStateCallback(TrainerCallback):
     Called by the trainer inside its checkpoint save (before any old checkpoint is rotated away), not from
     ``on_save``, which runs only after the Trainer has already rotated. The stream is asked for its state
     *at the rows the optimizer consumed*, not its current position, because the dataloader prefetches ahead.
+    Writing from rank 0 only is correct for the guard too: it is built from all-reduced values, so every
+    rank's state is equal.
     """
 
-    def __init__(self, stream: Any, rows_per_step: int, guard: Optional[SpikeGuard] = None) -> None:
+    def __init__(self, stream: Any, rows_per_step: int, guard: Optional[SkipStepGuard] = None) -> None:
         self.stream = stream
         self.rows_per_step = rows_per_step
         self.guard = guard

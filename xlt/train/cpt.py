@@ -207,9 +207,16 @@ def total_trained(trained: dict) -> int:
 def _make_trainer_class():
     from transformers import Trainer
 
+    from xlt.train.skip_step import SkipStepCallback, SkipStepOptimizer, check_backend
+
     class XltTrainer(Trainer):
-        """Trainer plus: a spike guard on the optimizer step, token accounting and tokens/s in every log,
-        checkpoints marked complete (and replicas compared) before any old one is rotated away."""
+        """Trainer plus: the skip-step guard on the optimizer step, token accounting and tokens/s in every log,
+        checkpoints marked complete (and replicas compared) before any old one is rotated away.
+
+        The guard (``xlt_guard``, a ``SkipStepGuard``) wraps the raw optimizer before accelerate does, is fed
+        each micro-batch loss (a device tensor, no sync) and the grad norm the clipper reduced, and judges
+        each step on values all-reduced over the processes (xlt/train/skip_step.py).
+        """
 
         xlt_guard = None
         xlt_stream = None
@@ -220,17 +227,27 @@ def _make_trainer_class():
         xlt_replicas_in_sync: Optional[bool] = None
         _xlt_last_log: Optional[tuple[float, int]] = None
 
+        def _guard_on(self) -> bool:
+            return self.xlt_guard is not None and self.xlt_guard.enabled
+
+        def train(self, *args: Any, **kwargs: Any):
+            check_backend(self, self.xlt_guard)  # DeepSpeed steps and clips itself: refuse before any work
+            if self._guard_on() and not any(isinstance(c, SkipStepCallback) for c in self.callback_handler.callbacks):
+                self.add_callback(SkipStepCallback(self.xlt_guard))
+            return super().train(*args, **kwargs)
+
         def create_optimizer(self, *args: Any, **kwargs: Any):
             opt = super().create_optimizer(*args, **kwargs)
-            if self.xlt_guard is not None and self.xlt_guard.enabled and not getattr(opt, "_xlt_wrapped", False):
-                self.xlt_guard.wrap(opt)
-                opt._xlt_wrapped = True
+            if self._guard_on() and not isinstance(opt, SkipStepOptimizer):
+                self.optimizer = opt = SkipStepOptimizer(opt, self.xlt_guard)
             return opt
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
-            if self.xlt_guard is not None:
-                self.xlt_guard.observe(float(loss.detach()) * self.args.gradient_accumulation_steps)
+            if self._guard_on():
+                # The Trainer divides each micro-batch loss by the accumulation steps; undo it so the guard
+                # averages micro-batch losses. A tensor op: nothing is read back until the optimizer step.
+                self.xlt_guard.record_loss(loss * self.current_gradient_accumulation_steps, self.state.global_step + 1)
             return loss
 
         def _save_checkpoint(self, model, trial) -> None:
@@ -250,6 +267,14 @@ def _make_trainer_class():
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
                 rotate_complete_checkpoints(run_dir, limit)
+
+        def _get_grad_norm(self, model, grad_norm=None):
+            # transformers 5.24 computes the global (cross-rank) norm here on every optimizer step, clipping or
+            # not (max_grad_norm 0: clip_grad_norm_ with max inf). Without it the guard checks the gradients itself.
+            grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+            if self._guard_on():
+                self.xlt_guard.record_grad_norm(grad_norm, self.state.global_step + 1)
+            return grad_norm
 
         def log(self, logs: dict, start_time: Optional[float] = None) -> None:
             if "loss" in logs:
@@ -297,7 +322,8 @@ def run_cpt(model_args: ModelArguments, tok_args: TokenizerArguments, data_args:
     launcher = Launcher.from_env()
     training_args.max_steps = plan.max_steps
     settings = fingerprint(model_args, tok_args, data_args, cpt_args, lora or {},
-                           {k: getattr(training_args, k, None) for k in _RUN_KEYS}, exclude=("resume", "eval_max_docs"))
+                           {k: getattr(training_args, k, None) for k in _RUN_KEYS},
+                           exclude=("resume", "eval_max_docs", "max_consecutive_skips"))
     _log(plan.describe())
     with run_lock(output_dir, "cpt"):
         return _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, sources, eval_sources,
@@ -362,9 +388,10 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
     stream = build_pretrain_stream(data_args, tokenizer, plan.total_tokens, plan.rows_per_step)
     # Checkpoints here can only be this run's: claim_output_dir refuses a directory holding another run.
     resume_from = last_complete_checkpoint(output_dir) if cpt_args.resume else None
-    from xlt.train.callbacks import ProgressPostfix, SpikeGuard, XltStateCallback
+    from xlt.train.callbacks import ProgressPostfix, XltStateCallback
+    from xlt.train.skip_step import SkipStepGuard
 
-    guard = SpikeGuard(cpt_args.spike_factor)
+    guard = SkipStepGuard.from_args(cpt_args)
     if resume_from:
         with open(os.path.join(resume_from, STATE_FILE), encoding="utf-8") as f:
             state = json.load(f)
@@ -393,6 +420,9 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
     trainer.xlt_data_args = data_args
     trainer.on_train_begin_xlt()
     result = trainer.train(resume_from_checkpoint=resume_from)
+    if guard.stop_requested:  # the guard saved a checkpoint and stopped the run: end with one line (exit 2)
+        trainer.accelerator.wait_for_everyone()
+        raise XltError(guard.stop_message(output_dir, trainer.state.global_step))
 
     # -- phase: save (every rank: the weights are gathered when sharded) -----------------------------
     in_sync = check_replicas(trainer.model_wrapped, trainer.accelerator, trainer.state.global_step)
