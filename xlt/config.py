@@ -231,9 +231,14 @@ def parse_recipe(dataclass_types: Sequence[type], argv: Optional[Sequence[str]] 
     """Parse ``--config FILE`` plus command-line overrides into the given dataclasses.
 
     TrlParser does the merging (YAML gives defaults, the command line wins) and rejects unknown keys;
-    we turn its exceptions into one-line ``XltError``s that name the key or file.
+    we turn its exceptions into one-line ``XltError``s that name the key or file. Every value is
+    checked against its annotation and range (``xlt.validate``): the YAML ones before TrlParser
+    builds the dataclasses (argparse does not convert non-string defaults, and TrainingArguments'
+    ``__post_init__`` would meet a bad value first), all of them after; the output directory too.
     """
     from trl import TrlParser
+
+    from xlt import validate
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" in argv:
@@ -243,10 +248,15 @@ def parse_recipe(dataclass_types: Sequence[type], argv: Optional[Sequence[str]] 
         path = argv[i + 1]
         if not os.path.isfile(path):
             raise XltError(f"recipe file not found: {path}")
-        _check_yaml(path)
+        validate.check_recipe_mapping(_check_yaml(path), dataclass_types)
     parser = TrlParser(tuple(dataclass_types))
+
+    def error(message: str) -> None:  # argparse would print the whole usage and exit
+        raise XltError(message.replace("argument ", "", 1))
+
+    parser.error = error  # type: ignore[method-assign]
     try:
-        return tuple(parser.parse_args_and_config(argv))
+        parsed = tuple(parser.parse_args_and_config(argv))
     except ValueError as e:
         msg = str(e)
         if "Unknown arguments from config file" in msg:
@@ -256,18 +266,25 @@ def parse_recipe(dataclass_types: Sequence[type], argv: Optional[Sequence[str]] 
             keys = [s for s in msg.split("[", 1)[1].rstrip("]").replace("'", "").split(", ") if s.startswith("--")]
             raise XltError(f"unknown option(s) {', '.join(keys) or msg}") from None
         raise XltError(msg.splitlines()[0]) from None
+    validate.check_parsed(parsed)
+    return parsed
 
 
-def _check_yaml(path: str) -> None:
+def _check_yaml(path: str) -> dict:
+    """The recipe's YAML mapping; one-line errors for a file that is not UTF-8, not YAML, or not a mapping."""
     import yaml
 
+    from xlt.validate import decode_text
+
+    with open(path, "rb") as f:
+        text = decode_text(f.read(), path, "recipe")
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise XltError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise XltError(f"{path}: a recipe must be a YAML mapping of key: value")
+    return data
 
 
 def validate_data_args(args: DataArguments) -> None:

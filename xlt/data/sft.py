@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
 from xlt.config import XltError
+from xlt.validate import AT_LEAST_1, check_spec, check_utf8_file, decode_line
 
 # Japanese StableLM Instruct Alpaca prompt (stabilityai/japanese-stablelm-instruct-alpha model card).
 STABLELM_SYSTEM = "以下は、タスクを説明する指示と、文脈のある入力の組み合わせです。要求を適切に満たす応答を書きなさい。"
@@ -55,7 +56,10 @@ ADAPTERS: dict[str, tuple[Callable[[dict], Optional[dict]], tuple[str, ...]]] = 
     "hh_rlhf": (_hh_rlhf, ("instruction", "output")),
     "chatterbot": (_alpaca, ("instruction", "output")),
 }
-_SPEC_KEYS = {"adapter", "dataset", "path", "embedded", "split", "config", "max_examples", "name"}
+# The fields of an instruction-set spec and their types (None, i.e. absent, is allowed for each).
+_SPEC_TYPES: dict[str, type] = {"adapter": str, "dataset": str, "path": str, "embedded": str, "split": str,
+                                "config": str, "max_examples": int, "name": str}
+_SPEC_KEYS = set(_SPEC_TYPES)
 
 
 def check_sft_specs(specs: Optional[list[dict]]) -> None:
@@ -64,13 +68,16 @@ def check_sft_specs(specs: Optional[list[dict]]) -> None:
 
     if not specs:
         raise XltError("sft_datasets: the recipe lists no instruction data")
+    if not isinstance(specs, list):
+        raise XltError(f"sft_datasets: expected a list of mappings, got {type(specs).__name__}")
     for i, spec in enumerate(specs):
         where = f"sft_datasets[{i}]"
         if not isinstance(spec, dict):
-            raise XltError(f"{where}: expected a mapping")
+            raise XltError(f"{where}: expected a mapping, got {spec!r}")
         unknown = set(spec) - _SPEC_KEYS
         if unknown:
             raise XltError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+        check_spec(where, spec, _SPEC_TYPES, {"max_examples": AT_LEAST_1})
         if spec.get("adapter") not in ADAPTERS:
             raise XltError(f"{where}: adapter must be one of {', '.join(ADAPTERS)} (got {spec.get('adapter')!r})")
         kinds = [k for k in ("dataset", "path", "embedded") if spec.get(k)]
@@ -79,7 +86,10 @@ def check_sft_specs(specs: Optional[list[dict]]) -> None:
         if spec.get("path"):
             if not os.path.isfile(spec["path"]):
                 raise XltError(f"{where}: data file not found: {spec['path']}")
-            rows = _read_jsonl(spec["path"], limit=1)
+            check_utf8_file(spec["path"], where)  # read after the model loads: a bad byte anywhere, now
+            rows = _read_jsonl(spec["path"], limit=1, key=where)
+            if not rows:
+                raise XltError(f"{where}: {spec['path']} holds no examples")
             required = ADAPTERS[spec["adapter"]][1]
             missing = [c for c in required if rows and c not in rows[0]]
             if missing:
@@ -88,29 +98,35 @@ def check_sft_specs(specs: Optional[list[dict]]) -> None:
             raise XltError(f"{where}: unknown embedded instruction set {spec['embedded']!r} (choose chatterbot-ja)")
 
 
-def _read_jsonl(path: str, limit: Optional[int] = None) -> list[dict]:
+def _read_jsonl(path: str, limit: Optional[int] = None, key: str = "sft_datasets") -> list[dict]:
+    """JSON objects, one a line; an undecodable line, invalid JSON or a non-object names the file and line."""
     import json
 
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # decoded line by line, so an encoding error names its line
+        for lineno, raw in enumerate(f, 1):
+            line = decode_line(raw, path, lineno, key)
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise XltError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise XltError(f"{key}: {path}:{lineno}: expected a JSON object per line, "
+                                   f"got {type(row).__name__}")
+                rows.append(row)
                 if limit and len(rows) >= limit:
                     break
     return rows
 
 
-def _rows(spec: dict) -> Iterable[dict]:
+def _rows(spec: dict, key: str = "sft_datasets") -> Iterable[dict]:
     if spec.get("embedded"):
         from xlt.embedded import embedded_instruction_pairs
 
         return embedded_instruction_pairs("ja")
     if spec.get("path"):
-        return _read_jsonl(spec["path"])
+        return _read_jsonl(spec["path"], key=key)
     import datasets
 
     try:
@@ -127,7 +143,7 @@ def load_instruction_examples(specs: list[dict], prompt_format: str = "stablelm_
     for i, spec in enumerate(specs):
         adapt = ADAPTERS[spec["adapter"]][0]
         n = 0
-        for row in _rows(spec):
+        for row in _rows(spec, f"sft_datasets[{i}]"):
             ex = adapt(dict(row))
             if ex is None or not ex["instruction"].strip() or not ex["output"].strip():
                 continue

@@ -21,10 +21,14 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from xlt.config import XltError
+from xlt.validate import AT_LEAST_1, HEAD_BYTES, check_spec, decode_line, decode_text, read_text_head
 
 LANGS = ("ja", "en")
-_SPEC_KEYS = {"name", "lang", "domain", "embedded", "path", "dataset", "config", "split", "text_field",
-              "weight", "max_docs", "holdout", "revision"}
+# The fields of a source spec and their types (None, i.e. absent, is allowed for each).
+_SPEC_TYPES: dict[str, type] = {"name": str, "lang": str, "domain": str, "embedded": str, "path": str,
+                                "dataset": str, "config": str, "split": str, "text_field": str, "weight": float,
+                                "max_docs": int, "holdout": float, "revision": str}
+_SPEC_KEYS = set(_SPEC_TYPES)
 
 
 @dataclass
@@ -147,6 +151,7 @@ def load_sources(specs: Optional[list[dict]], key: str = "sources") -> list[Sour
         unknown = set(spec) - _SPEC_KEYS
         if unknown:
             raise XltError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+        check_spec(where, spec, _SPEC_TYPES, {"max_docs": AT_LEAST_1})
         kinds = [k for k in ("embedded", "path", "dataset") if spec.get(k) is not None]
         if len(kinds) != 1:
             raise XltError(f"{where}: give exactly one of embedded, path or dataset")
@@ -187,8 +192,9 @@ def read_documents(path: str, text_field: str = "text", max_docs: Optional[int] 
         raise XltError(f"{key}: data file not found: {path}")
     docs: list[str] = []
     if path.endswith((".jsonl", ".json")):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(path, "rb") as f:  # decoded line by line, so an encoding error names its line
+            for lineno, raw in enumerate(f, 1):
+                line = decode_line(raw, path, lineno, key)
                 if not line.strip():
                     continue
                 try:
@@ -201,14 +207,14 @@ def read_documents(path: str, text_field: str = "text", max_docs: Optional[int] 
     elif path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        table = _parquet(path, key, pq.read_table)
         if text_field not in table.column_names:
             raise XltError(f"{key}: {path} has no field {text_field!r} (fields: {', '.join(table.column_names)})")
         docs = [t for t in table.column(text_field).to_pylist() if isinstance(t, str)]
         docs = docs[:max_docs] if max_docs is not None else docs
     else:
-        with open(path, encoding="utf-8") as f:
-            text = f.read().replace("\r\n", "\n")
+        with open(path, "rb") as f:
+            text = decode_text(f.read(), path, key).replace("\r\n", "\n")
         docs = [b.strip("\n") for b in text.split("\n\n") if b.strip()]
         docs = docs[:max_docs] if max_docs is not None else docs
     return docs
@@ -224,24 +230,48 @@ def _text_of(row: Any, text_field: str, key: str, where: str) -> str:
     return text
 
 
+def _parquet(path: str, key: str, read: Any) -> Any:
+    """``read(path)`` (a pyarrow reader), with a file that is not parquet reported in one line."""
+    import pyarrow as pa
+
+    try:
+        return read(path)
+    except (pa.ArrowException, OSError) as e:
+        raise XltError(f"{key}: {path} is not a readable parquet file ({str(e).splitlines()[0]})") from None
+
+
 def _check_text_field(path: str, text_field: str, key: str) -> None:
-    """Look at the first record only: cheap, and catches the common mistake early."""
-    if path.endswith((".jsonl", ".json")):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise XltError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-                    _text_of(row, text_field, key, path)
-                    return
-    elif path.endswith(".parquet"):
+    """Cheap checks of a local file (its first MiB at most), so a bad file fails before any model loads.
+
+    jsonl: the head is UTF-8 text without NUL bytes, and each of its complete lines is blank or a JSON
+    object whose ``text_field`` is a string. parquet: the schema reads and has ``text_field``. Other
+    files (plain text): the head is UTF-8 text. Errors name the file and line. A bad byte past the
+    head is reported, with its line, when the file is read (``read_documents``).
+    """
+    if path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        names = pq.read_schema(path).names
+        names = _parquet(path, key, pq.read_schema).names
         if text_field not in names:
             raise XltError(f"{key}: {path} has no field {text_field!r} (fields: {', '.join(names)})")
+        return
+    head = read_text_head(path, key)
+    if not path.endswith((".jsonl", ".json")):
+        return
+    lines = head.split("\n")
+    complete = lines if os.path.getsize(path) <= HEAD_BYTES else lines[:-1]  # a cut last line is not judged
+    first = True
+    for lineno, line in enumerate(complete, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise XltError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise XltError(f"{key}: {path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+        _text_of(row, text_field, key, path if first else f"{path}:{lineno}")
+        first = False
 
 
 def heldout_texts(sources: list[Source], eval_sources: Optional[list[Source]] = None,
