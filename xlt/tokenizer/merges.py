@@ -340,7 +340,8 @@ def corpus_words(base, family: str, texts: Iterable[str], mecab: bool = False, n
     character (when :func:`_metaspace_split_ok`). Distinct pieces are counted (C ``Counter``), then each
     distinct piece is encoded once by the bare BPE model (Rust, batched) and cut once, with its count.
     Texts where this could differ from encoding the whole text (an added token's content inside, a
-    metaspace pre-token not starting with ``▁``) and MeCab take the reference path.
+    metaspace pre-token not starting with ``▁``) and MeCab take the reference path. Words are
+    counted in first-occurrence order, as the reference does (ties among new characters keep it).
     """
     from tokenizers import Tokenizer
 
@@ -352,48 +353,53 @@ def corpus_words(base, family: str, texts: Iterable[str], mecab: bool = False, n
     added_re = re.compile("|".join(re.escape(a) for a in sorted(added, key=len, reverse=True))) if added else None
     split_spaces = family == METASPACE and _metaspace_split_ok(tj["model"], vocab)
     norm, pre = base.normalizer, base.pre_tokenizer
+    # Keys in first-occurrence order (words, and so ties among new characters, keep the corpus order):
+    # a str is a piece for the bare model, a 1-tuple a whole text for the reference path.
     pieces: Counter = Counter()
-
-    def flush_reference(batch: list[str]) -> None:
-        if batch:
-            _reference_into(words, cutter, base, batch, mecab)
-            batch.clear()
-
-    slow: list[str] = []
-    n_slow = 0
+    mecab_batch: list[str] = []
+    n_mecab = 0
     for text in texts:
         if nfkc:
             text = unicodedata.normalize("NFKC", text)
-        if mecab:
-            slow.append(text)
-            n_slow += len(text)
-            if n_slow >= batch_chars:
-                flush_reference(slow)
-                n_slow = 0
+        if mecab:  # no pieces at all: batches of whole texts, in order
+            mecab_batch.append(text)
+            n_mecab += len(text)
+            if n_mecab >= batch_chars:
+                _reference_into(words, cutter, base, mecab_batch, mecab)
+                mecab_batch, n_mecab = [], 0
             continue
         normed = norm.normalize_str(text) if norm is not None else text
         if added_re is not None and (added_re.search(text) or added_re.search(normed)):
-            slow.append(text)
+            pieces[(text,)] += 1
             continue
         splits = [s for s, _ in pre.pre_tokenize_str(normed)] if pre is not None else [normed]
         if family == METASPACE:
             if any(not s.startswith("▁") for s in splits[1:]):
-                slow.append(text)
+                pieces[(text,)] += 1
                 continue
             if split_spaces:
                 splits = [c for s in splits for c in _SPACE_SPLIT.split(s)]
         pieces.update(splits)
-    flush_reference(slow)
+    if mecab_batch:
+        _reference_into(words, cutter, base, mecab_batch, mecab)
 
     # The bare model: no normalizer, pre-tokenizer, post-processor or added tokens (pieces are already cut).
     bare_tj = dict(tj, normalizer=None, pre_tokenizer=None, post_processor=None, added_tokens=[])
     bare = Tokenizer.from_str(json.dumps(bare_tj))
-    distinct = [p for p in pieces if p]
-    for k in range(0, len(distinct), 65536):
-        chunk = distinct[k:k + 65536]
-        for p, enc in zip(chunk, bare.encode_batch(chunk, add_special_tokens=False)):
-            toks = enc.tokens
-            cutter.add(words, toks, [0] * len(toks), None, None, count=pieces[p])
+    keys = [p for p in pieces if p]
+    for k in range(0, len(keys), 65536):
+        chunk = keys[k:k + 65536]
+        plain = [p for p in chunk if isinstance(p, str)]
+        whole = [p[0] for p in chunk if not isinstance(p, str)]
+        encs = iter(bare.encode_batch(plain, add_special_tokens=False) if plain else [])
+        whole_encs = iter(base.encode_batch(whole, add_special_tokens=False) if whole else [])
+        for p in chunk:
+            if isinstance(p, str):
+                toks = next(encs).tokens
+                cutter.add(words, toks, [0] * len(toks), None, None, count=pieces[p])
+            else:
+                enc = next(whole_encs)
+                cutter.add(words, enc.tokens, enc.word_ids, enc.offsets, None, count=pieces[p])
     return words
 
 
