@@ -155,7 +155,8 @@ def test_recipe_runs_in_miniature(recipe, launcher, tmp_path, local_data):
     assert report["sft"]["steps"] > 0 and report["sft"]["examples"] == 3 * SFT_EXAMPLES  # hh-rlhf's NG row dropped
     # Training moved every weight tensor (pure bf16 weights lose Adam's small updates: norms stay exactly 1).
     start = run_dir / "tokenizer" if (run_dir / "tokenizer").is_dir() else model_dir
-    assert not _unchanged_tensors(start, run_dir / "cpt")
+    unchanged = _unchanged_tensors(start, run_dir / "cpt")
+    assert not unchanged, f"{recipe}: {CPT_STEPS} CPT steps left these weights bit-identical: {unchanged}"
     cpt_rows = _reload(run_dir / "cpt", fam.model_class)
     sft_rows = _reload(run_dir / "sft", fam.model_class)
     assert sft_rows == cpt_rows
