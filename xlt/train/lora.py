@@ -41,7 +41,7 @@ class LoraSettings:
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input, in [0, 1)."})
     lora_target_modules: str = field(  # a YAML list is accepted too (normalised in __post_init__)
         default=ALL_LINEAR,
-        metadata={"help": "Linear module names to adapt (a list, or comma-separated), or 'all-linear' (every "
+        metadata={"help": "Linear module names to adapt, comma-separated (e.g. q_proj,v_proj), or 'all-linear' (every "
                   "linear layer except the output head)."},
     )
     lora_new_rows: str = field(
