@@ -1,6 +1,7 @@
 """Launched by tests/test_scale.py in subprocesses (torchrun / plain python): one mode per scenario.
 
     python tests/scale_launch.py fsdp_save OUT_DIR MODEL_DIR        (under torchrun, 2 gloo processes)
+    python tests/scale_launch.py replicas OUT_DIR MODEL_DIR         (under torchrun, 2 gloo processes)
     python tests/scale_launch.py cpt_pause MARKER -- CPT_ARGS...     (pauses inside step 1 after writing MARKER)
     python tests/scale_launch.py cpt_sigkill STEP -- CPT_ARGS...     (SIGKILLs itself mid-step STEP: after the
                                                                       backward pass, before the optimizer step)
@@ -52,6 +53,34 @@ def fsdp_save(out: str, model_dir: str) -> None:
     dist.destroy_process_group()
 
 
+def replicas(out: str, model_dir: str) -> None:
+    """DDP replicas: equal -> True; one rank's weight nudged by one ulp -> the check stops on every rank."""
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from xlt.config import XltError
+    from xlt.train.distributed import check_replicas, replicas_in_sync
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    result: dict = {"equal": replicas_in_sync(model)}
+    if rank == 1:
+        with torch.no_grad():
+            w = model.model.layers[1].mlp.down_proj.weight
+            w[3, 5] = torch.nextafter(w[3, 5], torch.tensor(float("inf")))
+    try:
+        check_replicas(model, None, step=7)
+        result["nudged"] = "no error"
+    except XltError as e:
+        result["nudged"] = str(e)
+    with open(os.path.join(out, f"replicas-{rank}.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _patched_cpt(hook) -> int:
     """Run ``xlt cpt`` with ``hook(trainer)`` called inside every training step, after the backward pass."""
     import xlt.train.cpt as cpt_module
@@ -97,6 +126,8 @@ if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "fsdp_save":
         fsdp_save(sys.argv[2], sys.argv[3])
+    elif mode == "replicas":
+        replicas(sys.argv[2], sys.argv[3])
     elif mode == "cpt_pause":
         sys.exit(cpt_pause(sys.argv[2]))
     elif mode == "cpt_sigkill":

@@ -118,6 +118,17 @@ def test_fsdp2_sharded_model_is_saved_through_the_gathering_path(tmp_path, tiny_
     assert result["replicas_in_sync"] is None  # every parameter is sharded: nothing replicated to compare
 
 
+def test_replicas_out_of_sync_stop_the_run_on_every_rank(tmp_path, tiny_model_dir):
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29542", LAUNCH, "replicas", str(tmp_path), tiny_model_dir],
+                          capture_output=True, text=True, env=sub_env(), cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"replicas-{rank}.json").read_text())
+        assert result["equal"] is True
+        assert result["nudged"].startswith("replicas out of sync at step 7"), result
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 4. precision: one optimizer step changes (nearly) every weight under each shipped recipe's settings
 # ---------------------------------------------------------------------------------------------------------
@@ -292,8 +303,9 @@ def test_second_launch_into_a_running_directory_stops_at_once(tmp_path, tiny_mod
     finally:
         first.kill()
         first.wait()
-    # The holder died without releasing anything: the lock is stale and the next launch takes over.
-    assert run_recipe("cpt", cpt_args(tiny_model_dir, out, "--train_tokens", "2048")) == 0
+    # The holder died without releasing anything: the lock is stale and the same run, relaunched, takes over.
+    assert run_recipe("cpt", cpt_args(tiny_model_dir, out)) == 0
+    assert os.path.isfile(os.path.join(out, "cpt", "model.safetensors"))
 
 
 # ---------------------------------------------------------------------------------------------------------
