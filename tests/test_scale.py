@@ -328,3 +328,32 @@ def test_sigkill_mid_step_then_relaunch_matches_an_uninterrupted_run(tmp_path, t
     rb = json.loads(open(os.path.join(killed, "report.json"), encoding="utf-8").read())
     assert ra["tokens_trained"] == rb["tokens_trained"]
     assert ra["cpt"]["accounting"] == rb["cpt"]["accounting"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LoRA continued pretraining under accelerate launch (2 processes): new rows train, merged save reloads
+# ---------------------------------------------------------------------------------------------------------
+def test_lora_cpt_with_new_rows_under_two_processes(tmp_path, tiny_model_dir):
+    out = str(tmp_path / "run")
+    proc = subprocess.run([ACCELERATE, "launch", "--config_file", str(REPO / "accelerate_configs/cpu_multi.yaml"),
+                           "--main_process_port", "29544", str(REPO / "recipes/cpt.py"),
+                           *cpt_args(tiny_model_dir, out, "--tokenizer_mode", "extend", "--new_tokens", "64",
+                                     "--per_device_train_batch_size", "2", "--train_tokens", "4096",
+                                     "--use_lora", "true", "--lora_r", "8", "--lora_alpha", "16",
+                                     "--learning_rate", "1e-2")],
+                          capture_output=True, text=True, env=sub_env(), cwd=REPO, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(open(os.path.join(out, "report.json"), encoding="utf-8").read())
+    assert report["cpt"]["mode"] == "lora" and report["cpt"]["world_size"] == 2
+    assert report["cpt"]["replicas_in_sync"] is True
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_rows = len(AutoTokenizer.from_pretrained(tiny_model_dir))
+    before, after = weights(os.path.join(out, "tokenizer")), weights(os.path.join(out, "cpt"))
+    assert set(after) == set(before), "the merged model has the base model's keys (no adapter leftovers)"
+    emb = "model.embed_tokens.weight"
+    assert torch.equal(before[emb][:base_rows], after[emb][:base_rows]), "old rows must not move under LoRA"
+    assert not torch.equal(before[emb][base_rows:], after[emb][base_rows:]), "the new rows must train"
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(before[key], after[key]), "the LoRA delta is merged into the base weight"
+    assert AutoModelForCausalLM.from_pretrained(os.path.join(out, "cpt")) is not None
