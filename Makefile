@@ -18,7 +18,7 @@ ARGS ?=
 LAUNCH := $(BIN)/accelerate launch --config_file $(ACCELERATE_CONFIG)
 OUT_ARG := $(if $(OUTPUT_DIR),--output_dir $(OUTPUT_DIR))
 
-.PHONY: setup demo extend-tokenizer continue-pretrain sft evaluate push test test-fast lint bench
+.PHONY: setup demo extend-tokenizer continue-pretrain sft evaluate push check test test-fast lint bench
 
 setup:  ## virtual environment with the CPU torch build, xlt and the embedded default
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -51,6 +51,9 @@ evaluate:
 
 push:  ## make push REPO=org/name [OUTPUT_DIR=runs/...]
 	$(BIN)/xlt push --model $(or $(OUTPUT_DIR),runs/smollm2-135m-ja)/sft --repo $(REPO) $(ARGS)
+
+check:  ## make check RECIPE=... [ACCELERATE_CONFIG=...] [ARGS="--offline --gpus 8 --gpu-memory-gb 80 --json"]
+	$(BIN)/xlt check --config $(or $(RECIPE),$(RECIPE_DIR)/cpt.yaml) --accelerate_config $(ACCELERATE_CONFIG) $(ARGS)
 
 test:
 	$(PYTHON) -m pytest -q

@@ -6,6 +6,7 @@
     xlt evaluate bpc --model DIR --data FILE [--text-field text] [--max-docs N] --json
     xlt tokenizer extend|stats ...      xlt data preview ...
     xlt report --output_dir DIR         xlt push --model DIR --repo ORG/NAME
+    xlt check --config RECIPE [--accelerate_config FILE] [--offline] [--gpus N --gpu-memory-gb G] [--json]
 
 Any ``XltError`` is printed as one line (``xlt: error: ...``) with exit status 2.
 """
@@ -126,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_ in (("cpt", "continued pretraining from a recipe"), ("sft", "instruction SFT from a recipe")):
         p = sub.add_parser(name, help=help_, add_help=False)
         p.set_defaults(recipe=name)
+    sub.add_parser("check", help="preflight a recipe: keys, packages, launcher vs hardware, memory (xlt check -h)",
+                   add_help=False)
 
     ev = sub.add_parser("evaluate", help="evaluation").add_subparsers(dest="what", required=True)
     ev.add_parser("run", help="evaluate a run directory from a recipe", add_help=False).set_defaults(recipe="evaluate")
@@ -164,6 +167,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # Recipe stages take TrlParser arguments, which argparse here must not interpret.
     if argv and argv[0] in ("cpt", "sft"):
         return run_recipe(argv[0], argv[1:])
+    if argv and argv[0] == "check":  # its own parser: unknown --key value arguments are recipe overrides
+        from xlt.check import main as check_main
+
+        return check_main(argv[1:])
     if argv[:2] == ["evaluate", "run"]:
         return run_recipe("evaluate", argv[2:])
     parser = build_parser()

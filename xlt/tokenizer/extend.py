@@ -165,8 +165,11 @@ def extend_tokenizer_json(base_tj: dict, texts: list[str], n_new: int, min_frequ
 # ---------------------------------------------------------------------------------------------
 # Checks before any model is loaded
 # ---------------------------------------------------------------------------------------------
-def check_tokenizer_inputs(model_spec: str, tok_args: TokenizerArguments) -> None:
-    """Cheap checks (no model load): mode, N, init method, tokenizer type and tokenizer.json."""
+def check_tokenizer_inputs(model_spec: str, tok_args: TokenizerArguments, read_tokenizer: bool = True) -> None:
+    """Cheap checks (no model load): mode, N, init method, tokenizer type and tokenizer.json.
+
+    ``read_tokenizer=False`` stops before reading tokenizer.json (``xlt check --offline`` on a hub model).
+    """
     from xlt.tokenizer.embeddings import INIT_METHODS
 
     mode = tok_args.tokenizer_mode
@@ -191,6 +194,8 @@ def check_tokenizer_inputs(model_spec: str, tok_args: TokenizerArguments) -> Non
             import unidic_lite  # noqa: F401
         except ImportError:
             raise XltError("mecab: needs the PyPI packages fugashi and unidic-lite: pip install fugashi unidic-lite") from None
+    if not read_tokenizer:
+        return
     tj = read_tokenizer_json(model_spec)
     family = detect_family(tj)
     if mode == "swap" and family != BYTE_LEVEL:
