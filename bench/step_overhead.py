@@ -84,24 +84,18 @@ def training_args(ns, out_dir: str):
         train_sampling_strategy="sequential")
 
 
-def make_xlt_trainer(model, tokenizer, args, stream, rows_per_step: int, spike_factor: float, callbacks: list):
-    """xlt's trainer exactly as ``run_cpt`` builds it (guard, state callback, token accounting).
+def make_xlt_trainer(model, tokenizer, args, stream, seq_len: int, rows_per_step: int, spike_factor: float,
+                     callbacks: list):
+    """xlt's trainer exactly as ``run_cpt`` builds it (xlt.train.cpt.build_cpt_trainer): skip-step guard with its
+    default rules (all-reduced loss / grad-norm z-scores, non-finite skip) plus ``spike_factor``, xlt state in
+    checkpoints, token accounting, tokens/s and sequence length in every log, progress postfix."""
+    from xlt.config import CptArguments
+    from xlt.train.cpt import StepPlan, build_cpt_trainer
+    from xlt.train.skip_step import SkipStepGuard
 
-    Kept in one function so the benchmark follows ``run_cpt`` when its guard/callback wiring changes.
-    """
-    from transformers import default_data_collator
-
-    from xlt.train.callbacks import SpikeGuard, XltStateCallback
-    from xlt.train.cpt import _make_trainer_class
-
-    guard = SpikeGuard(spike_factor)
-    args.ignore_data_skip = True
-    trainer_cls = _make_trainer_class()
-    trainer = trainer_cls(model=model, args=args, train_dataset=stream, data_collator=default_data_collator,
-                          processing_class=tokenizer,
-                          callbacks=[XltStateCallback(stream, rows_per_step, guard), *callbacks])
-    trainer.xlt_guard, trainer.xlt_stream, trainer.xlt_rows_per_step = guard, stream, rows_per_step
-    return trainer
+    guard = SkipStepGuard.from_args(CptArguments(spike_factor=spike_factor))
+    plan = StepPlan(seq_len, rows_per_step, 1, 1, args.max_steps)
+    return build_cpt_trainer(model, tokenizer, args, stream, data_args(seq_len), plan, guard, callbacks)
 
 
 def make_plain_trainer(model, tokenizer, args, rows: list, callbacks: list):
@@ -190,7 +184,8 @@ def run_lockstep(ns, tokenizer, init_state, rows, tmp: str, order: tuple[str, st
         timers[kind] = step_timer(kind, baton)
         if kind == "xlt":
             stream = build_pretrain_stream(data_args(ns.seq_len), tokenizer, ns.steps * ns.batch * ns.seq_len, ns.batch)
-            trainers[kind] = make_xlt_trainer(model, tokenizer, args, stream, ns.batch, ns.spike_factor, [timers[kind]])
+            trainers[kind] = make_xlt_trainer(model, tokenizer, args, stream, ns.seq_len, ns.batch, ns.spike_factor,
+                                              [timers[kind]])
         else:
             trainers[kind] = make_plain_trainer(model, tokenizer, args, rows, [timers[kind]])
     errors: list[BaseException] = []

@@ -347,6 +347,28 @@ def new_row_ids(model: Any, base_spec: str, trust_remote_code: bool = False) -> 
     return [i for i in range(rows) if i not in base_ids]
 
 
+def build_cpt_trainer(model: Any, tokenizer: Any, training_args: Any, stream: Any, data_args: DataArguments,
+                      plan: StepPlan, guard: Any, callbacks: Optional[list] = None) -> Any:
+    """The Trainer of continued pretraining, wired as ``run_cpt`` runs it: skip-step guard, xlt state in every
+    checkpoint, token accounting / tokens/s / sequence length in the logs, progress postfix. The stream
+    restores its own position, so the Trainer must not skip batches on resume (``ignore_data_skip``)."""
+    from transformers import default_data_collator
+
+    from xlt.train.callbacks import ProgressPostfix, XltStateCallback
+
+    training_args.ignore_data_skip = True
+    state_writer, postfix = XltStateCallback(stream, plan.rows_per_step, guard), ProgressPostfix()
+    trainer = _make_trainer_class()(model=model, args=training_args, train_dataset=stream,
+                                    data_collator=default_data_collator, processing_class=tokenizer,
+                                    callbacks=[state_writer, postfix, *(callbacks or [])])
+    postfix.handler = trainer.callback_handler
+    trainer.xlt_guard, trainer.xlt_stream, trainer.xlt_rows_per_step = guard, stream, plan.rows_per_step
+    trainer.xlt_tokens_per_step, trainer.xlt_state_writer = plan.tokens_per_step, state_writer
+    trainer.xlt_data_args = data_args
+    trainer.on_train_begin_xlt()
+    return trainer
+
+
 def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, sources, eval_sources, plan,
                     settings, master_dtype, attn, launcher, t0, lora=None) -> dict:
     output_dir = training_args.output_dir
@@ -388,7 +410,6 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
     stream = build_pretrain_stream(data_args, tokenizer, plan.total_tokens, plan.rows_per_step)
     # Checkpoints here can only be this run's: claim_output_dir refuses a directory holding another run.
     resume_from = last_complete_checkpoint(output_dir) if cpt_args.resume else None
-    from xlt.train.callbacks import ProgressPostfix, XltStateCallback
     from xlt.train.skip_step import SkipStepGuard
 
     guard = SkipStepGuard.from_args(cpt_args)
@@ -404,21 +425,9 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
             with open(os.path.join(output_dir, "report.json"), encoding="utf-8") as f:
                 report = json.load(f)
             return {k: report[k] for k in ("tokens_trained", "cpt", "tokenizer") if k in report}
-    # The stream restores its own position, so the Trainer must not skip batches on resume.
-    training_args.ignore_data_skip = True
 
     # -- phase: train ---------------------------------------------------------------------------
-    from transformers import default_data_collator
-
-    trainer_cls = _make_trainer_class()
-    state_writer, postfix = XltStateCallback(stream, plan.rows_per_step, guard), ProgressPostfix()
-    trainer = trainer_cls(model=model, args=training_args, train_dataset=stream, data_collator=default_data_collator,
-                          processing_class=tokenizer, callbacks=[state_writer, postfix])
-    postfix.handler = trainer.callback_handler
-    trainer.xlt_guard, trainer.xlt_stream, trainer.xlt_rows_per_step = guard, stream, plan.rows_per_step
-    trainer.xlt_tokens_per_step, trainer.xlt_state_writer = plan.tokens_per_step, state_writer
-    trainer.xlt_data_args = data_args
-    trainer.on_train_begin_xlt()
+    trainer = build_cpt_trainer(model, tokenizer, training_args, stream, data_args, plan, guard)
     result = trainer.train(resume_from_checkpoint=resume_from)
     if guard.stop_requested:  # the guard saved a checkpoint and stopped the run: end with one line (exit 2)
         trainer.accelerator.wait_for_everyone()
