@@ -176,9 +176,10 @@ class CptArguments:
         default=128, metadata={"help": "Spike guard: how many recent taken steps the mean and deviation are over."}
     )
     skip_step_min_history: int = field(
-        default=20,
+        default=64,
         metadata={"help": "Spike guard: the z-score and ratio rules wait for this many taken steps (>= 2, <= "
-                  "skip_step_window). Non-finite steps are skipped from the first step."},
+                  "skip_step_window; default half the window, as OLMo-core: early-run loss and grad-norm swings "
+                  "are not spikes). Non-finite steps are skipped from the first step."},
     )
     max_consecutive_skips: int = field(
         default=10,
