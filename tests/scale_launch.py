@@ -53,6 +53,46 @@ def fsdp_save(out: str, model_dir: str) -> None:
     dist.destroy_process_group()
 
 
+def fsdp_lora_save(out: str, model_dir: str) -> None:
+    """LoRA (trainable new rows) sharded with fully_shard: the gathered, merged save equals merge_and_unload."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from xlt.train.distributed import save_final_model
+    from xlt.train.lora import LoraSettings, apply_lora
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rows = model.get_input_embeddings().weight.shape[0]
+    peft_model = apply_lora(model, LoraSettings(use_lora=True, lora_r=4, lora_alpha=8), list(range(rows - 8, rows)))
+    for layer in peft_model.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(peft_model)
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(rows - 8, rows, (2, 16), generator=torch.Generator().manual_seed(rank))
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    save_final_model(peft_model, tok, os.path.join(out, "final"))
+    if rank == 0:
+        from safetensors.torch import load_file
+
+        saved = load_file(os.path.join(out, "final", "model.safetensors"))
+        emb = saved["model.embed_tokens.weight"]
+        base = AutoModelForCausalLM.from_pretrained(model_dir).get_input_embeddings().weight
+        result = {"old_rows_equal": bool(torch.equal(emb[: rows - 8], base[: rows - 8])),
+                  "new_rows_changed": not torch.equal(emb[rows - 8:], base[rows - 8:]),
+                  "keys": sorted(saved)[:3], "lora_keys": [k for k in saved if "lora" in k]}
+        with open(os.path.join(out, "lora.json"), "w", encoding="utf-8") as f:
+            json.dump(result, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def replicas(out: str, model_dir: str) -> None:
     """DDP replicas: equal -> True; one rank's weight nudged by one ulp -> the check stops on every rank."""
     import torch
@@ -126,6 +166,8 @@ if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "fsdp_save":
         fsdp_save(sys.argv[2], sys.argv[3])
+    elif mode == "fsdp_lora_save":
+        fsdp_lora_save(sys.argv[2], sys.argv[3])
     elif mode == "replicas":
         replicas(sys.argv[2], sys.argv[3])
     elif mode == "cpt_pause":

@@ -118,6 +118,16 @@ def test_fsdp2_sharded_model_is_saved_through_the_gathering_path(tmp_path, tiny_
     assert result["replicas_in_sync"] is None  # every parameter is sharded: nothing replicated to compare
 
 
+def test_fsdp2_sharded_lora_model_is_saved_merged(tmp_path, tiny_model_dir):
+    """LoRA with trainable new rows, sharded by fully_shard: the gathered state dict is merged into a plain model."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29545", LAUNCH, "fsdp_lora_save", str(tmp_path), tiny_model_dir],
+                          capture_output=True, text=True, env=sub_env(), cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "lora.json").read_text())
+    assert result["old_rows_equal"] and result["new_rows_changed"] and result["lora_keys"] == []
+
+
 def test_replicas_out_of_sync_stop_the_run_on_every_rank(tmp_path, tiny_model_dir):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                            "29542", LAUNCH, "replicas", str(tmp_path), tiny_model_dir],
