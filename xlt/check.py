@@ -603,7 +603,7 @@ def run_check(recipe: str, accelerate_config: Optional[str] = None, offline: boo
     world = report["world_size"]
     # Steps and tokens.
     if stage == "cpt":
-        from xlt.train.cpt import plan_steps
+        from xlt.data.steps import plan_steps
 
         steps = chk.attempt(plan_steps, parsed[2], parsed[3], training_args, world)
         if steps is not None:

@@ -13,11 +13,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from xlt.errors import XltError  # noqa: F401 (the historical import path: xlt.config.XltError)
+
 EMBEDDED_MODEL = "smollm2-135m"
 
 
-class XltError(Exception):
-    """A user-facing error: printed as one line, exits non-zero, raised before expensive work."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -88,8 +88,8 @@ def _preview_command(ns: argparse.Namespace) -> int:
     import transformers
 
     from xlt.config import CptArguments, DataArguments, ModelArguments, TokenizerArguments, parse_recipe
+    from xlt.data.steps import plan_steps
     from xlt.models import load_tokenizer
-    from xlt.train.cpt import plan_steps
 
     model_args, tok_args, data_args, cpt_args, training_args = parse_recipe(
         [ModelArguments, TokenizerArguments, DataArguments, CptArguments, transformers.TrainingArguments],

@@ -10,8 +10,8 @@ from typing import Any
 from xlt.config import EvalArguments, XltError
 from xlt.data.sources import read_documents
 from xlt.eval.bpc import bits_per_char
+from xlt.io import update_report
 from xlt.models import check_model_spec, load_model, load_tokenizer
-from xlt.train.checkpoint import update_report
 
 
 def _log(msg: str) -> None:

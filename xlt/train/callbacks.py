@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from transformers import TrainerCallback
 
-from xlt.train.checkpoint import STATE_FILE, atomic_write_json
+from xlt.io import atomic_write_json
+from xlt.train.checkpoint import STATE_FILE
 
 if TYPE_CHECKING:
     from xlt.train.skip_step import SkipStepGuard

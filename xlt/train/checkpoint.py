@@ -1,4 +1,4 @@
-"""Run identity, atomic writes and resume points.
+"""Run identity, resume points and checkpoint rotation (atomic writes live in xlt/io.py).
 
 The Trainer writes ``checkpoint-N/`` itself; we add ``xlt_state.json`` (stream position,
 accounting, spike guard) *last*, with an atomic rename, so its presence marks a complete
@@ -12,57 +12,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from typing import Any, Optional
 
 from xlt.config import XltError
+from xlt.io import atomic_write_json
 
 RUN_FILE = "xlt_run.json"
 STATE_FILE = "xlt_state.json"
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    """Write to a uniquely named temporary file in the same folder, fsync, then rename over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_json(path: str, obj: Any) -> None:
-    _atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False))
-
-
-def atomic_write_jsonl(path: str, rows: list[dict]) -> None:
-    _atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def atomic_save_dir(save_fn, final_dir: str) -> None:
-    """Call ``save_fn(tmp_dir)`` then swap the folder into place, so ``final_dir`` is never half written."""
-    parent = os.path.dirname(os.path.abspath(final_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
-    try:
-        save_fn(tmp)
-        old = None
-        if os.path.exists(final_dir):
-            old = final_dir + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final_dir, old)
-        os.replace(tmp, final_dir)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def fingerprint(*parts: Any, exclude: tuple[str, ...] = ()) -> dict:
@@ -116,26 +72,6 @@ def last_complete_checkpoint(output_dir: str) -> Optional[str]:
             if best is None or int(m.group(1)) > best[0]:
                 best = (int(m.group(1)), name)
     return os.path.join(output_dir, best[1]) if best else None
-
-
-def update_report(output_dir: str, section: dict) -> dict:
-    """Merge ``section`` into ``output_dir/report.json`` (recursively) and write it atomically."""
-    path = os.path.join(output_dir, "report.json")
-    report: dict[str, Any] = {}
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            report = json.load(f)
-
-    def merge(dst: dict, src: dict) -> None:
-        for k, v in src.items():
-            if isinstance(v, dict) and isinstance(dst.get(k), dict):
-                merge(dst[k], v)
-            else:
-                dst[k] = v
-
-    merge(report, section)
-    atomic_write_json(path, report)
-    return report
 
 
 def rotate_complete_checkpoints(output_dir: str, limit: Optional[int]) -> list[str]:

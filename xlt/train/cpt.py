@@ -7,10 +7,8 @@ Every input check runs in the first phase, before any model is loaded.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
-from dataclasses import dataclass
 from typing import Any, Optional
 
 from xlt.config import (
@@ -22,17 +20,15 @@ from xlt.config import (
     validate_data_args,
 )
 from xlt.data.sources import Source, heldout_texts, load_sources
+from xlt.data.steps import StepPlan, plan_steps
+from xlt.io import atomic_save_dir, atomic_write_json, atomic_write_jsonl, update_report
 from xlt.models import check_model_spec, load_model, load_tokenizer, resolve_model, resolve_revision
 from xlt.train.checkpoint import (
     STATE_FILE,
-    atomic_save_dir,
-    atomic_write_json,
-    atomic_write_jsonl,
     claim_output_dir,
     fingerprint,
     last_complete_checkpoint,
     rotate_complete_checkpoints,
-    update_report,
 )
 from xlt.train.distributed import check_replicas, file_equals_json, is_main_process, save_final_model, wait_for
 from xlt.train.lock import run_lock
@@ -49,44 +45,6 @@ from xlt.train.runtime import (
 _RUN_KEYS = ("learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "adam_beta1",
              "adam_beta2", "adam_epsilon", "max_grad_norm", "per_device_train_batch_size",
              "gradient_accumulation_steps", "max_steps", "seed", "bf16", "fp16", "optim")
-
-
-@dataclass
-class StepPlan:
-    """The tokens-per-step arithmetic, spelled out."""
-
-    seq_len: int
-    per_device_batch: int
-    grad_accum: int
-    world_size: int
-    max_steps: int
-
-    @property
-    def rows_per_step(self) -> int:
-        return self.per_device_batch * self.grad_accum * self.world_size
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.rows_per_step * self.seq_len
-
-    @property
-    def total_tokens(self) -> int:
-        return self.tokens_per_step * self.max_steps
-
-    def describe(self) -> str:
-        return (f"tokens/step = seq_len {self.seq_len} x batch {self.per_device_batch} x grad_accum "
-                f"{self.grad_accum} x processes {self.world_size} = {self.tokens_per_step:,}; "
-                f"{self.max_steps:,} steps = {self.total_tokens:,} tokens")
-
-
-def plan_steps(data_args: DataArguments, cpt_args: CptArguments, training_args: Any, world_size: int = 1) -> StepPlan:
-    plan = StepPlan(data_args.seq_len, training_args.per_device_train_batch_size,
-                    training_args.gradient_accumulation_steps, world_size, max(0, training_args.max_steps))
-    if cpt_args.train_tokens:
-        plan.max_steps = math.ceil(cpt_args.train_tokens / plan.tokens_per_step)
-    if plan.max_steps <= 0:
-        raise XltError("set train_tokens or max_steps: a streamed pretraining run needs a length")
-    return plan
 
 
 def _log(msg: str) -> None:

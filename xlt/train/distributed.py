@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 from xlt.config import XltError
-from xlt.train.checkpoint import atomic_save_dir
+from xlt.io import atomic_save_dir
 
 
 def _dist():

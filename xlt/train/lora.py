@@ -307,7 +307,7 @@ def save_merged(model_config: Any, merged_sd: dict, tokenizer: Any, out_dir: str
     """
     import torch
 
-    from xlt.train.checkpoint import atomic_save_dir
+    from xlt.io import atomic_save_dir
 
     model = _meta_model(model_config)
     expected = set(model.state_dict())

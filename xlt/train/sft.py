@@ -13,8 +13,9 @@ from typing import Any
 
 from xlt.config import SftArguments, XltError
 from xlt.data.sft import check_sft_specs, load_instruction_examples
+from xlt.io import update_report
 from xlt.models import check_model_spec, load_model, load_tokenizer, resolve_revision
-from xlt.train.checkpoint import claim_output_dir, fingerprint, update_report
+from xlt.train.checkpoint import claim_output_dir, fingerprint
 from xlt.train.distributed import check_replicas, save_final_model
 from xlt.train.lock import run_lock
 from xlt.train.runtime import (

@@ -1,0 +1,77 @@
+"""The ground floor of file output: atomic writes and run-report merging (imports nothing of xlt).
+
+Every file xlt writes that a later step reads (state, reports, held-out splits, model folders) goes through
+here, so a crash leaves either the old file or the new one, never half of either.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    """Write to a uniquely named temporary file in the same folder, fsync, then rename over ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_json(path: str, obj: Any) -> None:
+    _atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+def atomic_write_jsonl(path: str, rows: list[dict]) -> None:
+    _atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def atomic_save_dir(save_fn, final_dir: str) -> None:
+    """Call ``save_fn(tmp_dir)`` then swap the folder into place, so ``final_dir`` is never half written."""
+    parent = os.path.dirname(os.path.abspath(final_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+    try:
+        save_fn(tmp)
+        old = None
+        if os.path.exists(final_dir):
+            old = final_dir + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final_dir, old)
+        os.replace(tmp, final_dir)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def update_report(output_dir: str, section: dict) -> dict:
+    """Merge ``section`` into ``output_dir/report.json`` (recursively) and write it atomically."""
+    path = os.path.join(output_dir, "report.json")
+    report: dict[str, Any] = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            report = json.load(f)
+
+    def merge(dst: dict, src: dict) -> None:
+        for k, v in src.items():
+            if isinstance(v, dict) and isinstance(dst.get(k), dict):
+                merge(dst[k], v)
+            else:
+                dst[k] = v
+
+    merge(report, section)
+    atomic_write_json(path, report)
+    return report
