@@ -9,7 +9,9 @@ it includes the synthetic text held as a Python list (``text_rss_mb`` is the hig
 before learning starts). ``seconds`` times ``xlt.tokenizer.merges.learn_merges`` only.
 
 ``--mecab`` learns with MeCab word boundaries (the shipped recipes' ``mecab: true``); ``--processes N``
-segments and counts in N processes (the MeCab path; default: the library's automatic choice).
+segments and counts in N processes (the MeCab path; default: the library's automatic choice). With
+``--mecab`` each size also reports ``count_seconds`` (segment + count) and ``train_seconds`` (the BPE
+trainer), and the result a projection for 500M characters on 16 processes (see ``main``).
 
 Usage: python bench/tokenizer_scale.py [--sizes 1000000 10000000 50000000] [--model smollm2-135m|spm]
        [--merges 8000] [--order 3] [--seed 0] [--mecab] [--processes N] [--profile] [--json]
@@ -190,6 +192,15 @@ def main(argv: list[str] | None = None) -> int:
               "mecab": args.mecab, "processes": args.processes,
               "sizes": rows, "chars_per_second": round(cps), "projected_seconds_500m": round(TARGET / cps, 1),
               "peak_rss": "ru_maxrss of a child process per size (includes the text list; text_rss_mb: before learning)"}
+    if args.mecab and last.get("count_seconds"):
+        # Counting (MeCab + cut) is split over processes, the trainer is not: per-process throughput is the
+        # largest size's chars / (count_seconds * processes) (an underestimate where the cores are shared);
+        # the trainer's seconds are scaled linearly in characters (an upper bound: its merge loop grows with
+        # distinct words, which grow slower than the corpus).
+        per_proc = last["chars"] / (last["count_seconds"] * last["num_proc"])
+        train = last["train_seconds"] * TARGET / last["chars"]
+        result.update(per_process_chars_per_second=round(per_proc), projected_train_seconds_500m=round(train, 1),
+                      projected_seconds_500m_16proc=round(TARGET / (16 * per_proc) + train, 1))
     if args.json:
         print(json.dumps(result))
         return 0
@@ -199,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['chars']:>12} {r['docs']:>8} {r['distinct_words']:>9} {r['merges']:>7} {r['seconds']:>8.2f} "
               f"{r['chars'] / max(r['seconds'], 1e-9) / 1e6:>9.3f} {r['peak_rss_mb']:>8.1f} {r['text_rss_mb']:>8.1f}")
     print(f"projected for {TARGET // 1_000_000}M characters at {cps / 1e6:.3f} M chars/s: {TARGET / cps:.0f} s")
+    if "projected_seconds_500m_16proc" in result:
+        print(f"MeCab counting {result['per_process_chars_per_second'] / 1e6:.3f} M chars/s per process; projected for "
+              f"{TARGET // 1_000_000}M characters with 16 processes: {result['projected_seconds_500m_16proc']:.0f} s "
+              f"(trainer {result['projected_train_seconds_500m']:.0f} s)")
     return 0
 
 

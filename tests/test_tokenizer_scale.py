@@ -132,6 +132,7 @@ def test_scale_bench_mecab_smoke():
     (r,) = out["sizes"]
     assert r["num_proc"] == 2 and 100 < r["merges"] <= 300
     assert 0 < r["count_seconds"] + r["train_seconds"] <= r["seconds"]
+    assert out["per_process_chars_per_second"] > 0 and out["projected_seconds_500m_16proc"] > 0
 
 
 def test_scale_bench_smoke():
