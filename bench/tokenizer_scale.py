@@ -8,8 +8,13 @@ child's RSS high-water mark (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) at t
 it includes the synthetic text held as a Python list (``text_rss_mb`` is the high-water mark just
 before learning starts). ``seconds`` times ``xlt.tokenizer.merges.learn_merges`` only.
 
+``--mecab`` learns with MeCab word boundaries (the shipped recipes' ``mecab: true``); ``--processes N``
+segments and counts in N processes (the MeCab path; default: the library's automatic choice). With
+``--mecab`` each size also reports ``count_seconds`` (segment + count) and ``train_seconds`` (the BPE
+trainer), and the result a projection for 500M characters on 16 processes (see ``main``).
+
 Usage: python bench/tokenizer_scale.py [--sizes 1000000 10000000 50000000] [--model smollm2-135m|spm]
-       [--merges 8000] [--order 3] [--seed 0] [--json]
+       [--merges 8000] [--order 3] [--seed 0] [--mecab] [--processes N] [--profile] [--json]
 """
 
 from __future__ import annotations
@@ -115,13 +120,35 @@ def _child(args: argparse.Namespace) -> int:
     texts = synth_corpus(args.child, seed=args.seed, order=args.order)
     gen_seconds = time.perf_counter() - t0
     text_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    kw = {"mecab": args.mecab}
+    if args.processes is not None:
+        kw["num_proc"] = args.processes
+    prof = None
+    if args.profile:
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
     t0 = time.perf_counter()
-    plan = learn_merges(base, family, texts, n_merges=args.merges)
+    plan = learn_merges(base, family, texts, n_merges=args.merges, **kw)
     seconds = time.perf_counter() - t0
+    if prof is not None:
+        import io
+        import pstats
+
+        prof.disable()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(15)
+        sys.stderr.write(buf.getvalue())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    timings = getattr(plan, "timings", {}) or {}
     print(json.dumps({"chars": sum(map(len, texts)), "docs": len(texts), "seconds": round(seconds, 2),
-                      "peak_rss_mb": round(peak, 1), "text_rss_mb": round(text_rss, 1), "merges": len(plan.merges),
-                      "distinct_words": plan.stats.get("distinct_words"), "generate_seconds": round(gen_seconds, 2)}))
+                      "peak_rss_mb": round(peak, 1), "text_rss_mb": round(text_rss, 1),
+                      "worker_peak_rss_mb": round(children, 1), "merges": len(plan.merges),
+                      "distinct_words": plan.stats.get("distinct_words"), "words": plan.stats.get("words"),
+                      "generate_seconds": round(gen_seconds, 2),
+                      **{k: round(v, 2) if isinstance(v, float) else v for k, v in timings.items()}}))
     return 0
 
 
@@ -134,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--merges", type=int, default=8000, help="Merges to learn.")
     ap.add_argument("--order", type=int, default=3, help="Order of the character n-gram model.")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mecab", action="store_true", help="Cut at MeCab word boundaries (the recipes' mecab: true).")
+    ap.add_argument("--processes", type=int, default=None,
+                    help="Processes that segment and count (default: the library's automatic choice).")
+    ap.add_argument("--profile", action="store_true", help="cProfile the learning; top functions to stderr.")
     ap.add_argument("--json", action="store_true", help="Print one JSON object instead of a table.")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -146,16 +177,30 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.sizes:
             cmd = [sys.executable, os.path.abspath(__file__), "--child", str(n), "--model", model,
                    "--merges", str(args.merges), "--order", str(args.order), "--seed", str(args.seed)]
+            cmd += ["--mecab"] if args.mecab else []
+            cmd += ["--processes", str(args.processes)] if args.processes is not None else []
+            cmd += ["--profile"] if args.profile else []
             proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="true"))
-            if proc.returncode != 0:
+            if proc.returncode != 0 or args.profile:
                 sys.stderr.write(proc.stderr)
+            if proc.returncode != 0:
                 return proc.returncode
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     last = rows[-1]
     cps = last["chars"] / max(last["seconds"], 1e-9)
     result = {"model": args.model, "merges_requested": args.merges, "order": args.order, "seed": args.seed,
+              "mecab": args.mecab, "processes": args.processes,
               "sizes": rows, "chars_per_second": round(cps), "projected_seconds_500m": round(TARGET / cps, 1),
               "peak_rss": "ru_maxrss of a child process per size (includes the text list; text_rss_mb: before learning)"}
+    if args.mecab and last.get("count_seconds"):
+        # Counting (MeCab + cut) is split over processes, the trainer is not: per-process throughput is the
+        # largest size's chars / (count_seconds * processes) (an underestimate where the cores are shared);
+        # the trainer's seconds are scaled linearly in characters (an upper bound: its merge loop grows with
+        # distinct words, which grow slower than the corpus).
+        per_proc = last["chars"] / (last["count_seconds"] * last["num_proc"])
+        train = last["train_seconds"] * TARGET / last["chars"]
+        result.update(per_process_chars_per_second=round(per_proc), projected_train_seconds_500m=round(train, 1),
+                      projected_seconds_500m_16proc=round(TARGET / (16 * per_proc) + train, 1))
     if args.json:
         print(json.dumps(result))
         return 0
@@ -165,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['chars']:>12} {r['docs']:>8} {r['distinct_words']:>9} {r['merges']:>7} {r['seconds']:>8.2f} "
               f"{r['chars'] / max(r['seconds'], 1e-9) / 1e6:>9.3f} {r['peak_rss_mb']:>8.1f} {r['text_rss_mb']:>8.1f}")
     print(f"projected for {TARGET // 1_000_000}M characters at {cps / 1e6:.3f} M chars/s: {TARGET / cps:.0f} s")
+    if "projected_seconds_500m_16proc" in result:
+        print(f"MeCab counting {result['per_process_chars_per_second'] / 1e6:.3f} M chars/s per process; projected for "
+              f"{TARGET // 1_000_000}M characters with 16 processes: {result['projected_seconds_500m_16proc']:.0f} s "
+              f"(trainer {result['projected_train_seconds_500m']:.0f} s)")
     return 0
 
 

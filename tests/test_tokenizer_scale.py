@@ -38,7 +38,7 @@ def _same_as_reference(tj: dict, texts: list[str], n_merges: int = 600, **kw) ->
     plan = M.learn_merges(base, family, iter(texts), n_merges=n_merges)
     old = M.corpus_words
     try:  # the merges learned from the reference words (the previous implementation)
-        M.corpus_words = lambda b, f, t, mecab=False, nfkc=False: M.corpus_words_reference(b, f, list(t), mecab)
+        M.corpus_words = lambda b, f, t, mecab=False, nfkc=False, **kw: M.corpus_words_reference(b, f, list(t), mecab)
         ref_plan = M.learn_merges(base, family, texts, n_merges=n_merges)
     finally:
         M.corpus_words = old
@@ -74,6 +74,65 @@ def test_nfkc_streams_too():
 
     assert M.corpus_words(base, M.BYTE_LEVEL, iter(texts), nfkc=True) == M.corpus_words_reference(
         base, M.BYTE_LEVEL, [unicodedata.normalize("NFKC", t) for t in texts])
+
+
+def test_mecab_fast_boundaries_are_the_node_surfaces():
+    for text in _corpus() + ["改行\n\nあり\r\nです\tタブ", "  ", "\u3000\u3000"]:
+        assert M._mecab_boundaries_fast(text) == M._mecab_boundaries(text), text
+
+
+def _mecab_same_in_processes(tj: dict) -> None:
+    """MeCab words and merges: 2 processes == 1 process == the reference (counts, key order, merges)."""
+    family = M.detect_family(tj)
+    base = Tokenizer.from_str(json.dumps(tj))
+    texts = _corpus()
+    ref = M.corpus_words_reference(base, family, texts, mecab=True)
+    # Small batches: many batches, so both workers count some and results arrive out of order.
+    one = M.corpus_words(base, family, iter(texts), mecab=True, num_proc=1, batch_chars=3000)
+    two = M.corpus_words(base, family, iter(texts), mecab=True, num_proc=2, batch_chars=3000)
+    assert ref == one == two
+    assert list(ref) == list(one) == list(two)  # first-occurrence order: the trainer's tie-breaking
+    plan = M.learn_merges(base, family, iter(texts), n_merges=600, mecab=True, num_proc=2)
+    assert plan.timings["num_proc"] == 2 and plan.timings["count_seconds"] > 0
+    old = M.corpus_words
+    try:
+        M.corpus_words = lambda b, f, t, mecab=False, nfkc=False, **kw: M.corpus_words_reference(b, f, list(t), mecab)
+        ref_plan = M.learn_merges(base, family, texts, n_merges=600, mecab=True)
+    finally:
+        M.corpus_words = old
+    assert plan.merges == ref_plan.merges and len(plan.merges) > 100
+    assert plan.new_chars == ref_plan.new_chars and plan.stats == ref_plan.stats
+
+
+def test_mecab_processes_byte_level():
+    _mecab_same_in_processes(M.read_tokenizer_json("smollm2-135m"))
+
+
+def test_mecab_processes_metaspace(sp_tj):
+    _mecab_same_in_processes(sp_tj)
+
+
+def test_num_proc_key_checked():
+    from xlt.config import TokenizerArguments, XltError
+    from xlt.tokenizer.extend import check_tokenizer_inputs
+
+    assert TokenizerArguments().tokenizer_num_proc is None and 1 <= M.default_num_proc() <= 16
+    with pytest.raises(XltError, match="tokenizer_num_proc=0"):
+        check_tokenizer_inputs("smollm2-135m", TokenizerArguments(tokenizer_mode="extend", new_tokens=10,
+                                                                  tokenizer_num_proc=0))
+
+
+def test_scale_bench_mecab_smoke():
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", "tokenizer_scale.py"), "--sizes", "30000",
+                           "--merges", "300", "--mecab", "--processes", "2", "--json"], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, PYTHONPATH=REPO))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["mecab"] is True and out["processes"] == 2
+    (r,) = out["sizes"]
+    assert r["num_proc"] == 2 and 100 < r["merges"] <= 300
+    assert 0 < r["count_seconds"] + r["train_seconds"] <= r["seconds"]
+    assert out["per_process_chars_per_second"] > 0 and out["projected_seconds_500m_16proc"] > 0
 
 
 def test_scale_bench_smoke():

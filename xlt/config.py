@@ -89,6 +89,11 @@ class TokenizerArguments:
         default="subword_mean",
         metadata={"help": "Initialisation of new embedding rows: 'subword_mean', 'mean', 'random'."},
     )
+    tokenizer_num_proc: Optional[int] = field(
+        default=None,
+        metadata={"help": "Processes that segment the corpus with MeCab (mecab: true) when learning merges. "
+                  "Default: the CPUs available, at most 16. The learned merges do not depend on it."},
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -138,7 +138,8 @@ def unreachable_tokens(tok, family: str, ids: list[int]) -> list[int]:
 
 
 def extend_tokenizer_json(base_tj: dict, texts: list[str], n_new: int, min_frequency: int = 2,
-                          max_token_chars: int = 16, nfkc: bool = False, mecab: bool = False) -> Extension:
+                          max_token_chars: int = 16, nfkc: bool = False, mecab: bool = False,
+                          num_proc: Optional[int] = None) -> Extension:
     """Learn ``n_new`` new tokens from ``texts`` and append them (and their merges) to ``base_tj``."""
     from tokenizers import Tokenizer
 
@@ -147,7 +148,7 @@ def extend_tokenizer_json(base_tj: dict, texts: list[str], n_new: int, min_frequ
     t0 = time.time()
     # Ask the trainer for a surplus: filters (ASCII, length, reachability, merges onto old strings) drop some.
     plan = learn_merges(base, family, texts, n_merges=int(n_new * 1.5) + 200, min_frequency=min_frequency,
-                        max_token_chars=max_token_chars, nfkc=nfkc, mecab=mecab)
+                        max_token_chars=max_token_chars, nfkc=nfkc, mecab=mecab, num_proc=num_proc)
     t_train = time.time() - t0
     banned: set[str] = set()
     for _ in range(10):
@@ -188,6 +189,8 @@ def check_tokenizer_inputs(model_spec: str, tok_args: TokenizerArguments, read_t
         raise XltError(f"max_token_chars={tok_args.max_token_chars} must be >= 2")
     if tok_args.pad_vocab_multiple < 1:
         raise XltError(f"pad_vocab_multiple={tok_args.pad_vocab_multiple} must be >= 1")
+    if tok_args.tokenizer_num_proc is not None and tok_args.tokenizer_num_proc < 1:
+        raise XltError(f"tokenizer_num_proc={tok_args.tokenizer_num_proc} must be >= 1")
     if tok_args.mecab:
         try:
             import fugashi  # noqa: F401
@@ -289,7 +292,7 @@ def build_tokenizer_stage(model_spec: str, tok_args: TokenizerArguments, corpus_
     if mode == "extend":
         ext = extend_tokenizer_json(base_tj, texts, tok_args.new_tokens, min_frequency=tok_args.min_frequency,
                                     max_token_chars=tok_args.max_token_chars, nfkc=tok_args.tokenizer_nfkc,
-                                    mecab=tok_args.mecab)
+                                    mecab=tok_args.mecab, num_proc=tok_args.tokenizer_num_proc)
         new_tj, new_tok = ext.tokenizer_json, ext.tokenizer()
         keep = {i: i for i in _all_ids(base_tj)}
         new_tokens = {i: new_tok.id_to_token(i) for i in ext.new_ids}

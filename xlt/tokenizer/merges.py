@@ -193,6 +193,7 @@ class MergePlan:
     merges: list[tuple[str, str]] = field(default_factory=list)
     new_chars: list[str] = field(default_factory=list)  # metaspace: characters added as single tokens
     stats: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict, compare=False)  # seconds per phase, processes used
 
 
 def _mecab_boundaries(text: str) -> set[int]:
@@ -289,6 +290,208 @@ class _UnitWords:
             words[tuple(cur)] += count
 
 
+@lru_cache(maxsize=1)
+def _wakati_tagger():
+    """A MeCab tagger that prints surfaces separated by spaces (no per-word Python node objects)."""
+    try:
+        import fugashi
+    except ImportError:
+        raise XltError("mecab: needs the PyPI packages fugashi and unidic-lite: pip install fugashi unidic-lite") from None
+    try:
+        return fugashi.Tagger("-Owakati")
+    except RuntimeError as e:
+        raise XltError(f"mecab: cannot start MeCab ({str(e).splitlines()[0]}); pip install unidic-lite") from None
+
+
+def _mecab_boundaries_fast(text: str) -> set[int]:
+    """Same set as :func:`_mecab_boundaries` (tested), from MeCab's wakati output.
+
+    MeCab never puts a space inside a surface (spaces separate words in its input), so splitting
+    the wakati line on spaces gives the node surfaces, without a Python object per node. fugashi
+    strips the line's end, which loses trailing full-width-space words: such texts take the node path.
+    """
+    if text[-1:].isspace():
+        return _mecab_boundaries(text)
+    out, pos, find = set(), 0, text.find
+    line = _wakati_tagger().parse(text)
+    if not line:
+        return out
+    for s in line.split(" "):
+        if not s:
+            continue
+        i = find(s, pos)
+        if i < 0:
+            continue
+        pos = i + len(s)
+        out.add(i)
+        out.add(pos)
+    return out
+
+
+class _FastUnitWords(_UnitWords):
+    """:class:`_UnitWords` with a cheaper per-token loop (same words, tested against it).
+
+    Why not the library: the rule (cut at pre-token, ASCII-pair, ``▁`` and MeCab boundaries, with
+    byte-fallback runs gathered into characters) has no counterpart in ``tokenizers``. The loop does
+    one dict lookup per token (its class: byte value, ASCII, starts with ``▁``), allocates nothing per
+    token, and interns unit strings only when a word is new to the counter.
+    """
+
+    def __init__(self, family: str, vocab: dict[str, int]):
+        super().__init__(family, vocab)
+        self._cls: dict[str, tuple] = {}
+
+    def _classify(self, tok: str) -> tuple:
+        c = self._cls[tok] = (self.byte_of(tok), self.is_ascii(tok), self.family == METASPACE and tok.startswith("▁"))
+        return c
+
+    def _put(self, words: Counter, cur: list[str], count: int) -> None:
+        key = tuple(cur)
+        if key in words:
+            words[key] += count
+        elif len(cur) > 1 or cur[0] not in self.vocab:
+            memo = self._units
+            words[tuple(memo.get(u) or memo.setdefault(u, u) for u in cur)] = count
+
+    def add(self, words: Counter, toks: list[str], wids: list, offs: list, bounds: Optional[set[int]],
+            count: int = 1) -> None:
+        """Same as :meth:`_UnitWords.add`."""
+        cls_memo, classify, put, vocab = self._cls, self._classify, self._put, self.vocab
+        cur: list[str] = []
+        prev_word, prev_ascii = None, False
+        check = bounds is not None and offs is not None
+        i, n = 0, len(toks)
+        while i < n:
+            tok = toks[i]
+            c = cls_memo.get(tok) or classify(tok)
+            if c[0] is not None:  # byte-fallback run (metaspace): the reference's rule, unit by unit
+                wid = wids[i]
+                j, raw = i, bytearray()
+                while j < n and self.byte_of(toks[j]) is not None:
+                    raw.append(self.byte_of(toks[j]))
+                    j += 1
+                first = offs[i][0] if offs is not None else None
+                for k, u in enumerate(bytes(raw).decode("utf-8", errors="replace")):
+                    asc = self.is_ascii(u)
+                    if cur and (wid != prev_word or (asc and prev_ascii) or u.startswith("▁")
+                                or (k == 0 and bounds is not None and first is not None and first in bounds)):
+                        put(words, cur, count)
+                        cur = []
+                    cur.append(u)
+                    prev_word, prev_ascii = wid, asc
+                i = j
+                continue
+            wid, asc = wids[i], c[1]
+            if cur and (wid != prev_word or (asc and prev_ascii) or c[2] or (check and offs[i][0] in bounds)):
+                if len(cur) > 1 or cur[0] not in vocab:  # inline: a single base token is no word
+                    put(words, cur, count)
+                cur = []
+            cur.append(tok)
+            prev_word, prev_ascii = wid, asc
+            i += 1
+        if cur:
+            put(words, cur, count)
+
+
+def _mecab_count(base, cutter: _UnitWords, texts: list[str], sub_chars: int = 65536) -> Counter:
+    """Words of ``texts`` with MeCab boundaries, in first-occurrence order (the reference's rule).
+
+    Encodes ``sub_chars`` characters at a time so that the Encoding objects stay small.
+    """
+    words: Counter = Counter()
+    i = 0
+    while i < len(texts):
+        j, n = i, 0
+        while j < len(texts) and (j == i or n < sub_chars):
+            n += len(texts[j])
+            j += 1
+        chunk = texts[i:j]
+        for text, enc in zip(chunk, base.encode_batch(chunk, add_special_tokens=False)):
+            cutter.add(words, enc.tokens, enc.word_ids, enc.offsets, _mecab_boundaries_fast(text))
+        i = j
+    return words
+
+
+_WORKER: Optional[tuple] = None  # (base tokenizer, cutter) of a counting worker process
+
+
+def _worker_init(tokenizer_str: str, family: str) -> None:
+    """Counting worker: its own base tokenizer and cutter; one thread (the pool is the parallelism)."""
+    global _WORKER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from tokenizers import Tokenizer
+
+    base = Tokenizer.from_str(tokenizer_str)
+    _WORKER = (base, _FastUnitWords(family, base.get_vocab()))
+
+
+def _worker_count(texts: list[str]) -> Counter:
+    return _mecab_count(_WORKER[0], _WORKER[1], texts)
+
+
+def default_num_proc() -> int:
+    """Processes for MeCab segmentation: the CPUs this process may use, at most 16."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, 16))
+
+
+def _text_batches(texts: Iterable[str], batch_chars: int, nfkc: bool) -> Iterable[list[str]]:
+    """Consecutive lists of texts of about ``batch_chars`` characters (the last may be shorter)."""
+    batch, n = [], 0
+    for text in texts:
+        if nfkc:
+            text = unicodedata.normalize("NFKC", text)
+        batch.append(text)
+        n += len(text)
+        if n >= batch_chars:
+            yield batch
+            batch, n = [], 0
+    if batch:
+        yield batch
+
+
+def _mecab_words(base, family: str, texts: Iterable[str], nfkc: bool, batch_chars: int, num_proc: int) -> Counter:
+    """MeCab words of the corpus, counted in ``num_proc`` processes, streaming.
+
+    Guarantees: the same Counter, in the same key order, as :func:`corpus_words_reference` on the
+    whole corpus, for any ``num_proc`` and ``batch_chars`` (tested): batches are consecutive, each
+    worker counts a batch in first-occurrence order, and the main process merges the batch Counters
+    in batch order, so a word is inserted where it first occurs in the corpus (the order the
+    trainer's tie-breaking sees). Bounded memory: at most ``2 * num_proc`` batches of text are in
+    flight; what is kept is the counts.
+
+    Why a process pool: MeCab and the per-token cut are Python-bound (the GIL), one text at a time,
+    and independent across texts. Workers are started with ``spawn`` (no inherited threads or locks
+    of the parent's tokenizers / torch thread pools).
+    """
+    words: Counter = Counter()
+    batches = _text_batches(texts, batch_chars, nfkc)
+    if num_proc <= 1:
+        cutter = _FastUnitWords(family, base.get_vocab())
+        for b in batches:
+            words.update(_mecab_count(base, cutter, b))
+        return words
+    import multiprocessing as mp
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    _wakati_tagger()  # a missing MeCab is one clear error here, not one per worker
+    # ProcessPoolExecutor, not multiprocessing.Pool: a worker that dies raises here instead of hanging.
+    with ProcessPoolExecutor(num_proc, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                             initargs=(base.to_str(), family)) as pool:
+        inflight: deque = deque()
+        for b in batches:
+            inflight.append(pool.submit(_worker_count, b))
+            if len(inflight) >= 2 * num_proc:
+                words.update(inflight.popleft().result())
+        while inflight:
+            words.update(inflight.popleft().result())
+    return words
+
+
 def corpus_words_reference(base, family: str, texts: list[str], mecab: bool = False) -> Counter:
     """:func:`corpus_words` the direct way: every text encoded whole and cut token by token.
 
@@ -323,7 +526,7 @@ _SPACE_SPLIT = re.compile(r"(?<=[^▁])(?=▁)")
 
 
 def corpus_words(base, family: str, texts: Iterable[str], mecab: bool = False, nfkc: bool = False,
-                 batch_chars: int = 4_000_000) -> Counter:
+                 batch_chars: int = 1_000_000, num_proc: Optional[int] = None) -> Counter:
     """Count training words, each a tuple of units (base-vocabulary strings, or new characters).
 
     Words are cut where the base tokenizer cuts them (its pre-tokenizer; for metaspace before each
@@ -340,10 +543,17 @@ def corpus_words(base, family: str, texts: Iterable[str], mecab: bool = False, n
     character (when :func:`_metaspace_split_ok`). Distinct pieces are counted (C ``Counter``), then each
     distinct piece is encoded once by the bare BPE model (Rust, batched) and cut once, with its count.
     Texts where this could differ from encoding the whole text (an added token's content inside, a
-    metaspace pre-token not starting with ``▁``) and MeCab take the reference path. Words are
-    counted in first-occurrence order, as the reference does (ties among new characters keep it).
+    metaspace pre-token not starting with ``▁``) take the reference path. Words are counted in
+    first-occurrence order, as the reference does (ties among new characters keep it).
+
+    MeCab (boundaries depend on the whole text): the reference rule, text by text, in ``num_proc``
+    processes (default :func:`default_num_proc`) over batches of ``batch_chars`` characters; see
+    :func:`_mecab_words`.
     """
     from tokenizers import Tokenizer
+
+    if mecab:
+        return _mecab_words(base, family, texts, nfkc, batch_chars, default_num_proc() if num_proc is None else num_proc)
 
     vocab = base.get_vocab()
     cutter = _UnitWords(family, vocab)
@@ -356,18 +566,9 @@ def corpus_words(base, family: str, texts: Iterable[str], mecab: bool = False, n
     # Keys in first-occurrence order (words, and so ties among new characters, keep the corpus order):
     # a str is a piece for the bare model, a 1-tuple a whole text for the reference path.
     pieces: Counter = Counter()
-    mecab_batch: list[str] = []
-    n_mecab = 0
     for text in texts:
         if nfkc:
             text = unicodedata.normalize("NFKC", text)
-        if mecab:  # no pieces at all: batches of whole texts, in order
-            mecab_batch.append(text)
-            n_mecab += len(text)
-            if n_mecab >= batch_chars:
-                _reference_into(words, cutter, base, mecab_batch, mecab)
-                mecab_batch, n_mecab = [], 0
-            continue
         normed = norm.normalize_str(text) if norm is not None else text
         if added_re is not None and (added_re.search(text) or added_re.search(normed)):
             pieces[(text,)] += 1
@@ -380,8 +581,6 @@ def corpus_words(base, family: str, texts: Iterable[str], mecab: bool = False, n
             if split_spaces:
                 splits = [c for s in splits for c in _SPACE_SPLIT.split(s)]
         pieces.update(splits)
-    if mecab_batch:
-        _reference_into(words, cutter, base, mecab_batch, mecab)
 
     # The bare model: no normalizer, pre-tokenizer, post-processor or added tokens (pieces are already cut).
     bare_tj = dict(tj, normalizer=None, pre_tokenizer=None, post_processor=None, added_tokens=[])
@@ -404,12 +603,21 @@ def corpus_words(base, family: str, texts: Iterable[str], mecab: bool = False, n
 
 
 def learn_merges(base, family: str, texts: Iterable[str], n_merges: int, min_frequency: int = 2,
-                 max_token_chars: int = 16, nfkc: bool = False, mecab: bool = False) -> MergePlan:
-    """Learn up to ``n_merges`` raw merges (more than needed: the caller filters and cuts)."""
+                 max_token_chars: int = 16, nfkc: bool = False, mecab: bool = False,
+                 num_proc: Optional[int] = None) -> MergePlan:
+    """Learn up to ``n_merges`` raw merges (more than needed: the caller filters and cuts).
+
+    ``num_proc``: processes that segment and count with MeCab (default :func:`default_num_proc`);
+    the merges do not depend on it.
+    """
+    import time
+
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
+    t0 = time.perf_counter()
     # nfkc: only the training text; the tokenizer's own normalizer stays as it is.
-    words = corpus_words(base, family, texts, mecab=mecab, nfkc=nfkc)
+    words = corpus_words(base, family, texts, mecab=mecab, nfkc=nfkc, num_proc=num_proc)
+    t_count = time.perf_counter() - t0
     vocab = base.get_vocab()
     units = sorted({u for w in words for u in w})
     if len(units) > 0x10FFFD - _PUA_START:
@@ -445,10 +653,14 @@ def learn_merges(base, family: str, texts: Iterable[str], n_merges: int, min_fre
         if batch:
             yield "\n".join(batch)
 
+    t0 = time.perf_counter()
     tok.train_from_iterator(lines(), trainer=trainer)
+    t_train = time.perf_counter() - t0
     pua_merges = merges_as_pairs(json.loads(tok.to_str())["model"])
     merges = [("".join(from_pua[c] for c in a), "".join(from_pua[c] for c in b)) for a, b in pua_merges]
     new_chars = [c for c, k in char_counts.most_common() if k >= max(1, min_frequency)]
     return MergePlan(family=family, merges=merges, new_chars=new_chars,
                      stats={"words": sum(words.values()), "distinct_words": len(words), "units": len(units),
-                            "raw_merges": len(merges)})
+                            "raw_merges": len(merges)},
+                     timings={"count_seconds": t_count, "train_seconds": t_train,
+                              "num_proc": (default_num_proc() if num_proc is None else num_proc) if mecab else 1})
