@@ -177,7 +177,7 @@ def test_recipe_keys_are_checked_at_parse_time():
 
     args = CptArguments()
     assert (args.skip_step_sigma, args.skip_step_window, args.skip_step_min_history, args.max_consecutive_skips,
-            args.skip_nonfinite) == (6.0, 128, 20, 10, True)
+            args.skip_nonfinite) == (6.0, 128, 64, 10, True)
     cfg = SkipStepConfig.from_args(CptArguments(skip_step_sigma=0, spike_factor=0, skip_nonfinite=False))
     assert not cfg.enabled
     for bad, key in (({"skip_step_min_history": 1}, "skip_step_min_history"),
