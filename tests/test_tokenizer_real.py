@@ -177,6 +177,13 @@ def test_extend_english_ids_identical(extended):
                 == [e.ids for e in base.encode_batch(docs, add_special_tokens=special)])
     rep = extended["report"]["chars_per_token"]
     assert rep["en"]["extended"] == rep["en"]["base"]
+    # Special-token strings read as plain text (split_special_tokens): the added tokens now written into the
+    # model vocabulary must not become reachable by BPE.
+    contents = [t["content"] for t in json.loads(base.to_str())["added_tokens"]]
+    text = " ".join(contents) + "".join(contents)
+    for t in (base, new):
+        t.encode_special_tokens = True
+    assert new.encode(text, add_special_tokens=False).ids == base.encode(text, add_special_tokens=False).ids
 
 
 def test_extend_round_trip_lossless(extended):
