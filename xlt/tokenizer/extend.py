@@ -2,7 +2,8 @@
 
 Guarantees (tested):
 
-* every original token keeps its id and string; new ids come after the largest old id;
+* every original token keeps its id and string, added / special tokens included; new ids come after
+  the largest old id (added tokens included), so they never collide with an added token;
 * new merges are appended after every original merge, so they fire only where the original merges
   are exhausted: a segmentation that uses no new merge is unchanged;
 * no new merge joins two pure-ASCII pieces, so ASCII text (English, code) keeps its exact ids;
@@ -13,6 +14,17 @@ Guarantees (tested):
   first part applies to it; a SentencePiece-style piece without ``▁`` only occurs inside a word, so
   likewise. Tokens failing the rule are dropped (with every merge that needs them) and the
   selection is redone until none fails.
+
+Id layout (why added tokens are written into the model vocabulary): ``tokenizers`` ignores the ``id``
+stored with each entry of ``added_tokens`` when it loads a tokenizer.json. An added token whose content
+the model vocabulary holds gets that entry's id; any other gets ``len(model vocab)`` (the first) or the
+largest added id + 1 (the rest). Llama-3 (128,000 pieces, then 256 specials at 128000..128255) and
+Qwen2/2.5/3 (151,643 pieces, specials from 151643) rely on the vocabulary having exactly as many entries
+as the first special token's id; appending N pieces would renumber every special token to N places
+later, onto new tokens. So :func:`pin_added_tokens` writes each added token that the vocabulary lacks
+into it, at the id the base tokenizer gives it (the layout GPT-2, Llama-2, Mistral and Gemma already
+ship). Encoding is unchanged: added tokens are split out of the text before the model runs, and no
+merge yields their strings.
 """
 
 from __future__ import annotations
@@ -66,14 +78,48 @@ def _all_ids(tj: dict) -> list[int]:
     return list(tj["model"]["vocab"].values()) + [t["id"] for t in tj.get("added_tokens") or []]
 
 
-def _select(base_tj: dict, plan: MergePlan, n_new: int, max_token_chars: int, banned: set[str]) -> tuple[dict, list[int], int]:
-    """Pick merges in priority order until ``n_new`` new tokens; return (tokenizer.json, new ids, merges)."""
+def loaded_ids(tj: dict) -> dict[str, int]:
+    """Every token string -> id as ``tokenizers`` numbers it on load (added tokens included).
+
+    Not the ids written in the file: ``tokenizers`` renumbers added tokens the model vocabulary lacks.
+    """
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(json.dumps(tj)).get_vocab(with_added_tokens=True)
+
+
+def pin_added_tokens(tj: dict, ids: dict[str, int]) -> int:
+    """Write every added token the model vocabulary lacks into it at ``ids[content]`` (in place).
+
+    Guarantee: once the vocabulary grows, ``tokenizers`` still gives each added token the id in
+    ``ids`` (see the module docstring). The ``id`` fields of ``added_tokens`` are set to match.
+    Returns how many entries were written.
+    """
+    vocab = tj["model"]["vocab"]
+    n = 0
+    for t in tj.get("added_tokens") or []:
+        i = ids[t["content"]]
+        t["id"] = i
+        if t["content"] not in vocab:
+            vocab[t["content"]] = i
+            n += 1
+    return n
+
+
+def _select(base_tj: dict, base_ids: dict[str, int], plan: MergePlan, n_new: int, max_token_chars: int,
+            banned: set[str]) -> tuple[dict, list[int], int]:
+    """Pick merges in priority order until ``n_new`` new tokens; return (tokenizer.json, new ids, merges).
+
+    ``base_ids``: the base tokenizer's ids as loaded (:func:`loaded_ids`). New ids start after the
+    largest of them; added tokens are pinned to theirs (:func:`pin_added_tokens`).
+    """
     family = plan.family
     tj = copy.deepcopy(base_tj)
+    pin_added_tokens(tj, base_ids)
     model = tj["model"]
     vocab: dict[str, int] = model["vocab"]
     base_merges = set(merges_as_pairs(model))
-    next_id = max(_all_ids(base_tj)) + 1
+    next_id = max(base_ids.values()) + 1
     new_ids: list[int] = []
     accepted: list[tuple[str, str]] = []
     seen = set(base_merges)
@@ -121,6 +167,11 @@ def _select(base_tj: dict, plan: MergePlan, n_new: int, max_token_chars: int, ba
     return tj, new_ids, len(accepted)
 
 
+def moved_tokens(base_ids: dict[str, int], tok) -> list[tuple[str, int]]:
+    """(string, old id) of every base token (added ones included) whose id ``tok`` does not keep."""
+    return [(s, i) for s, i in base_ids.items() if tok.token_to_id(s) != i or tok.id_to_token(i) != s]
+
+
 def unreachable_tokens(tok, family: str, ids: list[int]) -> list[int]:
     """The ids among ``ids`` that break the reachability rule of this module's docstring."""
     bad = []
@@ -151,16 +202,22 @@ def extend_tokenizer_json(base_tj: dict, texts: list[str], n_new: int, min_frequ
                         max_token_chars=max_token_chars, nfkc=nfkc, mecab=mecab, num_proc=num_proc)
     t_train = time.time() - t0
     banned: set[str] = set()
+    base_ids = base.get_vocab(with_added_tokens=True)
     for _ in range(10):
-        tj, new_ids, n_merges = _select(base_tj, plan, n_new, max_token_chars, banned)
+        tj, new_ids, n_merges = _select(base_tj, base_ids, plan, n_new, max_token_chars, banned)
         tok = Tokenizer.from_str(json.dumps(tj))
+        moved = moved_tokens(base_ids, tok)
+        if moved:
+            s, i = moved[0]
+            raise XltError(f"tokenizer: extending would move {len(moved)} existing tokens (first {s!r}: id {i} -> "
+                           f"{tok.token_to_id(s)}); this tokenizer.json layout is not supported")
         bad = unreachable_tokens(tok, family, new_ids)
         if not bad:
             break
         banned.update(tok.id_to_token(i) for i in bad)
     stats = dict(plan.stats, train_seconds=round(t_train, 2), select_rounds=_ + 1, dropped_unreachable=len(banned))
     return Extension(family=family, tokenizer_json=tj, new_ids=new_ids, new_merges=n_merges, unreachable=len(bad),
-                     base_size=max(_all_ids(base_tj)) + 1, stats=stats)
+                     base_size=max(base_ids.values()) + 1, stats=stats)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +351,7 @@ def build_tokenizer_stage(model_spec: str, tok_args: TokenizerArguments, corpus_
                                     max_token_chars=tok_args.max_token_chars, nfkc=tok_args.tokenizer_nfkc,
                                     mecab=tok_args.mecab, num_proc=tok_args.tokenizer_num_proc)
         new_tj, new_tok = ext.tokenizer_json, ext.tokenizer()
-        keep = {i: i for i in _all_ids(base_tj)}
+        keep = {i: i for i in base.get_vocab(with_added_tokens=True).values()}  # every old id, specials included
         new_tokens = {i: new_tok.id_to_token(i) for i in ext.new_ids}
         n_new, unreachable, extra = len(ext.new_ids), ext.unreachable, {"new_merges": ext.new_merges, **ext.stats}
     else:
@@ -310,7 +367,12 @@ def build_tokenizer_stage(model_spec: str, tok_args: TokenizerArguments, corpus_
 
     model = load_model(model_spec, torch_dtype="float32", trust_remote_code=trust_remote_code)
     old_rows = int(model.get_input_embeddings().weight.shape[0])
-    new_size = padded_size(max(_all_ids(new_tj)) + 1, tok_args.pad_vocab_multiple)
+    new_size = padded_size(max(new_tok.get_vocab(with_added_tokens=True).values()) + 1, tok_args.pad_vocab_multiple)
+    if mode == "extend":
+        # An extension never drops rows (Qwen's embedding has padding rows past its last token), and an old
+        # id with no row in the old model (a tokenizer larger than its embedding) has nothing to copy.
+        new_size = max(new_size, old_rows)
+        keep = {i: o for i, o in keep.items() if o < old_rows}
     pieces = {i: [t.id for t in base.model.tokenize(s)] for i, s in new_tokens.items()}
     summary = resize_and_init(model, new_size, keep, pieces, method=tok_args.embedding_init)
 
@@ -333,7 +395,8 @@ def build_tokenizer_stage(model_spec: str, tok_args: TokenizerArguments, corpus_
         "base_model": model_spec,
         "new_tokens": n_new,
         "unreachable": unreachable,
-        "vocab_size": {"base": len(base_tj["model"]["vocab"]), "extended": len(new_tj["model"]["vocab"])},
+        "vocab_size": {"base": base.get_vocab_size(with_added_tokens=True),
+                       "extended": new_tok.get_vocab_size(with_added_tokens=True)},
         "embedding_rows": {"base": old_rows, "extended": new_size},
         "embeddings": summary,
         "chars_per_token": {lang: {"base": chars_per_token(base, ts), "extended": chars_per_token(new_tok, ts)}
