@@ -5,7 +5,7 @@
     xlt evaluate run --config recipes/smollm2-135m-ja/evaluate.yaml
     xlt evaluate bpc --model DIR --data FILE [--text-field text] [--max-docs N] --json
     xlt tokenizer extend|stats ...      xlt data preview ...
-    xlt report --output_dir DIR         xlt push --model DIR --repo ORG/NAME
+    xlt report RUN_DIR                  xlt push RUN_DIR --repo-id ORG/NAME [--private] [--dry-run --output DIR]
     xlt check --config RECIPE [--accelerate_config FILE] [--offline] [--gpus N --gpu-memory-gb G] [--json]
 
 Any ``XltError`` is printed as one line (``xlt: error: ...``) with exit status 2.
@@ -101,15 +101,22 @@ def _evaluate_bpc(ns: argparse.Namespace) -> int:
 
 
 def _report(ns: argparse.Namespace) -> int:
+    """``xlt report RUN_DIR`` or ``xlt report --output_dir DIR``: write RUN_DIR/REPORT.md + plots, print the table."""
     import json
 
-    from xlt.report import format_table
+    from xlt.report import build_report, format_table
 
-    path = os.path.join(ns.output_dir, "report.json")
+    if ns.run_dir and ns.output_dir and os.path.abspath(ns.run_dir) != os.path.abspath(ns.output_dir):
+        raise XltError(f"report: give RUN_DIR or --output_dir, not both ({ns.run_dir} vs {ns.output_dir})")
+    run_dir = ns.run_dir or ns.output_dir
+    if not run_dir:
+        raise XltError("report: give the run directory (xlt report RUN_DIR)")
+    path = os.path.join(run_dir, "report.json")
     if not os.path.isfile(path):
         raise XltError(f"{path} not found")
     with open(path, encoding="utf-8") as f:
         print(format_table(json.load(f)))
+    print(f"\nreport: {build_report(run_dir)}")
     return 0
 
 
@@ -142,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help='print {"bits_per_char", "chars", "tokens"}')
     b.set_defaults(func=_evaluate_bpc)
 
-    r = sub.add_parser("report", help="print the table of a run's report.json")
-    r.add_argument("--output_dir", required=True)
+    r = sub.add_parser("report", help="write RUN_DIR/REPORT.md with plots and print the table of report.json")
+    r.add_argument("run_dir", nargs="?", default=None, help="the run directory")
+    r.add_argument("--output_dir", default=None, help="the run directory (older spelling of RUN_DIR)")
     r.set_defaults(func=_report)
 
     p = sub.add_parser("push", help="push a model, its tokenizer and a model card to the Hub")
