@@ -65,12 +65,14 @@ def _recipe_stage(name: str) -> Callable[[Sequence[str]], int]:
             from xlt.report import format_table
 
             (args,) = parse_recipe([EvalArguments], argv)
+            check_recipe_push(args)
             report = evaluate_run(args)
             print(format_table(report))
             if report.get("generation"):
                 g = report["generation"]
                 print(f"\nSFT model, {g['prompt']}\n→ {g['output']}")
             print(f"\nreport: {os.path.join(args.output_dir, 'report.json')}")
+            recipe_push(args)
         return 0
 
     return run
@@ -121,11 +123,41 @@ def _report(ns: argparse.Namespace) -> int:
 
 
 def _push(ns: argparse.Namespace) -> int:
-    from xlt.hub import push
+    """``xlt push RUN_DIR --repo-id ORG/NAME`` (or the older ``--model DIR --repo ORG/NAME``)."""
+    from xlt.hub import push, push_run
 
-    url = push(ns.model, ns.repo, report_path=ns.report, private=ns.private, dry_run=ns.dry_run)
-    print(url)
+    if not ns.repo_id:
+        raise XltError("push: --repo-id ORG/NAME is required")
+    if ns.run_dir and ns.model:
+        raise XltError("push: give RUN_DIR or --model, not both")
+    if ns.run_dir:
+        result = push_run(ns.run_dir, ns.repo_id, private=ns.private, dry_run=ns.dry_run, output=ns.output)
+    elif ns.model:
+        result = push(ns.model, ns.repo_id, report_path=ns.report, private=ns.private, dry_run=ns.dry_run,
+                      output=ns.output)
+    else:
+        raise XltError("push: give the run directory (xlt push RUN_DIR --repo-id ORG/NAME)")
+    print(f"dry run, nothing uploaded; the upload folder: {os.path.dirname(result) if ns.model else result}"
+          if ns.dry_run else result)
     return 0
+
+
+def check_recipe_push(args: object) -> None:
+    """Before an evaluate stage does any work: ``push_to_hub`` needs ``hub_repo_id`` and a token that may write."""
+    if getattr(args, "push_to_hub", False):
+        if not getattr(args, "hub_repo_id", None):
+            raise XltError("push_to_hub: true needs hub_repo_id (ORG/NAME)")
+        from xlt.hub import check_hub_access
+
+        check_hub_access(args.hub_repo_id)
+
+
+def recipe_push(args: object) -> None:
+    """After an evaluate stage: push the run (model, card, REPORT.md) when ``push_to_hub`` is set."""
+    if getattr(args, "push_to_hub", False):
+        from xlt.hub import push_run
+
+        print(f"pushed: {push_run(args.output_dir, args.hub_repo_id)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,12 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output_dir", default=None, help="the run directory (older spelling of RUN_DIR)")
     r.set_defaults(func=_report)
 
-    p = sub.add_parser("push", help="push a model, its tokenizer and a model card to the Hub")
-    p.add_argument("--model", required=True, help="model directory (e.g. OUTPUT_DIR/sft)")
-    p.add_argument("--repo", required=True, help="hub repo id, e.g. my-org/smollm2-135m-ja")
-    p.add_argument("--report", default=None, help="report.json to summarise in the model card")
+    p = sub.add_parser("push", help="push a run's model, tokenizer, REPORT.md and a model card to the Hub")
+    p.add_argument("run_dir", nargs="?", default=None, help="the run directory (pushes its sft/, else cpt/)")
+    p.add_argument("--repo-id", "--repo", dest="repo_id", default=None, help="hub repo id, e.g. my-org/smollm2-135m-ja")
+    p.add_argument("--model", default=None, help="older form: the model directory (e.g. OUTPUT_DIR/sft)")
+    p.add_argument("--report", default=None, help="older form: the run's report.json")
     p.add_argument("--private", action="store_true")
-    p.add_argument("--dry-run", action="store_true", help="write the model card, upload nothing")
+    p.add_argument("--dry-run", action="store_true", help="upload nothing; stage the upload folder (see --output)")
+    p.add_argument("--output", default=None, help="with --dry-run: write the upload folder here (new or empty)")
     p.set_defaults(func=_push)
 
     from xlt.data.preview import add_data_commands
