@@ -61,8 +61,11 @@ SECTIONS = (
 def _read_json(path: str) -> Optional[Any]:
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as e:
+        raise XltError(f"{path}: not valid JSON ({e})") from None
 
 
 def _tensorboard_history(run_dir: str) -> list[dict[str, Any]]:
