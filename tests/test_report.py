@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -127,3 +128,20 @@ def test_report_rejects_a_run_without_or_with_a_broken_report_json(tmp_path):
     (tmp_path / "run" / "report.json").write_text("{")
     with pytest.raises(XltError, match="report.json: not valid JSON"):
         build_report(str(tmp_path / "run"))
+
+
+def test_training_log_falls_back_to_tensorboard_events(tmp_path):
+    """Without a complete checkpoint (all rotated away), the curves come from report_to: tensorboard."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = synthetic_run(tmp_path)
+    shutil.rmtree(os.path.join(run, "checkpoint-8"))
+    w = SummaryWriter(os.path.join(run, "runs", "Nov01_00-00-00_host"))
+    for step, tokens, loss, ja in ((2, 2048, 4.0, 0.5), (4, 4096, 3.5, 0.55), (6, 6144, 3.0, 0.6)):
+        for tag, v in (("loss", loss), ("tokens_trained", tokens), ("ja_share_cum", ja), ("seq_len", 256)):
+            w.add_scalar(f"train/{tag}", v, step)
+    w.close()
+    text = open(build_report(run), encoding="utf-8").read()
+    assert "Source: `TensorBoard events in runs/`, 3 log points." in text
+    assert "realised 0.600" in text
+    _assert_png(os.path.join(run, "plots", "ja_share.png"))

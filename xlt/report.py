@@ -341,8 +341,8 @@ def build_report(run_dir: str, dest: Optional[str] = None) -> str:
         _plot_ja_share(rows, os.path.join(plots, "ja_share.png"))
         image("ja_share.png", "Japanese share realised vs target")
         last = [r for r in rows if "ja_share_cum" in r][-1]
-        out.extend([f"At the last log point: realised {last['ja_share_cum']:.3f}, target "
-                    f"{last.get('ja_share_target', float('nan')):.3f}"
+        out.extend([f"At the last log point: realised {last['ja_share_cum']:.3f}"
+                    + (f", target {last['ja_share_target']:.3f}" if "ja_share_target" in last else "")
                     + (f"; over the whole run {acc['ja_share_trained']:.3f}" if "ja_share_trained" in acc else "")
                     + ".", ""])
     else:
