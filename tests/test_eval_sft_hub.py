@@ -106,3 +106,4 @@ def test_model_card_dry_run(tmp_path, tiny_model_dir):
     text = open(card, encoding="utf-8").read()
     assert "smollm2-135m" in text and "49,152" in text and "6.5000" in text and "東京です。" in text
     assert not any(n.endswith(".bin") for n in os.listdir(run / "sft"))
+    assert "README.md" not in os.listdir(run / "sft")  # the dry run stages elsewhere, never in the model folder

@@ -5,7 +5,7 @@
     xlt evaluate run --config recipes/smollm2-135m-ja/evaluate.yaml
     xlt evaluate bpc --model DIR --data FILE [--text-field text] [--max-docs N] --json
     xlt tokenizer extend|stats ...      xlt data preview ...
-    xlt report --output_dir DIR         xlt push --model DIR --repo ORG/NAME
+    xlt report RUN_DIR                  xlt push RUN_DIR --repo-id ORG/NAME [--private] [--dry-run --output DIR]
     xlt check --config RECIPE [--accelerate_config FILE] [--offline] [--gpus N --gpu-memory-gb G] [--json]
 
 Any ``XltError`` is printed as one line (``xlt: error: ...``) with exit status 2.
@@ -65,12 +65,14 @@ def _recipe_stage(name: str) -> Callable[[Sequence[str]], int]:
             from xlt.report import format_table
 
             (args,) = parse_recipe([EvalArguments], argv)
+            check_recipe_push(args)
             report = evaluate_run(args)
             print(format_table(report))
             if report.get("generation"):
                 g = report["generation"]
                 print(f"\nSFT model, {g['prompt']}\n→ {g['output']}")
             print(f"\nreport: {os.path.join(args.output_dir, 'report.json')}")
+            recipe_push(args)
         return 0
 
     return run
@@ -101,24 +103,61 @@ def _evaluate_bpc(ns: argparse.Namespace) -> int:
 
 
 def _report(ns: argparse.Namespace) -> int:
+    """``xlt report RUN_DIR`` or ``xlt report --output_dir DIR``: write RUN_DIR/REPORT.md + plots, print the table."""
     import json
 
-    from xlt.report import format_table
+    from xlt.report import build_report, format_table
 
-    path = os.path.join(ns.output_dir, "report.json")
+    if ns.run_dir and ns.output_dir and os.path.abspath(ns.run_dir) != os.path.abspath(ns.output_dir):
+        raise XltError(f"report: give RUN_DIR or --output_dir, not both ({ns.run_dir} vs {ns.output_dir})")
+    run_dir = ns.run_dir or ns.output_dir
+    if not run_dir:
+        raise XltError("report: give the run directory (xlt report RUN_DIR)")
+    path = os.path.join(run_dir, "report.json")
     if not os.path.isfile(path):
         raise XltError(f"{path} not found")
     with open(path, encoding="utf-8") as f:
         print(format_table(json.load(f)))
+    print(f"\nreport: {build_report(run_dir)}")
     return 0
 
 
 def _push(ns: argparse.Namespace) -> int:
-    from xlt.hub import push
+    """``xlt push RUN_DIR --repo-id ORG/NAME`` (or the older ``--model DIR --repo ORG/NAME``)."""
+    from xlt.hub import push, push_run
 
-    url = push(ns.model, ns.repo, report_path=ns.report, private=ns.private, dry_run=ns.dry_run)
-    print(url)
+    if not ns.repo_id:
+        raise XltError("push: --repo-id ORG/NAME is required")
+    if ns.run_dir and ns.model:
+        raise XltError("push: give RUN_DIR or --model, not both")
+    if ns.run_dir:
+        result = push_run(ns.run_dir, ns.repo_id, private=ns.private, dry_run=ns.dry_run, output=ns.output)
+    elif ns.model:
+        result = push(ns.model, ns.repo_id, report_path=ns.report, private=ns.private, dry_run=ns.dry_run,
+                      output=ns.output)
+    else:
+        raise XltError("push: give the run directory (xlt push RUN_DIR --repo-id ORG/NAME)")
+    print(f"dry run, nothing uploaded; the upload folder: {os.path.dirname(result) if ns.model else result}"
+          if ns.dry_run else result)
     return 0
+
+
+def check_recipe_push(args: object) -> None:
+    """Before an evaluate stage does any work: ``push_to_hub`` needs ``hub_repo_id`` and a token that may write."""
+    if getattr(args, "push_to_hub", False):
+        if not getattr(args, "hub_repo_id", None):
+            raise XltError("push_to_hub: true needs hub_repo_id (ORG/NAME)")
+        from xlt.hub import check_hub_access
+
+        check_hub_access(args.hub_repo_id)
+
+
+def recipe_push(args: object) -> None:
+    """After an evaluate stage: push the run (model, card, REPORT.md) when ``push_to_hub`` is set."""
+    if getattr(args, "push_to_hub", False):
+        from xlt.hub import push_run
+
+        print(f"pushed: {push_run(args.output_dir, args.hub_repo_id)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,16 +181,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help='print {"bits_per_char", "chars", "tokens"}')
     b.set_defaults(func=_evaluate_bpc)
 
-    r = sub.add_parser("report", help="print the table of a run's report.json")
-    r.add_argument("--output_dir", required=True)
+    r = sub.add_parser("report", help="write RUN_DIR/REPORT.md with plots and print the table of report.json")
+    r.add_argument("run_dir", nargs="?", default=None, help="the run directory")
+    r.add_argument("--output_dir", default=None, help="the run directory (older spelling of RUN_DIR)")
     r.set_defaults(func=_report)
 
-    p = sub.add_parser("push", help="push a model, its tokenizer and a model card to the Hub")
-    p.add_argument("--model", required=True, help="model directory (e.g. OUTPUT_DIR/sft)")
-    p.add_argument("--repo", required=True, help="hub repo id, e.g. my-org/smollm2-135m-ja")
-    p.add_argument("--report", default=None, help="report.json to summarise in the model card")
+    p = sub.add_parser("push", help="push a run's model, tokenizer, REPORT.md and a model card to the Hub")
+    p.add_argument("run_dir", nargs="?", default=None, help="the run directory (pushes its sft/, else cpt/)")
+    p.add_argument("--repo-id", "--repo", dest="repo_id", default=None, help="hub repo id, e.g. my-org/smollm2-135m-ja")
+    p.add_argument("--model", default=None, help="older form: the model directory (e.g. OUTPUT_DIR/sft)")
+    p.add_argument("--report", default=None, help="older form: the run's report.json")
     p.add_argument("--private", action="store_true")
-    p.add_argument("--dry-run", action="store_true", help="write the model card, upload nothing")
+    p.add_argument("--dry-run", action="store_true", help="upload nothing; stage the upload folder (see --output)")
+    p.add_argument("--output", default=None, help="with --dry-run: write the upload folder here (new or empty)")
     p.set_defaults(func=_push)
 
     from xlt.data.preview import add_data_commands

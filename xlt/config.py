@@ -325,6 +325,9 @@ class EvalArguments:
     max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated for the sample."})
     prompt_format: str = field(default="stablelm_alpaca", metadata={"help": "Prompt format of the SFT model."})
     trust_remote_code: bool = field(default=False, metadata={"help": "See ModelArguments.trust_remote_code."})
+    push_to_hub: bool = field(default=False, metadata={
+        "help": "After evaluation, push the run (model, card, REPORT.md) to hub_repo_id; token checked first."})
+    hub_repo_id: Optional[str] = field(default=None, metadata={"help": "Hub repo ORG/NAME for push_to_hub."})
 
 
 @dataclass

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import os
+import tempfile
+from typing import Any, Optional
+
+from xlt.config import XltError
+from xlt.io import _atomic_write_text as atomic_write_text
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -31,3 +37,384 @@ def format_table(report: dict[str, Any]) -> str:
     if "wall_seconds" in report:
         lines.append(f"wall time: {report['wall_seconds']:.0f} s")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# REPORT.md with plots (``xlt report RUN_DIR``)
+# ---------------------------------------------------------------------------------------------
+REPORT_MD = "REPORT.md"
+PLOTS_DIR = "plots"
+STAGES = ("base", "cpt", "sft")
+SECTIONS = (
+    "Summary",
+    "Training loss over tokens",
+    "Japanese share: realised vs target",
+    "Sequence length",
+    "Tokens per language and per source",
+    "Tokenizer compression",
+    "Bits per character by stage",
+    "Multiple-choice accuracy",
+    "Generation speed",
+)
+
+
+def _read_json(path: str) -> Optional[Any]:
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as e:
+        raise XltError(f"{path}: not valid JSON ({e})") from None
+
+
+def _tensorboard_history(run_dir: str) -> list[dict[str, Any]]:
+    """Training scalars from TensorBoard event files under ``run_dir/runs`` (``report_to: tensorboard``), one
+    record per step, in the keys of the Trainer's log history; [] when there are none."""
+    logdir = os.path.join(run_dir, "runs")
+    if not os.path.isdir(logdir):
+        return []
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    by_step: dict[int, dict[str, Any]] = {}
+    for root, _, files in os.walk(logdir):
+        if not any(f.startswith("events.out.tfevents") for f in files):
+            continue
+        acc = EventAccumulator(root, size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags().get("scalars", []):
+            key = tag.split("/", 1)[1] if tag.startswith("train/") else None
+            if key is None:
+                continue
+            for ev in acc.Scalars(tag):
+                by_step.setdefault(ev.step, {"step": ev.step})[key] = ev.value
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def training_history(run_dir: str) -> tuple[list[dict[str, Any]], str]:
+    """The continued-pretraining log records (those with a ``loss``) and where they came from.
+
+    Source order: the newest complete checkpoint's ``trainer_state.json`` (the Trainer's log history, which
+    holds xlt's ``tokens_trained*``, ``ja_share_*`` and ``seq_len`` keys), else TensorBoard events."""
+    from xlt.train.checkpoint import last_complete_checkpoint
+
+    ckpt = last_complete_checkpoint(run_dir)
+    if ckpt is not None:
+        state = _read_json(os.path.join(ckpt, "trainer_state.json")) or {}
+        rows = [r for r in state.get("log_history", []) if "loss" in r]
+        if rows:
+            return rows, os.path.relpath(os.path.join(ckpt, "trainer_state.json"), run_dir)
+    rows = [r for r in _tensorboard_history(run_dir) if "loss" in r]
+    return rows, ("TensorBoard events in runs/" if rows else "")
+
+
+def _save_figure(fig: Any, path: str) -> None:
+    """Save a figure as PNG atomically (temporary file in the same folder, then rename)."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is for reading
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _figure(width: float = 6.4, height: float = 3.6) -> Any:
+    # A bare Figure renders with the Agg canvas without touching pyplot's global backend state.
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height))
+
+
+def _x_tokens(rows: list[dict[str, Any]]) -> tuple[list[float], str]:
+    if all("tokens_trained" in r for r in rows):
+        return [r["tokens_trained"] for r in rows], "tokens trained"
+    return [r.get("step", i) for i, r in enumerate(rows)], "step"
+
+
+def _plot_loss(rows: list[dict[str, Any]], path: str) -> None:
+    x, xlabel = _x_tokens(rows)
+    fig = _figure()
+    ax = fig.add_subplot()
+    langs = sorted({k[len("loss_"):] for r in rows for k in r if k.startswith("loss_")})
+    if langs:
+        for lang in langs:
+            pts = [(xi, r[f"loss_{lang}"]) for xi, r in zip(x, rows) if f"loss_{lang}" in r]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=f"{lang} loss")
+    ax.plot(x, [r["loss"] for r in rows], marker=".", color="black", label="total loss")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("training loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save_figure(fig, path)
+
+
+def _plot_ja_share(rows: list[dict[str, Any]], path: str) -> None:
+    x, xlabel = _x_tokens(rows)
+    fig = _figure()
+    ax = fig.add_subplot()
+    for key, label in (("ja_share_cum", "realised (cumulative)"), ("ja_share_target", "target (schedule)")):
+        pts = [(xi, r[key]) for xi, r in zip(x, rows) if key in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("Japanese share of tokens")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save_figure(fig, path)
+
+
+def _plot_seq_len(rows: list[dict[str, Any]], path: str) -> None:
+    x, xlabel = _x_tokens(rows)
+    pts = [(xi, r["seq_len"]) for xi, r in zip(x, rows) if "seq_len" in r]
+    fig = _figure()
+    ax = fig.add_subplot()
+    ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", marker=".")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("sequence length (tokens)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    _save_figure(fig, path)
+
+
+def _bars(ax: Any, groups: list[str], series: dict[str, list[float]], fmt: str = "{:.3g}") -> None:
+    """Grouped bars: one group per entry of ``groups``, one bar per series, each bar labelled with its value."""
+    n = max(len(series), 1)
+    width = 0.8 / n
+    for i, (name, values) in enumerate(series.items()):
+        xs = [g + (i - (n - 1) / 2) * width for g in range(len(groups))]
+        bars = ax.bar(xs, values, width, label=name)
+        ax.bar_label(bars, labels=[fmt.format(v) if v == v else "" for v in values], fontsize=8)
+    ax.set_xticks(range(len(groups)), groups)
+    if len(series) > 1:
+        ax.legend()
+
+
+def _plot_tokens(acc: dict[str, Any], trained: dict[str, int], path: str) -> None:
+    by_source = acc.get("tokens_by_source", {})
+    fig = _figure(9.0, 3.6)
+    ax1, ax2 = fig.subplots(1, 2)
+    langs = list(trained)
+    _bars(ax1, langs, {"trained": [trained[k] for k in langs],
+                       **({"target": [acc["target_tokens"].get(k, float("nan")) for k in langs]}
+                          if acc.get("target_tokens") else {})}, "{:,.0f}")
+    ax1.set_title("tokens per language")
+    srcs = list(by_source)
+    _bars(ax2, srcs, {"trained": [by_source[s] for s in srcs]}, "{:,.0f}")
+    ax2.set_title("tokens per source")
+    ax2.tick_params(axis="x", labelrotation=20)
+    _save_figure(fig, path)
+
+
+def _plot_tokenizer(tok: dict[str, Any], path: str) -> None:
+    langs = [lang for lang in ("ja", "en") if f"{lang}_chars_per_token" in tok]
+    fig = _figure()
+    ax = fig.add_subplot()
+    _bars(ax, langs, {kind: [tok[f"{lang}_chars_per_token"].get(kind, float("nan")) for lang in langs]
+                      for kind in ("base", "extended")}, "{:.3f}")
+    ax.set_ylabel("characters per token (higher = cheaper)")
+    _save_figure(fig, path)
+
+
+def _plot_bpc(bpc: dict[str, dict[str, float]], path: str) -> None:
+    langs = list(bpc)
+    stages = [s for s in STAGES if any(s in row for row in bpc.values())]
+    fig = _figure()
+    ax = fig.add_subplot()
+    _bars(ax, langs, {s: [bpc[lang].get(s, float("nan")) for lang in langs] for s in stages}, "{:.3f}")
+    ax.set_ylabel("bits per character (lower = better)")
+    _save_figure(fig, path)
+
+
+def _plot_mc(mc: dict[str, dict[str, Any]], path: str) -> None:
+    stages = [s for s in STAGES if s in mc] + [s for s in mc if s not in STAGES]
+    fig = _figure()
+    ax = fig.add_subplot()
+    series = {"accuracy": [mc[s].get("accuracy", float("nan")) for s in stages]}
+    if any("accuracy_norm" in mc[s] for s in stages):
+        series["accuracy (per-char normalised)"] = [mc[s].get("accuracy_norm", float("nan")) for s in stages]
+    _bars(ax, stages, series, "{:.3f}")
+    ci = [mc[s].get("ci95") for s in stages]
+    if all(isinstance(c, (list, tuple)) and len(c) == 2 for c in ci):
+        n = len(series)
+        x0 = [i - (n - 1) / 2 * 0.8 / n for i in range(len(stages))]
+        acc = series["accuracy"]
+        ax.errorbar(x0, acc, yerr=[[a - c[0] for a, c in zip(acc, ci)], [c[1] - a for a, c in zip(acc, ci)]],
+                    fmt="none", ecolor="black", capsize=3)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    _save_figure(fig, path)
+
+
+def _speed_rows(speed: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The per-model numeric figures of ``report["speed"]`` ({name: {metric: value}}), whatever its nesting."""
+    rows: dict[str, dict[str, float]] = {}
+    for name, v in speed.items():
+        if isinstance(v, dict):
+            nums = {k: x for k, x in v.items() if isinstance(x, (int, float)) and not isinstance(x, bool)}
+            if nums:
+                rows[str(name)] = nums
+        elif isinstance(v, list):
+            for i, item in enumerate(v):
+                if isinstance(item, dict):
+                    label = str(item.get("model", item.get("name", f"{name}[{i}]")))
+                    nums = {k: x for k, x in item.items() if isinstance(x, (int, float)) and not isinstance(x, bool)}
+                    if nums:
+                        rows[label] = nums
+    return rows
+
+
+def _plot_speed(rows: dict[str, dict[str, float]], path: str) -> None:
+    metrics = [m for m in ("chars_per_second", "chars_per_token") if any(m in r for r in rows.values())]
+    if not metrics:
+        metrics = sorted({m for r in rows.values() for m in r})[:2]
+    names = [os.path.basename(n.rstrip("/")) or n for n in rows]
+    fig = _figure(4.2 * len(metrics), 3.6)
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    for ax, m in zip(axes, metrics):
+        _bars(ax, names, {m: [r.get(m, float("nan")) for r in rows.values()]}, "{:.3g}")
+        ax.set_title(m.replace("_", " "))
+    _save_figure(fig, path)
+
+
+def _md_table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:,.4g}" if abs(v) >= 1e4 else f"{v:.4g}"
+        return f"{v:,}" if isinstance(v, int) else str(v)
+
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+        ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+
+
+def build_report(run_dir: str, dest: Optional[str] = None) -> str:
+    """Write ``REPORT.md`` and ``plots/*.png`` for the run in ``run_dir`` into ``dest`` (default ``run_dir``);
+    returns the path of REPORT.md.
+
+    Guarantees: every heading of ``SECTIONS`` appears, in that order; a section whose figures were not
+    measured says so in one line instead of a plot; only REPORT.md and ``plots/`` are written under ``dest``
+    (each file atomically); nothing else in ``run_dir`` is read-modified."""
+    report = _read_json(os.path.join(run_dir, "report.json"))
+    if report is None:
+        raise XltError(f"{os.path.join(run_dir, 'report.json')} not found (run the evaluate stage first)")
+    dest = dest or run_dir
+    plots = os.path.join(dest, PLOTS_DIR)
+    rows, source = training_history(run_dir)
+    cpt = report.get("cpt", {})
+    acc = cpt.get("accounting", {})
+    out: list[str] = [f"# Run report: {os.path.basename(os.path.abspath(run_dir))}", ""]
+
+    def section(title: str) -> None:
+        out.extend([f"## {title}", ""])
+
+    def image(name: str, alt: str) -> None:
+        out.extend([f"![{alt}]({PLOTS_DIR}/{name})", ""])
+
+    def missing(what: str) -> None:
+        out.extend([f"_Not measured: {what}._", ""])
+
+    section(SECTIONS[0])
+    base = cpt.get("model", "n/a")
+    out.append(f"Base model `{base}`; continued pretraining {cpt.get('steps', 'n/a')} steps x "
+               f"{cpt.get('tokens_per_step', 'n/a')} tokens, final train loss {cpt.get('train_loss', 'n/a')}"
+               + (f"; SFT {report['sft'].get('steps', 'n/a')} steps, final loss {report['sft'].get('train_loss')}"
+                  if report.get("sft") else "") + ".")
+    out.extend(["", "```", format_table(report), "```", ""])
+
+    section(SECTIONS[1])
+    if rows:
+        _plot_loss(rows, os.path.join(plots, "loss.png"))
+        image("loss.png", "training loss over tokens")
+        if not any(k.startswith("loss_") for r in rows for k in r):
+            out.extend(["The training log holds the total loss only (not split by language); the per-language "
+                        "quality is the held-out bits per character below.", ""])
+        out.extend([f"Source: `{source}`, {len(rows)} log points.", ""])
+    else:
+        missing("no training log (no complete checkpoint with trainer_state.json, no TensorBoard events)")
+
+    section(SECTIONS[2])
+    if any("ja_share_cum" in r for r in rows):
+        _plot_ja_share(rows, os.path.join(plots, "ja_share.png"))
+        image("ja_share.png", "Japanese share realised vs target")
+        last = [r for r in rows if "ja_share_cum" in r][-1]
+        out.extend([f"At the last log point: realised {last['ja_share_cum']:.3f}"
+                    + (f", target {last['ja_share_target']:.3f}" if "ja_share_target" in last else "")
+                    + (f"; over the whole run {acc['ja_share_trained']:.3f}" if "ja_share_trained" in acc else "")
+                    + ".", ""])
+    else:
+        missing("the training log has no ja_share_cum")
+
+    section(SECTIONS[3])
+    if any("seq_len" in r for r in rows):
+        _plot_seq_len(rows, os.path.join(plots, "seq_len.png"))
+        image("seq_len.png", "sequence length over tokens")
+    else:
+        missing("the training log has no seq_len")
+
+    section(SECTIONS[4])
+    trained = acc.get("tokens_trained") or report.get("tokens_trained")
+    if trained:
+        _plot_tokens(acc, trained, os.path.join(plots, "tokens.png"))
+        image("tokens.png", "tokens per language and per source")
+        total = sum(trained.values()) or 1
+        out.extend(_md_table(["language", "tokens trained", "share", "target"],
+                             [[k, v, f"{v / total:.1%}", acc.get("target_tokens", {}).get(k, "-")]
+                              for k, v in trained.items()]) + [""])
+        if acc.get("tokens_by_source"):
+            epochs = acc.get("epochs_by_source", {})
+            out.extend(_md_table(["source", "tokens trained", "epochs"],
+                                 [[s, v, epochs.get(s, "-")] for s, v in acc["tokens_by_source"].items()]) + [""])
+    else:
+        missing("report.json has no cpt.accounting")
+
+    section(SECTIONS[5])
+    tok = report.get("tokenizer")
+    if tok and any(f"{lang}_chars_per_token" in tok for lang in ("ja", "en")):
+        _plot_tokenizer(tok, os.path.join(plots, "tokenizer.png"))
+        image("tokenizer.png", "characters per token, base vs extended tokenizer")
+        out.extend([f"New tokens: {tok.get('new_tokens', 'n/a')}.", ""])
+    else:
+        missing("report.json has no tokenizer section")
+
+    section(SECTIONS[6])
+    bpc = report.get("bpc")
+    if bpc:
+        _plot_bpc(bpc, os.path.join(plots, "bpc.png"))
+        image("bpc.png", "bits per character by stage")
+        stages = [s for s in STAGES if any(s in row for row in bpc.values())]
+        out.extend(_md_table(["language", *stages], [[lang, *(row.get(s, "-") for s in stages)]
+                                                     for lang, row in bpc.items()]) + [""])
+    else:
+        missing("report.json has no bpc")
+
+    section(SECTIONS[7])
+    mc = {k: v for k, v in (report.get("mc") or {}).items() if isinstance(v, dict) and "accuracy" in v}
+    if mc:
+        _plot_mc(mc, os.path.join(plots, "mc.png"))
+        image("mc.png", "multiple-choice accuracy by stage")
+        out.extend(_md_table(["stage", "accuracy", "accuracy (normalised)", "95% CI", "n"],
+                             [[s, v["accuracy"], v.get("accuracy_norm", "-"),
+                               "[{:.3f}, {:.3f}]".format(*v["ci95"]) if v.get("ci95") else "-", v.get("n", "-")]
+                              for s, v in mc.items()]) + [""])
+    else:
+        missing("no multiple-choice evaluation in report.json (give `mc_data` to the evaluate stage)")
+
+    section(SECTIONS[8])
+    speed = _speed_rows(report.get("speed") or {})
+    if speed:
+        _plot_speed(speed, os.path.join(plots, "speed.png"))
+        image("speed.png", "generation speed")
+        metrics = sorted({m for r in speed.values() for m in r})
+        out.extend(_md_table(["model", *metrics], [[n, *(r.get(m, "-") for m in metrics)]
+                                                   for n, r in speed.items()]) + [""])
+    else:
+        missing("no generation speed in report.json (`xlt evaluate speed`)")
+
+    path = os.path.join(dest, REPORT_MD)
+    atomic_write_text(path, "\n".join(out))
+    os.chmod(path, 0o644)
+    return path
