@@ -87,7 +87,8 @@ def _generate(model: Any, tokenizer: Any, prompt: str, max_chars: int) -> dict:
         stop = "max_chars"
     else:
         stop = "max_tokens"
-    return {"prompt": prompt, "text": text, "chars": chars, "tokens": len(new), "seconds": seconds, "stop": stop}
+    return {"prompt": prompt, "text": text, "chars": chars, "tokens": len(new), "seconds": seconds, "stop": stop,
+            "token_ids": new}
 
 
 def generation_speed(model: Any, tokenizer: Any, prompts: Sequence[str] = DEFAULT_PROMPTS,
@@ -159,9 +160,9 @@ def speed_json(model_specs: Sequence[str], prompts_path: str | None = None, max_
         raise XltError(f"--model: give one or two models, got {len(model_specs)}")
     if max_chars <= 0:
         raise XltError(f"--max-chars: must be positive, got {max_chars}")
+    prompts = read_prompts(prompts_path) if prompts_path else list(DEFAULT_PROMPTS)
     for spec in model_specs:
         check_model_spec(spec)
-    prompts = read_prompts(prompts_path) if prompts_path else list(DEFAULT_PROMPTS)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     models = []
     for spec in model_specs:
