@@ -97,8 +97,9 @@ def test_max_chars_respected_on_default_prompts(tiny_model_dir):
     assert len(r["per_prompt"]) == len(DEFAULT_PROMPTS) == 8
     for run in r["per_prompt"]:
         assert run["stop"] in ("max_chars", "eos", "max_tokens")
-        if run["stop"] == "max_chars":
+        if run["stop"] == "max_chars":  # reached with the last token, not before it
             assert run["chars"] >= 12
+            assert len(tok.decode(run["token_ids"][:-1], skip_special_tokens=True).rstrip("\ufffd")) < 12
         if run["stop"] == "max_tokens":
             assert run["tokens"] == 4 * 12 + 16 and run["chars"] < 12
     assert r["tokens"] == sum(x["tokens"] for x in r["per_prompt"]) and r["seconds"] > 0
