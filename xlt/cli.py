@@ -160,6 +160,60 @@ def recipe_push(args: object) -> None:
         print(f"pushed: {push_run(args.output_dir, args.hub_repo_id)}")
 
 
+# --- xlt evaluate speed / xlt plan (generation speed, scaling planner) ---------------------------
+def _evaluate_speed(ns: argparse.Namespace) -> int:
+    from xlt.eval.speed import speed_json
+    from xlt.eval.suite import print_json
+
+    r = speed_json(ns.model, ns.prompts, ns.max_chars, ns.trust_remote_code)
+    if ns.json:
+        print_json(r)
+        return 0
+    for m in r["models"]:
+        print(f"{m['model']}: {m['chars_per_second']:.1f} chars/s, {m['chars_per_token']:.3f} chars/token, "
+              f"{m['tokens_per_second']:.1f} tokens/s ({m['chars']} chars, {m['tokens']} tokens, {m['seconds']:.2f}s)")
+    if "speedup" in r:
+        print(f"speed-up (second over first, chars/s): {r['speedup']:.2f}x")
+    return 0
+
+
+def _plan(ns: argparse.Namespace) -> int:
+    from xlt.eval.suite import print_json
+    from xlt.plan import format_plan, parse_number, plan
+
+    num = {k: (None if getattr(ns, k) is None else parse_number(getattr(ns, k), "--" + k.replace("_", "-")))
+           for k in ("gpus", "days", "mfu", "params", "ja_chars", "chars_per_token", "ja_share")}
+    r = plan(num["gpus"], ns.gpu, num["days"], num["mfu"], params=num["params"], ja_chars=num["ja_chars"],
+             chars_per_token=num["chars_per_token"], ja_share=num["ja_share"])
+    print_json(r) if ns.json else print(format_plan(r))
+    return 0
+
+
+def _add_speed_and_plan(sub: argparse._SubParsersAction, ev: argparse._SubParsersAction) -> None:
+    s = ev.add_parser("speed", help="Japanese characters per second and per token of one or two models")
+    s.add_argument("--model", action="append", required=True, help="model spec; give twice to compare (B over A)")
+    s.add_argument("--prompts", default=None, help="one prompt per line (.jsonl: field prompt or text); "
+                                                   "default: 8 built-in Japanese prompts")
+    s.add_argument("--max-chars", type=int, default=200, help="characters of output per prompt, for every model")
+    s.add_argument("--trust-remote-code", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_evaluate_speed)
+
+    # Numbers are parsed by xlt.plan.parse_number (accepts 1.7B, 2e12) so bad input is one line, exit 2.
+    p = sub.add_parser("plan", help="compute budget -> Chinchilla-optimal size and tokens, Japanese data epochs")
+    p.add_argument("--gpus", required=True)
+    p.add_argument("--gpu", default="h100", help="h100, h100-sxm, h200 or a100 (dense bf16 peak)")
+    p.add_argument("--days", required=True)
+    p.add_argument("--mfu", required=True, help="model FLOPs utilisation, a fraction in (0, 1]")
+    p.add_argument("--params", default=None, help="a fixed model size (e.g. 1.7B): tokens it can train on")
+    p.add_argument("--ja-chars", default=None, help="characters of the Japanese corpus")
+    p.add_argument("--chars-per-token", default="1.0", help="Japanese characters per token of the tokenizer")
+    p.add_argument("--ja-share", default="1.0", help="fraction of the trained tokens that are Japanese")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_plan)
+# --- end xlt evaluate speed / xlt plan ------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xlt", description="Cross-lingual continued pretraining toolkit.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -180,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--trust-remote-code", action="store_true")
     b.add_argument("--json", action="store_true", help='print {"bits_per_char", "chars", "tokens"}')
     b.set_defaults(func=_evaluate_bpc)
+    _add_speed_and_plan(sub, ev)
 
     r = sub.add_parser("report", help="write RUN_DIR/REPORT.md with plots and print the table of report.json")
     r.add_argument("run_dir", nargs="?", default=None, help="the run directory")
