@@ -1,0 +1,95 @@
+"""Japanese multiple choice (xlt/eval/mc.py), the run evaluation's mc section, and the lm-eval wrapper."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_eval_bpc import CopyModel
+
+from conftest import shared_file, tiny_llama
+from xlt.config import XltError
+from xlt.eval.mc import PROMPT, load_mc_rows, multiple_choice, wilson_interval
+
+FRUIT = ["みかん", "りんご", "ぶどう", "バナナ", "メロン"]
+
+
+def rigged_rows() -> list[dict]:
+    """Questions that repeat their answer: a copy model finds it, so the right answer is known."""
+    rows = []
+    for label, answer in enumerate(FRUIT):
+        q = f"{answer}、{answer}、{answer}。くり返した果物は何？"
+        rows.append({"question": q, "choices": list(FRUIT), "label": label})
+    return rows
+
+
+def test_wilson_interval_matches_the_formula_by_hand():
+    lo, hi = wilson_interval(8, 10)
+    assert (round(lo, 4), round(hi, 4)) == (0.4902, 0.9433)  # Wilson 1927; e.g. statsmodels proportion_confint
+    assert wilson_interval(0, 20)[0] == 0.0 and wilson_interval(20, 20)[1] == pytest.approx(1.0)
+
+
+def test_mc_finds_the_known_answer_and_scores_are_log_likelihoods(embedded_tokenizer):
+    tok = embedded_tokenizer
+    rows = rigged_rows()
+    r = multiple_choice(CopyModel(len(tok)), tok, rows, batch_size=7)
+    assert r["n"] == 5 and r["accuracy"] == 1.0 and r["accuracy_norm"] == 1.0
+    assert r["ci95"][0] < 1.0 and r["ci95"][1] == pytest.approx(1.0)
+    # Against a plain forward pass of prompt + choice through a real transformer.
+    model = tiny_llama(len(tok), seed=4).eval()
+    r = multiple_choice(model, tok, rows[:2], batch_size=3)
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    for row, scores in zip(rows[:2], r["scores"]):
+        prompt = PROMPT.format(question=row["question"])
+        for choice, got in zip(row["choices"], scores):
+            ctx = [start] + tok(prompt.rstrip(" "), add_special_tokens=False)["input_ids"]
+            whole = [start] + tok(prompt + choice, add_special_tokens=False)["input_ids"]
+            assert whole[: len(ctx)] == ctx
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([whole])).logits[0].float(), -1)
+            expected = sum(float(logp[i - 1, whole[i]]) for i in range(len(ctx), len(whole)))
+            assert got == pytest.approx(expected, rel=1e-4, abs=1e-4)
+    acc = sum(max(range(5), key=lambda i: s[i]) == row["label"] for row, s in zip(rows[:2], r["scores"])) / 2
+    assert r["accuracy"] == acc
+
+
+def test_length_normalisation_is_per_character(embedded_tokenizer):
+    tok = embedded_tokenizer
+    # The answer is long and repeated in the question; the raw score prefers a short wrong choice.
+    long_answer = "さくらんぼのタルト"
+    row = {"question": f"{long_answer}、{long_answer}。", "choices": [long_answer, "あ", "い", "う", "え"], "label": 0}
+    r = multiple_choice(CopyModel(len(tok), alpha=3.0), tok, [row])
+    raw = r["scores"][0]
+    norm = [s / len(c) for s, c in zip(raw, row["choices"])]
+    assert r["accuracy_norm"] == float(max(range(5), key=lambda i: norm[i]) == 0)
+    assert r["accuracy"] == float(max(range(5), key=lambda i: raw[i]) == 0)
+    assert r["accuracy_norm"] == 1.0 and r["accuracy"] == 0.0
+
+
+def test_mc_command_on_the_shared_jcommonsenseqa_file(tiny_model_dir, capsys):
+    from xlt.cli import main
+
+    path = shared_file("jcommonsenseqa_valid.jsonl")
+    assert main(["evaluate", "mc", "--model", tiny_model_dir, "--data", str(path), "--max-n", "20", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"accuracy", "accuracy_norm", "n", "ci95"} <= set(out) and out["skipped"] == 0
+    assert out["n"] == 20
+    for key, ci in (("accuracy", "ci95"), ("accuracy_norm", "ci95_norm")):
+        lo, hi = out[ci]
+        assert 0.0 <= lo <= out[key] <= hi <= 1.0
+        assert (out[key] * 20) == pytest.approx(round(out[key] * 20))
+
+
+def test_a_file_with_no_usable_rows_is_one_line_naming_it(tmp_path, capsys):
+    from xlt.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "choice0": "a", "label": 0}) + "\n"
+                   + json.dumps({"question": "q", **{f"choice{i}": "x" for i in range(5)}, "label": 7}) + "\n",
+                   encoding="utf-8")
+    with pytest.raises(XltError, match="bad.jsonl has no usable"):
+        load_mc_rows(str(bad))
+    assert main(["evaluate", "mc", "--model", "smollm2-135m", "--data", str(bad), "--json"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0] and "no usable" in err[0]
