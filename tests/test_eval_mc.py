@@ -93,3 +93,54 @@ def test_a_file_with_no_usable_rows_is_one_line_naming_it(tmp_path, capsys):
     assert main(["evaluate", "mc", "--model", "smollm2-135m", "--data", str(bad), "--json"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(bad) in err[0] and "no usable" in err[0]
+
+
+def _ten_rows(tmp_path):
+    src = shared_file("jcommonsenseqa_valid.jsonl")
+    lines = [line for line in src.read_text(encoding="utf-8").splitlines() if line.strip()][:10]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "jcommonsenseqa_valid.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return data
+
+
+def test_harness_task_config_points_at_local_files(tmp_path):
+    import yaml
+
+    from xlt.eval.harness import task_config, write_task_configs
+
+    data = _ten_rows(tmp_path)
+    cfg = task_config("jcommonsenseqa", str(data))
+    assert cfg["dataset_path"] == "json" and cfg["output_type"] == "multiple_choice"
+    assert cfg["dataset_kwargs"] == {"data_files": {"validation": str(data / "jcommonsenseqa_valid.jsonl")}}
+    assert cfg["validation_split"] == "validation" and cfg["num_fewshot"] == 0  # no train file: zero-shot
+    assert cfg["doc_to_target"] == "label" and cfg["target_delimiter"] == "\n"
+    assert "choice4" in cfg["doc_to_choice"] and "{{ question }}" in cfg["doc_to_text"]
+    (data / "jcommonsenseqa_train.jsonl").write_text((data / "jcommonsenseqa_valid.jsonl").read_text("utf-8"),
+                                                    encoding="utf-8")
+    cfg = task_config("jcommonsenseqa", str(data))
+    assert cfg["num_fewshot"] == 3 and cfg["fewshot_split"] == "train"
+    assert cfg["dataset_kwargs"]["data_files"]["train"] == str(data / "jcommonsenseqa_train.jsonl")
+    out = tmp_path / "tasks"
+    out.mkdir()
+    names = write_task_configs(["jcommonsenseqa"], str(data), str(out))
+    assert yaml.safe_load((out / f"{names['jcommonsenseqa']}.yaml").read_text("utf-8")) == cfg
+    with pytest.raises(XltError, match="unknown task 'jnli'"):
+        task_config("jnli", str(data))
+    with pytest.raises(XltError, match="not found"):
+        task_config("jcommonsenseqa", str(tmp_path))
+
+
+def test_harness_runs_lm_eval_on_a_tiny_model(tmp_path, tiny_model_dir, capsys):
+    from xlt.cli import main
+    from xlt.eval.harness import lm_eval_available
+
+    if not lm_eval_available():
+        pytest.skip("lm-eval is not installed (pip install 'xlt[eval]')")
+    data = _ten_rows(tmp_path)
+    assert main(["evaluate", "harness", "--model", tiny_model_dir, "--tasks", "jcommonsenseqa", "--data-dir",
+                 str(data), "--device", "cpu", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["n"] == {"jcommonsenseqa": 10}
+    acc = out["results"]["jcommonsenseqa"]["acc"]
+    assert 0.0 <= acc <= 1.0 and acc * 10 == pytest.approx(round(acc * 10))
