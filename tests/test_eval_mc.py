@@ -27,7 +27,9 @@ def rigged_rows() -> list[dict]:
 def test_wilson_interval_matches_the_formula_by_hand():
     lo, hi = wilson_interval(8, 10)
     assert (round(lo, 4), round(hi, 4)) == (0.4902, 0.9433)  # Wilson 1927; e.g. statsmodels proportion_confint
-    assert wilson_interval(0, 20)[0] == 0.0 and wilson_interval(20, 20)[1] == pytest.approx(1.0)
+    for n in (1, 6, 20, 1119):
+        assert wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0
+        assert all(lo <= k / n <= hi for k in range(n + 1) for lo, hi in [wilson_interval(k, n)])
 
 
 def test_mc_finds_the_known_answer_and_scores_are_log_likelihoods(embedded_tokenizer):
@@ -144,3 +146,51 @@ def test_harness_runs_lm_eval_on_a_tiny_model(tmp_path, tiny_model_dir, capsys):
     assert out["n"] == {"jcommonsenseqa": 10}
     acc = out["results"]["jcommonsenseqa"]["acc"]
     assert 0.0 <= acc <= 1.0 and acc * 10 == pytest.approx(round(acc * 10))
+
+
+def test_evaluate_run_reports_mc_for_base_cpt_and_sft(tmp_path, tiny_model_dir, embedded_tokenizer, capsys):
+    import shutil
+
+    from conftest import REPO
+    from xlt.cli import run_recipe
+    from xlt.report import format_table
+
+    run = tmp_path / "run"
+    (run / "heldout").mkdir(parents=True)
+    (run / "heldout" / "ja.jsonl").write_text(json.dumps({"text": "今日は晴れ。"}, ensure_ascii=False) + "\n",
+                                              encoding="utf-8")
+    shutil.copytree(tiny_model_dir, run / "cpt")
+    sft = tiny_llama(len(embedded_tokenizer), seed=9)
+    sft.save_pretrained(run / "sft")
+    embedded_tokenizer.save_pretrained(run / "sft")
+    data = _ten_rows(tmp_path)
+    assert run_recipe("evaluate", ["--config", str(REPO / "recipes/smollm2-135m-ja/evaluate.yaml"),
+                                   "--output_dir", str(run), "--model", tiny_model_dir, "--eval_max_docs", "1",
+                                   "--max_new_tokens", "2", "--mc_data", str(data / "jcommonsenseqa_valid.jsonl"),
+                                   "--mc_max_n", "6"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((run / "report.json").read_text(encoding="utf-8"))
+    mc = report["mc"]
+    assert {"base", "cpt", "sft"} <= set(mc)
+    for stage in ("base", "cpt", "sft"):
+        assert mc[stage]["n"] == 6 and mc[stage]["ci95"][0] <= mc[stage]["accuracy"] <= mc[stage]["ci95"][1]
+    assert mc["base"] == mc["cpt"]  # the same weights: the same answers
+    table = format_table(report)
+    assert "multiple choice" in table and "multiple choice" in printed
+    assert f"{mc['sft']['accuracy']:.4f}" in table.split("multiple choice")[1].splitlines()[1]
+
+
+def test_evaluate_run_checks_mc_data_before_loading_a_model(tmp_path, capsys):
+    from conftest import REPO
+    from xlt.cli import run_recipe
+
+    run = tmp_path / "run"
+    (run / "heldout").mkdir(parents=True)
+    (run / "heldout" / "ja.jsonl").write_text(json.dumps({"text": "晴れ"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n", encoding="utf-8")
+    assert run_recipe("evaluate", ["--config", str(REPO / "recipes/smollm2-135m-ja/evaluate.yaml"),
+                                   "--output_dir", str(run), "--mc_data", str(empty)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"xlt: error: mc_data: {empty} has no usable multiple-choice rows (need question, "
+                   "choice0..choice4, label 0-4)"]

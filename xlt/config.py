@@ -320,6 +320,10 @@ class EvalArguments:
     max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated for the sample."})
     prompt_format: str = field(default="stablelm_alpaca", metadata={"help": "Prompt format of the SFT model."})
     trust_remote_code: bool = field(default=False, metadata={"help": "See ModelArguments.trust_remote_code."})
+    mc_data: Optional[str] = field(default=None, metadata={
+        "help": "JCommonsenseQA-layout jsonl (question, choice0..choice4, label): multiple-choice accuracy of "
+                "base / cpt / sft in report.json under 'mc'."})
+    mc_max_n: Optional[int] = field(default=None, metadata={"help": "First N usable questions of mc_data only."})
 
 
 @dataclass

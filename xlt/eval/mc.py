@@ -26,14 +26,15 @@ Z95 = 1.959963984540054
 
 
 def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval of a proportion ``k / n`` (``(0, 1)`` when ``n == 0``)."""
+    """Wilson score interval of a proportion ``k / n`` (``(0, 1)`` when ``n == 0``); contains ``k / n``."""
     if n == 0:
         return 0.0, 1.0
     p = k / n
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # The exact bounds at k = 0 and k = n (rounding leaves ~1e-17 otherwise).
+    return (0.0 if k == 0 else max(0.0, centre - half)), (1.0 if k == n else min(1.0, centre + half))
 
 
 def _usable(row: Any) -> Optional[dict]:

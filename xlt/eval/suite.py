@@ -42,16 +42,29 @@ def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> st
 
 
 def evaluate_run(args: EvalArguments) -> dict:
-    """Bits per character of every stage present in the run; writes the ``bpc`` section of report.json."""
+    """Bits per character of every stage present in the run; writes the ``bpc`` section of report.json.
+
+    With ``mc_data``, also multiple-choice accuracy of every stage under ``mc``
+    (``{"base": {"accuracy", "accuracy_norm", "n", "ci95", "ci95_norm"}, ..., "data": path}``); the file
+    is checked before any model loads.
+    """
     run_dir = args.output_dir
     check_model_spec(args.model)
     texts = heldout_from_run(run_dir, args.eval_max_docs)
+    mc_rows = None
+    if args.mc_data:
+        from xlt.eval.mc import load_mc_rows
+
+        if args.mc_max_n is not None and args.mc_max_n < 1:
+            raise XltError(f"mc_max_n must be at least 1 (got {args.mc_max_n})")
+        mc_rows, _ = load_mc_rows(args.mc_data, args.mc_max_n, key="mc_data")
     stages = {"base": args.model}
     for stage in ("cpt", "sft"):
         if os.path.isdir(os.path.join(run_dir, stage)):
             stages[stage] = os.path.join(run_dir, stage)
     bpc: dict[str, dict[str, float]] = {lang: {} for lang in texts}
     detail: dict[str, Any] = {}
+    mc: dict[str, dict] = {}
     sample = None
     for stage, spec in stages.items():
         t = time.time()
@@ -62,6 +75,12 @@ def evaluate_run(args: EvalArguments) -> dict:
             bpc[lang][stage] = round(r["bits_per_char"], 4)
             detail[f"{stage}/{lang}"] = {"chars": r["chars"], "tokens": r["tokens"],
                                          "chars_per_token": round(r["chars"] / max(r["tokens"], 1), 4)}
+        if mc_rows is not None:
+            from xlt.eval.mc import multiple_choice
+
+            r = multiple_choice(model, tokenizer, mc_rows)
+            mc[stage] = {k: r[k] for k in ("accuracy", "accuracy_norm", "n", "ci95", "ci95_norm")}
+            _log(f"{stage}: multiple choice {r['accuracy']:.4f} (norm {r['accuracy_norm']:.4f}) over {r['n']}")
         if stage == "sft":
             from xlt.data.sft import format_prompt
 
@@ -73,6 +92,8 @@ def evaluate_run(args: EvalArguments) -> dict:
     section: dict[str, Any] = {"bpc": bpc, "eval": {"heldout_docs": {k: len(v) for k, v in texts.items()},
                                                      "heldout_chars": {k: sum(map(len, v)) for k, v in texts.items()},
                                                      "detail": detail}}
+    if mc:
+        section["mc"] = {**mc, "data": args.mc_data}
     if sample:
         section["generation"] = sample
     started = os.environ.get("XLT_DEMO_START")
