@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
+SHARED = Path(os.environ.get("XLT_SHARED_DATA") or REPO.parent / "shared" / "data")
 
 
 def shared_file(name: str) -> Path:

@@ -35,9 +35,9 @@ def test_bits_per_char_counts_every_token_once(embedded_tokenizer):
 
 def test_long_documents_are_windowed_without_losing_or_repeating_a_token():
     ids = list(range(100, 125))
-    wins = _windows(ids, start=1, max_length=8)
-    predicted = [t for w, _ in wins for t in w[1:]]
-    assert predicted == ids  # each token predicted exactly once, each window conditioned on the token before
+    wins = _windows(ids, start=1, max_length=8, stride=4)
+    predicted = [t for w, n in wins for t in w[len(w) - n:]]
+    assert predicted == ids  # each token predicted exactly once (sliding windows: tests/test_eval_bpc.py)
     assert all(len(w) <= 8 for w, _ in wins)
 
 
@@ -50,7 +50,7 @@ def test_evaluate_bpc_command_prints_the_json_interface(tmp_path, tiny_model_dir
     assert main(["evaluate", "bpc", "--model", tiny_model_dir, "--data", str(data), "--text-field", "body",
                  "--max-docs", "1", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(out) == {"bits_per_char", "chars", "tokens"} and out["chars"] == len("今日は晴れ。")
+    assert set(out) == {"bits_per_char", "bits_per_byte", "chars", "tokens"} and out["chars"] == len("今日は晴れ。")
     txt = tmp_path / "en.txt"
     txt.write_text("First document.\n\nSecond one.\n", encoding="utf-8")
     assert main(["evaluate", "bpc", "--model", tiny_model_dir, "--data", str(txt), "--json"]) == 0

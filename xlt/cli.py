@@ -3,7 +3,9 @@
     xlt cpt --config recipes/smollm2-135m-ja/cpt.yaml [--key value ...]
     xlt sft --config recipes/smollm2-135m-ja/sft.yaml [--key value ...]
     xlt evaluate run --config recipes/smollm2-135m-ja/evaluate.yaml
-    xlt evaluate bpc --model DIR --data FILE [--text-field text] [--max-docs N] --json
+    xlt evaluate bpc --model DIR --data FILE [FILE ...] [--stride S] [--text-field text] [--max-docs N] --json
+    xlt evaluate mc --model DIR --data FILE [--max-n N] --json
+    xlt evaluate harness --model DIR --tasks jcommonsenseqa --data-dir DIR --json
     xlt tokenizer extend|stats ...      xlt data preview ...
     xlt report RUN_DIR                  xlt push RUN_DIR --repo-id ORG/NAME [--private] [--dry-run --output DIR]
     xlt check --config RECIPE [--accelerate_config FILE] [--offline] [--gpus N --gpu-memory-gb G] [--json]
@@ -94,11 +96,46 @@ def _guard(fn: Callable[[], int]) -> int:
 def _evaluate_bpc(ns: argparse.Namespace) -> int:
     from xlt.eval.suite import bpc_json, print_json
 
-    r = bpc_json(ns.model, ns.data, ns.text_field, ns.max_docs, ns.max_length, ns.trust_remote_code)
+    data = ns.data[0] if len(ns.data) == 1 else ns.data
+    r = bpc_json(ns.model, data, ns.text_field, ns.max_docs, ns.max_length, ns.trust_remote_code,
+                 stride=ns.stride, batch_size=ns.batch_size)
+    if ns.json:
+        print_json(r)
+        return 0
+    for path, f in r.get("files", {}).items():
+        print(f"{path}: bits/char {f['bits_per_char']:.4f}, bits/byte {f['bits_per_byte']:.4f} "
+              f"over {f['chars']:,} characters ({f['tokens']:,} tokens)")
+    print(f"bits/char {r['bits_per_char']:.4f}, bits/byte {r['bits_per_byte']:.4f} "
+          f"over {r['chars']:,} characters ({r['tokens']:,} tokens)")
+    return 0
+
+
+def _evaluate_mc(ns: argparse.Namespace) -> int:
+    from xlt.eval.mc import mc_json
+    from xlt.eval.suite import print_json
+
+    r = mc_json(ns.model, ns.data, max_n=ns.max_n, batch_size=ns.batch_size, max_length=ns.max_length,
+                trust_remote_code=ns.trust_remote_code)
     if ns.json:
         print_json(r)
     else:
-        print(f"bits/char {r['bits_per_char']:.4f} over {r['chars']:,} characters ({r['tokens']:,} tokens)")
+        lo, hi = r["ci95"]
+        print(f"accuracy {r['accuracy']:.4f} (95% CI {lo:.4f}-{hi:.4f}), length-normalised "
+              f"{r['accuracy_norm']:.4f} over {r['n']} questions")
+    return 0
+
+
+def _evaluate_harness(ns: argparse.Namespace) -> int:
+    from xlt.eval.harness import run_harness
+    from xlt.eval.suite import print_json
+
+    r = run_harness(ns.model, ns.tasks.split(","), ns.data_dir, limit=ns.limit, batch_size=ns.batch_size,
+                    num_fewshot=ns.num_fewshot, device=ns.device)
+    if ns.json:
+        print_json(r)
+    else:
+        for task, metrics in r["results"].items():
+            print(task + ": " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return 0
 
 
@@ -225,16 +262,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="evaluation").add_subparsers(dest="what", required=True)
     ev.add_parser("run", help="evaluate a run directory from a recipe", add_help=False).set_defaults(recipe="evaluate")
-    b = ev.add_parser("bpc", help="bits per character of a model on a file")
+    b = ev.add_parser("bpc", help="bits per character / byte of a model on one or more files (sliding window)")
     b.add_argument("--model", required=True, help="model spec: hub id, directory or embedded alias")
-    b.add_argument("--data", required=True, help="jsonl (field --text-field) or .txt (blank-line-separated documents)")
+    b.add_argument("--data", required=True, nargs="+", action="extend",
+                   help="jsonl (field --text-field) or .txt (blank-line-separated documents); several give "
+                        "per-file results under \"files\"")
     b.add_argument("--text-field", default="text")
     b.add_argument("--max-docs", type=int, default=None)
     b.add_argument("--max-length", type=int, default=1024, help="window length in tokens")
+    b.add_argument("--stride", type=int, default=None,
+                   help="tokens a window advances (default max-length // 2); every scored token sees at least "
+                        "max-length - stride tokens of context")
+    b.add_argument("--batch-size", type=int, default=8)
     b.add_argument("--trust-remote-code", action="store_true")
-    b.add_argument("--json", action="store_true", help='print {"bits_per_char", "chars", "tokens"}')
+    b.add_argument("--json", action="store_true", help='print {"bits_per_char", "bits_per_byte", "chars", "tokens"}')
     b.set_defaults(func=_evaluate_bpc)
     _add_speed_and_plan(sub, ev)
+    m = ev.add_parser("mc", help="Japanese multiple choice (JCommonsenseQA layout) by choice log-likelihood")
+    m.add_argument("--model", required=True, help="model spec: hub id, directory or embedded alias")
+    m.add_argument("--data", required=True, help="jsonl with question, choice0..choice4, label")
+    m.add_argument("--max-n", type=int, default=None, help="first N usable questions only")
+    m.add_argument("--max-length", type=int, default=1024, help="longest prompt + choice in tokens")
+    m.add_argument("--batch-size", type=int, default=16)
+    m.add_argument("--trust-remote-code", action="store_true")
+    m.add_argument("--json", action="store_true", help='print {"accuracy", "accuracy_norm", "n", "ci95", ...}')
+    m.set_defaults(func=_evaluate_mc)
+    h = ev.add_parser("harness", help="lm-eval japanese_leaderboard tasks on local files (pip install 'xlt[eval]')")
+    h.add_argument("--model", required=True, help="model directory")
+    h.add_argument("--tasks", default="jcommonsenseqa", help="comma-separated: " + "jcommonsenseqa")
+    h.add_argument("--data-dir", required=True, help="folder with the tasks' local files (e.g. jcommonsenseqa_valid.jsonl)")
+    h.add_argument("--limit", type=int, default=None, help="first N documents per task")
+    h.add_argument("--num-fewshot", type=int, default=None, help="default: the task's (0 without a train file)")
+    h.add_argument("--batch-size", type=int, default=8)
+    h.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    h.add_argument("--json", action="store_true")
+    h.set_defaults(func=_evaluate_harness)
 
     r = sub.add_parser("report", help="write RUN_DIR/REPORT.md with plots and print the table of report.json")
     r.add_argument("run_dir", nargs="?", default=None, help="the run directory")

@@ -328,6 +328,10 @@ class EvalArguments:
     push_to_hub: bool = field(default=False, metadata={
         "help": "After evaluation, push the run (model, card, REPORT.md) to hub_repo_id; token checked first."})
     hub_repo_id: Optional[str] = field(default=None, metadata={"help": "Hub repo ORG/NAME for push_to_hub."})
+    mc_data: Optional[str] = field(default=None, metadata={
+        "help": "JCommonsenseQA-layout jsonl (question, choice0..choice4, label): multiple-choice accuracy of "
+                "base / cpt / sft in report.json under 'mc'."})
+    mc_max_n: Optional[int] = field(default=None, metadata={"help": "First N usable questions of mc_data only."})
 
 
 @dataclass

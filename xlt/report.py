@@ -30,6 +30,16 @@ def format_table(report: dict[str, Any]) -> str:
         for lang, row in bpc.items():
             lines.append(f"{lang:<24}" + "".join(f"{row[s]:>10.4f}" if s in row else f"{'-':>10}" for s in stages))
         lines.append("")
+    mc = {s: v for s, v in report.get("mc", {}).items() if s in ("base", "cpt", "sft") and isinstance(v, dict)}
+    if mc:
+        stages = [s for s in ("base", "cpt", "sft") if s in mc]
+        n = max(v.get("n", 0) for v in mc.values())
+        lines.append(f"{'multiple choice':<24}" + "".join(f"{s:>10}" for s in stages))
+        lines.append(f"{'accuracy':<24}" + "".join(f"{mc[s]['accuracy']:>10.4f}" for s in stages))
+        lines.append(f"{'accuracy (per char)':<24}" + "".join(f"{mc[s]['accuracy_norm']:>10.4f}" for s in stages))
+        lines.append(f"{'95% CI':<24}" + "".join(f"{mc[s]['ci95'][0]:>5.2f}-{mc[s]['ci95'][1]:<4.2f}" for s in stages))
+        lines.append(f"{'questions':<24}{n:>10}")
+        lines.append("")
     trained = report.get("tokens_trained")
     if trained:
         total = sum(trained.values()) or 1

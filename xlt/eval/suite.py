@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from xlt.config import EvalArguments, XltError
@@ -41,16 +42,29 @@ def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> st
 
 
 def evaluate_run(args: EvalArguments) -> dict:
-    """Bits per character of every stage present in the run; writes the ``bpc`` section of report.json."""
+    """Bits per character of every stage present in the run; writes the ``bpc`` section of report.json.
+
+    With ``mc_data``, also multiple-choice accuracy of every stage under ``mc``
+    (``{"base": {"accuracy", "accuracy_norm", "n", "ci95", "ci95_norm"}, ..., "data": path}``); the file
+    is checked before any model loads.
+    """
     run_dir = args.output_dir
     check_model_spec(args.model)
     texts = heldout_from_run(run_dir, args.eval_max_docs)
+    mc_rows = None
+    if args.mc_data:
+        from xlt.eval.mc import load_mc_rows
+
+        if args.mc_max_n is not None and args.mc_max_n < 1:
+            raise XltError(f"mc_max_n must be at least 1 (got {args.mc_max_n})")
+        mc_rows, _ = load_mc_rows(args.mc_data, args.mc_max_n, key="mc_data")
     stages = {"base": args.model}
     for stage in ("cpt", "sft"):
         if os.path.isdir(os.path.join(run_dir, stage)):
             stages[stage] = os.path.join(run_dir, stage)
     bpc: dict[str, dict[str, float]] = {lang: {} for lang in texts}
     detail: dict[str, Any] = {}
+    mc: dict[str, dict] = {}
     sample = None
     for stage, spec in stages.items():
         t = time.time()
@@ -61,6 +75,12 @@ def evaluate_run(args: EvalArguments) -> dict:
             bpc[lang][stage] = round(r["bits_per_char"], 4)
             detail[f"{stage}/{lang}"] = {"chars": r["chars"], "tokens": r["tokens"],
                                          "chars_per_token": round(r["chars"] / max(r["tokens"], 1), 4)}
+        if mc_rows is not None:
+            from xlt.eval.mc import multiple_choice
+
+            r = multiple_choice(model, tokenizer, mc_rows)
+            mc[stage] = {k: r[k] for k in ("accuracy", "accuracy_norm", "n", "ci95", "ci95_norm")}
+            _log(f"{stage}: multiple choice {r['accuracy']:.4f} (norm {r['accuracy_norm']:.4f}) over {r['n']}")
         if stage == "sft":
             from xlt.data.sft import format_prompt
 
@@ -72,6 +92,8 @@ def evaluate_run(args: EvalArguments) -> dict:
     section: dict[str, Any] = {"bpc": bpc, "eval": {"heldout_docs": {k: len(v) for k, v in texts.items()},
                                                      "heldout_chars": {k: sum(map(len, v)) for k, v in texts.items()},
                                                      "detail": detail}}
+    if mc:
+        section["mc"] = {**mc, "data": args.mc_data}
     if sample:
         section["generation"] = sample
     started = os.environ.get("XLT_DEMO_START")
@@ -80,17 +102,43 @@ def evaluate_run(args: EvalArguments) -> dict:
     return update_report(run_dir, section)
 
 
-def bpc_json(model_spec: str, data: str, text_field: str = "text", max_docs: int | None = None,
-             max_length: int = 1024, trust_remote_code: bool = False) -> dict:
-    """``xlt evaluate bpc``: ``{"bits_per_char", "chars", "tokens"}`` of a model on a file."""
+def bpc_json(model_spec: str, data: str | Sequence[str], text_field: str = "text", max_docs: int | None = None,
+             max_length: int = 1024, trust_remote_code: bool = False, stride: int | None = None,
+             batch_size: int = 8) -> dict:
+    """``xlt evaluate bpc``: bits per character / byte of a model on one file or several.
+
+    One file: ``{"bits_per_char", "bits_per_byte", "chars", "tokens"}``. Several: the same keys for
+    all files together plus ``"files": {path: {...}}``. Every file and ``stride`` are checked before
+    the model loads.
+    """
+    from xlt.eval.bpc import resolve_stride
+
+    paths = [data] if isinstance(data, str) else list(data)
+    try:
+        stride = resolve_stride(max_length, stride)
+    except ValueError as e:
+        raise XltError(f"--stride/--max-length: {e}") from None
     check_model_spec(model_spec)
-    docs = read_documents(data, text_field=text_field, max_docs=max_docs, key="--data")
-    if not docs:
-        raise XltError(f"--data: {data} holds no documents")
+    docs_by_file = {}
+    for path in paths:
+        docs = [d for d in read_documents(path, text_field=text_field, max_docs=max_docs, key="--data") if d]
+        if not docs:
+            raise XltError(f"--data: {path} holds no documents")
+        docs_by_file[path] = docs
     tokenizer = load_tokenizer(model_spec, trust_remote_code=trust_remote_code)
     model = load_model(model_spec, trust_remote_code=trust_remote_code)
-    r = bits_per_char(model, tokenizer, docs, max_length=max_length)
-    return {"bits_per_char": r["bits_per_char"], "chars": r["chars"], "tokens": r["tokens"]}
+    keys = ("bits_per_char", "bits_per_byte", "chars", "tokens")
+    files = {path: bits_per_char(model, tokenizer, docs, max_length=max_length, batch_size=batch_size, stride=stride)
+             for path, docs in docs_by_file.items()}
+    if len(files) == 1:
+        (r,) = files.values()
+        return {k: r[k] for k in keys}
+    bits = sum(r["bits"] for r in files.values())
+    chars = sum(r["chars"] for r in files.values())
+    n_bytes = sum(r["bytes"] for r in files.values())
+    return {"bits_per_char": bits / chars, "bits_per_byte": bits / n_bytes, "chars": chars,
+            "tokens": sum(r["tokens"] for r in files.values()),
+            "files": {path: {k: r[k] for k in keys} for path, r in files.items()}}
 
 
 def print_json(obj: Any) -> None:

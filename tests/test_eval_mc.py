@@ -1,0 +1,196 @@
+"""Japanese multiple choice (xlt/eval/mc.py), the run evaluation's mc section, and the lm-eval wrapper."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_eval_bpc import CopyModel
+
+from conftest import shared_file, tiny_llama
+from xlt.config import XltError
+from xlt.eval.mc import PROMPT, load_mc_rows, multiple_choice, wilson_interval
+
+FRUIT = ["みかん", "りんご", "ぶどう", "バナナ", "メロン"]
+
+
+def rigged_rows() -> list[dict]:
+    """Questions that repeat their answer: a copy model finds it, so the right answer is known."""
+    rows = []
+    for label, answer in enumerate(FRUIT):
+        q = f"{answer}、{answer}、{answer}。くり返した果物は何？"
+        rows.append({"question": q, "choices": list(FRUIT), "label": label})
+    return rows
+
+
+def test_wilson_interval_matches_the_formula_by_hand():
+    lo, hi = wilson_interval(8, 10)
+    assert (round(lo, 4), round(hi, 4)) == (0.4902, 0.9433)  # Wilson 1927; e.g. statsmodels proportion_confint
+    for n in (1, 6, 20, 1119):
+        assert wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0
+        assert all(lo <= k / n <= hi for k in range(n + 1) for lo, hi in [wilson_interval(k, n)])
+
+
+def test_mc_finds_the_known_answer_and_scores_are_log_likelihoods(embedded_tokenizer):
+    tok = embedded_tokenizer
+    rows = rigged_rows()
+    r = multiple_choice(CopyModel(len(tok)), tok, rows, batch_size=7)
+    assert r["n"] == 5 and r["accuracy"] == 1.0 and r["accuracy_norm"] == 1.0
+    assert r["ci95"][0] < 1.0 and r["ci95"][1] == pytest.approx(1.0)
+    # Against a plain forward pass of prompt + choice through a real transformer.
+    model = tiny_llama(len(tok), seed=4).eval()
+    r = multiple_choice(model, tok, rows[:2], batch_size=3)
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    for row, scores in zip(rows[:2], r["scores"]):
+        prompt = PROMPT.format(question=row["question"])
+        for choice, got in zip(row["choices"], scores):
+            ctx = [start] + tok(prompt.rstrip(" "), add_special_tokens=False)["input_ids"]
+            whole = [start] + tok(prompt + choice, add_special_tokens=False)["input_ids"]
+            assert whole[: len(ctx)] == ctx
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([whole])).logits[0].float(), -1)
+            expected = sum(float(logp[i - 1, whole[i]]) for i in range(len(ctx), len(whole)))
+            assert got == pytest.approx(expected, rel=1e-4, abs=1e-4)
+    acc = sum(max(range(5), key=lambda i: s[i]) == row["label"] for row, s in zip(rows[:2], r["scores"])) / 2
+    assert r["accuracy"] == acc
+
+
+def test_length_normalisation_is_per_character(embedded_tokenizer):
+    tok = embedded_tokenizer
+    # The answer is long and repeated in the question; the raw score prefers a short wrong choice.
+    long_answer = "さくらんぼのタルト"
+    row = {"question": f"{long_answer}、{long_answer}。", "choices": [long_answer, "あ", "い", "う", "え"], "label": 0}
+    r = multiple_choice(CopyModel(len(tok), alpha=3.0), tok, [row])
+    raw = r["scores"][0]
+    norm = [s / len(c) for s, c in zip(raw, row["choices"])]
+    assert r["accuracy_norm"] == float(max(range(5), key=lambda i: norm[i]) == 0)
+    assert r["accuracy"] == float(max(range(5), key=lambda i: raw[i]) == 0)
+    assert r["accuracy_norm"] == 1.0 and r["accuracy"] == 0.0
+
+
+def test_mc_command_on_the_shared_jcommonsenseqa_file(tiny_model_dir, capsys):
+    from xlt.cli import main
+
+    path = shared_file("jcommonsenseqa_valid.jsonl")
+    assert main(["evaluate", "mc", "--model", tiny_model_dir, "--data", str(path), "--max-n", "20", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"accuracy", "accuracy_norm", "n", "ci95"} <= set(out) and out["skipped"] == 0
+    assert out["n"] == 20
+    for key, ci in (("accuracy", "ci95"), ("accuracy_norm", "ci95_norm")):
+        lo, hi = out[ci]
+        assert 0.0 <= lo <= out[key] <= hi <= 1.0
+        assert (out[key] * 20) == pytest.approx(round(out[key] * 20))
+
+
+def test_a_file_with_no_usable_rows_is_one_line_naming_it(tmp_path, capsys):
+    from xlt.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "choice0": "a", "label": 0}) + "\n"
+                   + json.dumps({"question": "q", **{f"choice{i}": "x" for i in range(5)}, "label": 7}) + "\n",
+                   encoding="utf-8")
+    with pytest.raises(XltError, match="bad.jsonl has no usable"):
+        load_mc_rows(str(bad))
+    assert main(["evaluate", "mc", "--model", "smollm2-135m", "--data", str(bad), "--json"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0] and "no usable" in err[0]
+
+
+def _ten_rows(tmp_path):
+    src = shared_file("jcommonsenseqa_valid.jsonl")
+    lines = [line for line in src.read_text(encoding="utf-8").splitlines() if line.strip()][:10]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "jcommonsenseqa_valid.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return data
+
+
+def test_harness_task_config_points_at_local_files(tmp_path):
+    import yaml
+
+    from xlt.eval.harness import task_config, write_task_configs
+
+    data = _ten_rows(tmp_path)
+    cfg = task_config("jcommonsenseqa", str(data))
+    assert cfg["dataset_path"] == "json" and cfg["output_type"] == "multiple_choice"
+    assert cfg["dataset_kwargs"] == {"data_files": {"validation": str(data / "jcommonsenseqa_valid.jsonl")}}
+    assert cfg["validation_split"] == "validation" and cfg["num_fewshot"] == 0  # no train file: zero-shot
+    assert cfg["doc_to_target"] == "label" and cfg["target_delimiter"] == "\n"
+    assert "choice4" in cfg["doc_to_choice"] and "{{ question }}" in cfg["doc_to_text"]
+    (data / "jcommonsenseqa_train.jsonl").write_text((data / "jcommonsenseqa_valid.jsonl").read_text("utf-8"),
+                                                    encoding="utf-8")
+    cfg = task_config("jcommonsenseqa", str(data))
+    assert cfg["num_fewshot"] == 3 and cfg["fewshot_split"] == "train"
+    assert cfg["dataset_kwargs"]["data_files"]["train"] == str(data / "jcommonsenseqa_train.jsonl")
+    out = tmp_path / "tasks"
+    out.mkdir()
+    names = write_task_configs(["jcommonsenseqa"], str(data), str(out))
+    assert yaml.safe_load((out / f"{names['jcommonsenseqa']}.yaml").read_text("utf-8")) == cfg
+    with pytest.raises(XltError, match="unknown task 'jnli'"):
+        task_config("jnli", str(data))
+    with pytest.raises(XltError, match="not found"):
+        task_config("jcommonsenseqa", str(tmp_path))
+
+
+def test_harness_runs_lm_eval_on_a_tiny_model(tmp_path, tiny_model_dir, capsys):
+    from xlt.cli import main
+    from xlt.eval.harness import lm_eval_available
+
+    if not lm_eval_available():
+        pytest.skip("lm-eval is not installed (pip install 'xlt[eval]')")
+    data = _ten_rows(tmp_path)
+    assert main(["evaluate", "harness", "--model", tiny_model_dir, "--tasks", "jcommonsenseqa", "--data-dir",
+                 str(data), "--device", "cpu", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["n"] == {"jcommonsenseqa": 10}
+    acc = out["results"]["jcommonsenseqa"]["acc"]
+    assert 0.0 <= acc <= 1.0 and acc * 10 == pytest.approx(round(acc * 10))
+
+
+def test_evaluate_run_reports_mc_for_base_cpt_and_sft(tmp_path, tiny_model_dir, embedded_tokenizer, capsys):
+    import shutil
+
+    from conftest import REPO
+    from xlt.cli import run_recipe
+    from xlt.report import format_table
+
+    run = tmp_path / "run"
+    (run / "heldout").mkdir(parents=True)
+    (run / "heldout" / "ja.jsonl").write_text(json.dumps({"text": "今日は晴れ。"}, ensure_ascii=False) + "\n",
+                                              encoding="utf-8")
+    shutil.copytree(tiny_model_dir, run / "cpt")
+    sft = tiny_llama(len(embedded_tokenizer), seed=9)
+    sft.save_pretrained(run / "sft")
+    embedded_tokenizer.save_pretrained(run / "sft")
+    data = _ten_rows(tmp_path)
+    assert run_recipe("evaluate", ["--config", str(REPO / "recipes/smollm2-135m-ja/evaluate.yaml"),
+                                   "--output_dir", str(run), "--model", tiny_model_dir, "--eval_max_docs", "1",
+                                   "--max_new_tokens", "2", "--mc_data", str(data / "jcommonsenseqa_valid.jsonl"),
+                                   "--mc_max_n", "6"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((run / "report.json").read_text(encoding="utf-8"))
+    mc = report["mc"]
+    assert {"base", "cpt", "sft"} <= set(mc)
+    for stage in ("base", "cpt", "sft"):
+        assert mc[stage]["n"] == 6 and mc[stage]["ci95"][0] <= mc[stage]["accuracy"] <= mc[stage]["ci95"][1]
+    assert mc["base"] == mc["cpt"]  # the same weights: the same answers
+    table = format_table(report)
+    assert "multiple choice" in table and "multiple choice" in printed
+    assert f"{mc['sft']['accuracy']:.4f}" in table.split("multiple choice")[1].splitlines()[1]
+
+
+def test_evaluate_run_checks_mc_data_before_loading_a_model(tmp_path, capsys):
+    from conftest import REPO
+    from xlt.cli import run_recipe
+
+    run = tmp_path / "run"
+    (run / "heldout").mkdir(parents=True)
+    (run / "heldout" / "ja.jsonl").write_text(json.dumps({"text": "晴れ"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n", encoding="utf-8")
+    assert run_recipe("evaluate", ["--config", str(REPO / "recipes/smollm2-135m-ja/evaluate.yaml"),
+                                   "--output_dir", str(run), "--mc_data", str(empty)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"xlt: error: mc_data: {empty} has no usable multiple-choice rows (need question, "
+                   "choice0..choice4, label 0-4)"]
