@@ -51,6 +51,10 @@ def test_report_has_every_promised_figure(run_dir):
     trained = report["tokens_trained"]
     assert sum(trained.values()) == 6144 and trained["ja"] > trained["en"] > 0
     assert report["cpt"]["steps"] == 6 and report["sft"]["steps"] == 2
+    # Generation speed of every stage, same prompts and output length (the speed-up a tokenizer buys).
+    assert set(report["speed"]) == {"base", "cpt", "sft"}
+    assert all(v["chars"] > 0 and v["chars_per_second"] > 0 for v in report["speed"].values())
+    assert report["eval"]["speedup_cpt_over_base"] > 0
 
 
 def test_final_models_reload_with_auto_classes(run_dir):

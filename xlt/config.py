@@ -332,6 +332,9 @@ class EvalArguments:
         "help": "JCommonsenseQA-layout jsonl (question, choice0..choice4, label): multiple-choice accuracy of "
                 "base / cpt / sft in report.json under 'mc'."})
     mc_max_n: Optional[int] = field(default=None, metadata={"help": "First N usable questions of mc_data only."})
+    speed_max_chars: int = field(default=80, metadata={
+        "help": "Generation speed of every stage (Japanese characters per second and per token, greedy, the same "
+                "8 Japanese prompts, this many characters of output each) in report.json under 'speed'; 0 skips it."})
 
 
 @dataclass

@@ -198,6 +198,8 @@ RULES: dict[str, Rule] = {
     # EvalArguments
     "eval_max_length": POSITIVE,
     "max_new_tokens": POSITIVE,
+    "speed_max_chars": NON_NEGATIVE,  # 0 skips the speed measurement
+    "mc_max_n": POSITIVE,
 }
 
 

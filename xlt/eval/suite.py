@@ -65,6 +65,7 @@ def evaluate_run(args: EvalArguments) -> dict:
     bpc: dict[str, dict[str, float]] = {lang: {} for lang in texts}
     detail: dict[str, Any] = {}
     mc: dict[str, dict] = {}
+    speed: dict[str, dict] = {}
     sample = None
     for stage, spec in stages.items():
         t = time.time()
@@ -81,6 +82,13 @@ def evaluate_run(args: EvalArguments) -> dict:
             r = multiple_choice(model, tokenizer, mc_rows)
             mc[stage] = {k: r[k] for k in ("accuracy", "accuracy_norm", "n", "ci95", "ci95_norm")}
             _log(f"{stage}: multiple choice {r['accuracy']:.4f} (norm {r['accuracy_norm']:.4f}) over {r['n']}")
+        if args.speed_max_chars > 0:
+            from xlt.eval.speed import generation_speed
+
+            r = generation_speed(model, tokenizer, max_chars=args.speed_max_chars)
+            speed[stage] = {k: r[k] for k in ("chars_per_second", "chars_per_token", "tokens_per_second", "chars",
+                                              "tokens", "seconds")}
+            _log(f"{stage}: {r['chars_per_second']:.1f} chars/s, {r['chars_per_token']:.3f} chars/token")
         if stage == "sft":
             from xlt.data.sft import format_prompt
 
@@ -94,6 +102,11 @@ def evaluate_run(args: EvalArguments) -> dict:
                                                      "detail": detail}}
     if mc:
         section["mc"] = {**mc, "data": args.mc_data}
+    if speed:
+        section["speed"] = speed
+        if "base" in speed and "cpt" in speed:
+            section["eval"]["speedup_cpt_over_base"] = round(
+                speed["cpt"]["chars_per_second"] / max(speed["base"]["chars_per_second"], 1e-9), 3)
     if sample:
         section["generation"] = sample
     started = os.environ.get("XLT_DEMO_START")
