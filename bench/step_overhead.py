@@ -161,12 +161,12 @@ def step_timer(name: str, baton: Baton):
 
 def materialise_rows(ns, tokenizer) -> list[dict]:
     """The rows xlt's stream yields for the run, as a list (the plain Trainer's dataset)."""
-    from xlt.data.stream import build_pretrain_stream
+    from xlt.data.stream import LANG_KEY, build_pretrain_stream
 
     stream = build_pretrain_stream(data_args(ns.seq_len), tokenizer, ns.steps * ns.batch * ns.seq_len, ns.batch)
     rows = []
     for row in stream:
-        rows.append({k: v.clone() for k, v in row.items()})
+        rows.append({k: v.clone() for k, v in row.items() if k != LANG_KEY})  # the model's inputs only
         if len(rows) == ns.steps * ns.batch:
             return rows
     raise RuntimeError("the stream ended early")

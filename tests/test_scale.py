@@ -367,3 +367,36 @@ def test_lora_cpt_with_new_rows_under_two_processes(tmp_path, tiny_model_dir):
     key = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(before[key], after[key]), "the LoRA delta is merged into the base weight"
     assert AutoModelForCausalLM.from_pretrained(os.path.join(out, "cpt")) is not None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loss by language: measured on logging steps from the forward pass's own logits
+# ---------------------------------------------------------------------------------------------------------
+def test_loss_by_language_equals_a_direct_computation():
+    from xlt.train.cpt import loss_by_language
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 600, 50)
+    labels = torch.randint(0, 50, (2, 600))
+    labels[:, 0] = labels[0, 300] = -100
+    langs = torch.zeros(2, 600, dtype=torch.long)
+    langs[0, 200:] = 1
+    sums, counts = loss_by_language(logits, labels, langs, 2)
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1),
+                                           ignore_index=-100, reduction="none").reshape(2, 599).double()
+    tgt_lang, valid = langs[:, 1:], labels[:, 1:] != -100
+    for i in (0, 1):
+        m = valid & (tgt_lang == i)
+        assert counts[i] == m.sum()
+        torch.testing.assert_close(sums[i], ce[m].sum())
+    assert counts.sum() == valid.sum()
+
+
+def test_cpt_logs_the_loss_of_each_language(tmp_path, tiny_model_dir):
+    out = str(tmp_path / "run")
+    assert run_recipe("cpt", cpt_args(tiny_model_dir, out, "--train_tokens", "4096", "--logging_steps", "2")) == 0
+    state = json.loads(open(os.path.join(out, "checkpoint-4", "trainer_state.json"), encoding="utf-8").read())
+    logs = [h for h in state["log_history"] if "loss" in h]
+    assert logs and all(h["loss_ja"] > 0 and h["loss_en"] > 0 for h in logs)
+    # The two languages are measured apart: a random model finds them unequally hard.
+    assert all(h["loss_ja"] != h["loss_en"] for h in logs)

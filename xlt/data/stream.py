@@ -42,6 +42,7 @@ from xlt.data.sources import LANGS, Source, load_sources
 log = logging.getLogger("xlt.data")
 
 STATE_VERSION = 1
+LANG_KEY = "xlt_lang"  # per-token language index in each batch; the trainer removes it before the forward pass
 SIZE_SAMPLE_DOCS = 256  # documents tokenised to estimate a source's size in tokens
 
 
@@ -134,7 +135,12 @@ class PretrainStream(torch.utils.data.IterableDataset):
             raise XltError("data stream: PretrainStream must run in the main process (dataloader_num_workers=0)")
         for row in self.global_rows(own_only=True):
             yield {"input_ids": torch.from_numpy(row.input_ids), "position_ids": torch.from_numpy(row.position_ids),
-                   "labels": torch.from_numpy(row.labels)}
+                   "labels": torch.from_numpy(row.labels), LANG_KEY: torch.from_numpy(self.token_langs(row))}
+
+    def token_langs(self, row: RowData) -> np.ndarray:
+        """The language of every token of ``row`` as an index into ``LANGS`` (for the loss by language)."""
+        codes = [LANGS.index(self.source_langs[name]) for name, _, _, _ in row.segments]
+        return np.repeat(np.asarray(codes, dtype=np.int64), [n for _, _, _, n in row.segments])
 
     def global_rows(self, own_only: bool = False) -> Iterator[RowData]:
         """The global rows from the loaded state on (``own_only``: skip building other ranks' rows)."""

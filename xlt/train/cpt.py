@@ -19,8 +19,9 @@ from xlt.config import (
     XltError,
     validate_data_args,
 )
-from xlt.data.sources import Source, heldout_texts, load_sources
+from xlt.data.sources import LANGS, Source, heldout_texts, load_sources
 from xlt.data.steps import StepPlan, plan_steps
+from xlt.data.stream import LANG_KEY
 from xlt.io import atomic_save_dir, atomic_write_json, atomic_write_jsonl, update_report
 from xlt.models import check_model_spec, load_model, load_tokenizer, resolve_model, resolve_revision
 from xlt.train.checkpoint import (
@@ -158,11 +159,39 @@ def run_tokenizer_stage(model_args: ModelArguments, tok_args: TokenizerArguments
     return report
 
 
+def loss_by_language(logits: Any, labels: Any, langs: Any, n_langs: int) -> tuple[Any, Any]:
+    """Per-language sums of next-token cross-entropy and token counts of one batch (no gradient).
+
+    Position t predicts ``labels[t + 1]`` (the causal shift the model's own loss uses); the target's language
+    decides the bucket; ignored labels (-100, each segment's first token) count nowhere. Chunked over the
+    sequence so a 128K vocabulary does not materialise the fp32 logits of a whole row at once.
+    """
+    import torch
+
+    with torch.no_grad():
+        logits, labels, langs = logits[:, :-1], labels[:, 1:], langs[:, 1:].to(labels.device)
+        sums = torch.zeros(n_langs, dtype=torch.float64, device=logits.device)
+        counts = torch.zeros(n_langs, dtype=torch.float64, device=logits.device)
+        chunk = 256
+        for a in range(0, labels.shape[1], chunk):
+            lg = logits[:, a:a + chunk].float()
+            lb, lang = labels[:, a:a + chunk], langs[:, a:a + chunk]
+            ce = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=-100,
+                                                   reduction="none").reshape(lb.shape)
+            valid = lb != -100
+            for i in range(n_langs):
+                m = valid & (lang == i)
+                sums[i] += ce[m].double().sum()
+                counts[i] += m.sum()
+    return sums, counts
+
+
 def total_trained(trained: dict) -> int:
     return int(sum(trained.values()))
 
 
 def _make_trainer_class():
+    import torch
     from transformers import Trainer
 
     from xlt.train.skip_step import SkipStepCallback, SkipStepOptimizer, check_backend
@@ -184,6 +213,7 @@ def _make_trainer_class():
         xlt_data_args = None
         xlt_replicas_in_sync: Optional[bool] = None
         _xlt_last_log: Optional[tuple[float, int]] = None
+        _xlt_lang_loss: Optional[list] = None
 
         def _guard_on(self) -> bool:
             return self.xlt_guard is not None and self.xlt_guard.enabled
@@ -226,6 +256,39 @@ def _make_trainer_class():
             if self.args.should_save:
                 rotate_complete_checkpoints(run_dir, limit)
 
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            # The stream sends each token's language; the model must not see it. On the micro-batches of a
+            # logging step only, the per-token losses (from the logits the forward pass made anyway) are summed
+            # by language: the loss-by-language curve costs nothing on the other steps.
+            langs = inputs.pop(LANG_KEY, None)
+            measure = langs is not None and (self.state.global_step + 1) % max(1, int(self.state.logging_steps or 1)) == 0
+            if not measure:
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)
+            logits = getattr(outputs, "logits", None) if not isinstance(outputs, dict) else outputs.get("logits")
+            if logits is not None:
+                sums, counts = loss_by_language(logits, inputs["labels"], langs, len(LANGS))
+                if self._xlt_lang_loss is None:
+                    self._xlt_lang_loss = [torch.zeros_like(sums), torch.zeros_like(counts)]
+                self._xlt_lang_loss[0] += sums
+                self._xlt_lang_loss[1] += counts
+            return (loss, outputs) if return_outputs else loss
+
+        def _log_loss_by_language(self, logs: dict) -> None:
+            """``loss_<lang>`` over the tokens measured since the last log (summed over every process)."""
+            if self._xlt_lang_loss is None:
+                return
+            both = torch.cat(self._xlt_lang_loss)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(both)
+            n = len(LANGS)
+            for i, lang in enumerate(LANGS):
+                if both[n + i] > 0:
+                    logs[f"loss_{lang}"] = round(float(both[i] / both[n + i]), 4)
+            self._xlt_lang_loss = None
+
         def _get_grad_norm(self, model, grad_norm=None):
             # transformers 5.24 computes the global (cross-rank) norm here on every optimizer step, clipping or
             # not (max_grad_norm 0: clip_grad_norm_ with max inf). Without it the guard checks the gradients itself.
@@ -236,6 +299,7 @@ def _make_trainer_class():
 
         def log(self, logs: dict, start_time: Optional[float] = None) -> None:
             if "loss" in logs:
+                self._log_loss_by_language(logs)  # every process: an all-reduce
                 now, step = time.time(), self.state.global_step
                 if self._xlt_last_log is not None and step > self._xlt_last_log[1]:
                     dt = max(now - self._xlt_last_log[0], 1e-9)
@@ -315,6 +379,7 @@ def build_cpt_trainer(model: Any, tokenizer: Any, training_args: Any, stream: An
     from xlt.train.callbacks import ProgressPostfix, XltStateCallback
 
     training_args.ignore_data_skip = True
+    training_args.remove_unused_columns = False  # keep the per-token language; compute_loss takes it out
     state_writer, postfix = XltStateCallback(stream, plan.rows_per_step, guard), ProgressPostfix()
     trainer = _make_trainer_class()(model=model, args=training_args, train_dataset=stream,
                                     data_collator=default_data_collator, processing_class=tokenizer,
