@@ -83,6 +83,19 @@ def test_mc_command_on_the_shared_jcommonsenseqa_file(tiny_model_dir, capsys):
         assert (out[key] * 20) == pytest.approx(round(out[key] * 20))
 
 
+@pytest.mark.slow
+def test_mc_with_the_demo_model_on_the_shared_file(capsys):
+    """The demo's base model (embedded SmolLM2-135M) on the first 40 shared questions: a real model's scores."""
+    from xlt.cli import main
+
+    path = shared_file("jcommonsenseqa_valid.jsonl")
+    assert main(["evaluate", "mc", "--model", "smollm2-135m", "--data", str(path), "--max-n", "40", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["n"] == 40 and out["skipped"] == 0
+    lo, hi = out["ci95"]
+    assert 0.0 <= lo <= out["accuracy"] <= hi <= 1.0 and hi - lo < 0.35
+
+
 def test_a_file_with_no_usable_rows_is_one_line_naming_it(tmp_path, capsys):
     from xlt.cli import main
 
