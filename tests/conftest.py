@@ -62,6 +62,18 @@ def tiny_model_dir(tmp_path_factory, embedded_tokenizer) -> str:
     return str(out)
 
 
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Any attempt to load weights or a tokenizer fails the test: input errors must come first."""
+    import transformers
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a model or tokenizer was loaded before the input was checked")
+
+    for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        monkeypatch.setattr(cls, "from_pretrained", boom)
+
+
 @pytest.fixture(autouse=True)
 def _quiet_env(monkeypatch):
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")

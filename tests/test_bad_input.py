@@ -20,18 +20,6 @@ RECIPES = REPO / "recipes/smollm2-135m-ja"
 EN = {"name": "en", "lang": "en", "embedded": "chatterbot-en"}
 
 
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    """Any attempt to load weights or a tokenizer fails the test: errors must come first (as in test_errors.py)."""
-    import transformers
-
-    def boom(*args, **kwargs):
-        raise AssertionError("a model or tokenizer was loaded before the input was checked")
-
-    for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
-        monkeypatch.setattr(cls, "from_pretrained", boom)
-
-
 def run_stage(tmp_path, capsys, stage: str, changes: dict, extra: tuple = ()) -> tuple[int, str]:
     """Run a stage on its smollm2 recipe with ``changes``; output_dir defaults to a fresh folder in tmp_path."""
     data = yaml.safe_load((RECIPES / f"{stage}.yaml").read_text(encoding="utf-8"))

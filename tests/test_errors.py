@@ -16,18 +16,6 @@ from xlt.cli import main
 CPT = REPO / "recipes/smollm2-135m-ja/cpt.yaml"
 
 
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    """Any attempt to load weights or a tokenizer fails the test: errors must come first."""
-    import transformers
-
-    def boom(*args, **kwargs):
-        raise AssertionError("a model or tokenizer was loaded before the input was checked")
-
-    for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
-        monkeypatch.setattr(cls, "from_pretrained", boom)
-
-
 def recipe(tmp_path, **changes) -> str:
     data = yaml.safe_load(CPT.read_text(encoding="utf-8"))
     data.update(changes)

@@ -62,8 +62,9 @@ def _windows(ids: list[int], start: int, max_length: int, stride: Optional[int] 
 
 
 @torch.no_grad()
-def _scored_nats(model: Any, windows: list[tuple[list[int], int]], pad: int, batch_size: int) -> list[float]:
-    """Sum of -ln p over the scored tokens of each window (same order as ``windows``), in batches."""
+def scored_nats(model: Any, windows: list[tuple[list[int], int]], pad: int, batch_size: int) -> list[float]:
+    """Sum of -ln p over the last ``n`` tokens of each ``(tokens, n)`` window (same order), in padded batches
+    sorted by length. Shared by bits per character (sliding windows) and multiple choice (continuations)."""
     device = next(model.parameters()).device
     out = [0.0] * len(windows)
     order = sorted(range(len(windows)), key=lambda i: len(windows[i][0]))
@@ -110,7 +111,7 @@ def bits_per_char(model: Any, tokenizer: Any, texts: Sequence[str], max_length: 
     was_training = model.training
     model.eval()
     try:
-        total_nats = sum(_scored_nats(model, windows, start, batch_size))
+        total_nats = sum(scored_nats(model, windows, start, batch_size))
     finally:
         if was_training:
             model.train()

@@ -19,6 +19,7 @@ from typing import Any, Optional
 import torch
 
 from xlt.config import XltError
+from xlt.eval.bpc import scored_nats
 
 PROMPT = "質問: {question}\n答え: "
 N_CHOICES = 5
@@ -104,32 +105,11 @@ def _split_continuation(tokenizer: Any, context: str, continuation: str, start: 
 def continuation_logprobs(model: Any, pairs: list[tuple[list[int], list[int]]], pad: int,
                           batch_size: int = 16, max_length: int = 1024) -> list[float]:
     """Sum of ln p of each continuation given its context (the context is cut from the left to fit)."""
-    device = next(model.parameters()).device
     seqs = []
     for ctx, cont in pairs:
         seq = (ctx + cont)[-max_length:]
         seqs.append((seq, min(len(cont), len(seq) - 1)))
-    out = [0.0] * len(seqs)
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
-    for b in range(0, len(order), batch_size):
-        idx = order[b: b + batch_size]
-        width = max(len(seqs[i][0]) for i in idx)
-        input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        score = torch.zeros((len(idx), width - 1), dtype=torch.bool)
-        for r, i in enumerate(idx):
-            seq, n = seqs[i]
-            input_ids[r, : len(seq)] = torch.tensor(seq)
-            mask[r, : len(seq)] = 1
-            score[r, len(seq) - 1 - n: len(seq) - 1] = True
-        input_ids, mask, score = input_ids.to(device), mask.to(device), score.to(device)
-        logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        tok = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-        sums = (tok * score).sum(dim=1).tolist()
-        for r, i in enumerate(idx):
-            out[i] = sums[r]
-    return out
+    return [-nats for nats in scored_nats(model, seqs, pad, batch_size)]
 
 
 def multiple_choice(model: Any, tokenizer: Any, rows: list[dict], batch_size: int = 16,
