@@ -400,3 +400,29 @@ def test_cpt_logs_the_loss_of_each_language(tmp_path, tiny_model_dir):
     assert logs and all(h["loss_ja"] > 0 and h["loss_en"] > 0 for h in logs)
     # The two languages are measured apart: a random model finds them unequally hard.
     assert all(h["loss_ja"] != h["loss_en"] for h in logs)
+
+
+def test_crash_after_the_last_checkpoint_resumes_without_an_extra_step(tmp_path, tiny_model_dir, monkeypatch):
+    """Killed between the final checkpoint and the final save: the relaunch saves, it does not train step N+1."""
+    import xlt.train.cpt as cpt_module
+
+    full, crashed = str(tmp_path / "full"), str(tmp_path / "crashed")
+    args = ("--lr_scheduler_type", "constant")  # a non-zero LR at the end: an extra step would move the weights
+    assert run_recipe("cpt", cpt_args(tiny_model_dir, full, *args)) == 0
+    real = cpt_module.save_final_model
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt("killed before the final save")
+
+    monkeypatch.setattr(cpt_module, "save_final_model", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe("cpt", cpt_args(tiny_model_dir, crashed, *args))
+    monkeypatch.setattr(cpt_module, "save_final_model", real)
+    assert os.path.isdir(os.path.join(crashed, "checkpoint-6")) and not os.path.exists(os.path.join(crashed, "cpt"))
+    assert run_recipe("cpt", cpt_args(tiny_model_dir, crashed, *args)) == 0
+    assert not os.path.exists(os.path.join(crashed, "checkpoint-7"))
+    report = json.loads(open(os.path.join(crashed, "report.json"), encoding="utf-8").read())
+    assert report["cpt"]["steps"] == 6
+    a, b = weights(os.path.join(full, "cpt")), weights(os.path.join(crashed, "cpt"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)

@@ -249,3 +249,35 @@ def test_two_processes_skip_together_when_only_rank_1_sees_the_bad_batch(tmp_pat
     assert saved["skipped"] == 5 and saved["consecutive"] == 3
     for r in (0, 1):  # the guard state is the same on every rank, so rank 0's file is right for all
         assert json.loads((dump / f"guard_step11_rank{r}.json").read_text()) == saved
+
+
+def test_distributed_checkpoint_resume_keeps_adam_state_and_counts_no_skip():
+    """torch's get/set_optimizer_state_dict (the FSDP2 resume path) step the optimizer with nothing recorded to
+    create its state: the wrapper must pass that through, or the Adam moments are silently dropped."""
+    import copy
+
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    from xlt.train.skip_step import SkipStepConfig, SkipStepGuard, SkipStepOptimizer
+
+    torch.manual_seed(0)
+    trained = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(trained.parameters(), lr=1e-3)
+    trained(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    saved = get_optimizer_state_dict(trained, opt)
+
+    fresh = torch.nn.Linear(4, 4)
+    guard = SkipStepGuard(SkipStepConfig())
+    wrapped = SkipStepOptimizer(torch.optim.AdamW(fresh.parameters(), lr=1e-3), guard)
+    template = get_optimizer_state_dict(fresh, wrapped)
+    assert set(template["state"]) == set(saved["state"]), "the template must hold every parameter's state"
+    loaded = copy.deepcopy(template)  # what DCP does: fill the template's keys from the checkpoint
+    for k in loaded["state"]:
+        loaded["state"][k] = saved["state"][k]
+    loaded["param_groups"] = saved["param_groups"]
+    set_optimizer_state_dict(fresh, wrapped, loaded)
+    inner = wrapped.optimizer.state
+    assert len(inner) == 2 and guard.skipped == 0 and guard.consecutive == 0
+    for p_fresh, p_saved in zip(fresh.parameters(), trained.parameters()):
+        torch.testing.assert_close(inner[p_fresh]["exp_avg"], opt.state[p_saved]["exp_avg"])

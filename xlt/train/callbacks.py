@@ -64,3 +64,13 @@ class ProgressPostfix(TrainerCallback):
             bar = getattr(cb, "training_bar", None)
             if bar is not None:
                 bar.set_postfix({short: logs[k] for k, short in self._KEYS if k in logs}, refresh=False)
+
+
+class OnTrainBegin(TrainerCallback):
+    """Calls ``fn()`` when training really begins: after a resumed checkpoint's state is loaded."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001 - Trainer's signature
+        self.fn()

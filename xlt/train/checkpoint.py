@@ -74,6 +74,21 @@ def last_complete_checkpoint(output_dir: str) -> Optional[str]:
     return os.path.join(output_dir, best[1]) if best else None
 
 
+def last_trainer_checkpoint(output_dir: str) -> Optional[str]:
+    """The newest ``checkpoint-N`` the Trainer finished writing (its ``trainer_state.json``, written after the
+    weights, optimizer and RNG states), or None. transformers' ``get_last_checkpoint`` takes the highest number
+    even when a crash cut that save short."""
+    if not os.path.isdir(output_dir):
+        return None
+    best = None
+    for name in os.listdir(output_dir):
+        m = _CKPT.match(name)
+        if m and os.path.isfile(os.path.join(output_dir, name, "trainer_state.json")):
+            if best is None or int(m.group(1)) > best[0]:
+                best = (int(m.group(1)), name)
+    return os.path.join(output_dir, best[1]) if best else None
+
+
 def rotate_complete_checkpoints(output_dir: str, limit: Optional[int]) -> list[str]:
     """Delete old checkpoints, keeping the newest ``limit`` complete ones (those holding ``xlt_state.json``).
 

@@ -238,6 +238,15 @@ def _make_trainer_class():
                 self.xlt_guard.record_loss(loss * self.current_gradient_accumulation_steps, self.state.global_step + 1)
             return loss
 
+        def _run_epoch(self, *args: Any, **kwargs: Any):
+            # Resumed from the last checkpoint of a finished run (a crash before the final save): an
+            # IterableDataset run counts max_steps as one epoch, so the Trainer would start "epoch 1" and train
+            # one step too many. Nothing is left to train: stop, and let the caller save the model.
+            if self.state.max_steps and self.state.global_step >= self.state.max_steps:
+                self.control.should_training_stop = True
+                return None
+            return super()._run_epoch(*args, **kwargs)
+
         def _save_checkpoint(self, model, trial) -> None:
             # The Trainer rotates old checkpoints inside _save_checkpoint, before xlt_state.json marks the new one
             # complete: a crash in between would leave nothing to resume. Save with rotation off, compare the
@@ -325,6 +334,7 @@ def _make_trainer_class():
             super().log(logs, start_time)
 
         def on_train_begin_xlt(self) -> None:
+            """Called from the Trainer's on_train_begin, after a resumed checkpoint's state is loaded."""
             self._xlt_last_log = (time.time(), self.state.global_step)
 
     return XltTrainer
@@ -376,7 +386,7 @@ def build_cpt_trainer(model: Any, tokenizer: Any, training_args: Any, stream: An
     restores its own position, so the Trainer must not skip batches on resume (``ignore_data_skip``)."""
     from transformers import default_data_collator
 
-    from xlt.train.callbacks import ProgressPostfix, XltStateCallback
+    from xlt.train.callbacks import OnTrainBegin, ProgressPostfix, XltStateCallback
 
     training_args.ignore_data_skip = True
     training_args.remove_unused_columns = False  # keep the per-token language; compute_loss takes it out
@@ -385,10 +395,10 @@ def build_cpt_trainer(model: Any, tokenizer: Any, training_args: Any, stream: An
                                     data_collator=default_data_collator, processing_class=tokenizer,
                                     callbacks=[state_writer, postfix, *(callbacks or [])])
     postfix.handler = trainer.callback_handler
+    trainer.add_callback(OnTrainBegin(trainer.on_train_begin_xlt))
     trainer.xlt_guard, trainer.xlt_stream, trainer.xlt_rows_per_step = guard, stream, plan.rows_per_step
     trainer.xlt_tokens_per_step, trainer.xlt_state_writer = plan.tokens_per_step, state_writer
     trainer.xlt_data_args = data_args
-    trainer.on_train_begin_xlt()
     return trainer
 
 

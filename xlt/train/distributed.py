@@ -56,6 +56,8 @@ def gather_full_state_dict(model: Any, accelerator: Any = None) -> dict:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not is_main_process():
+        return {}  # replicated: only the main process writes, so only it copies the weights to host memory
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 

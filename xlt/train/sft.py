@@ -15,7 +15,7 @@ from xlt.config import SftArguments, XltError
 from xlt.data.sft import check_sft_specs, load_instruction_examples
 from xlt.io import update_report
 from xlt.models import check_model_spec, load_model, load_tokenizer, resolve_revision
-from xlt.train.checkpoint import claim_output_dir, fingerprint
+from xlt.train.checkpoint import claim_output_dir, fingerprint, last_trainer_checkpoint
 from xlt.train.distributed import check_replicas, save_final_model
 from xlt.train.lock import run_lock
 from xlt.train.runtime import (
@@ -89,11 +89,10 @@ def _run_sft_locked(sft_args: SftArguments, training_args: Any, model_spec: str,
     _log(f"{len(train)} instruction examples x {training_args.num_train_epochs} epochs, prompt={sft_args.prompt_format}")
 
     # -- phase: train ---------------------------------------------------------------------------
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTTrainer
 
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer)
-    last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+    last = last_trainer_checkpoint(training_args.output_dir)
     result = trainer.train(resume_from_checkpoint=last)
 
     # -- phase: save + report (every rank: the weights are gathered when sharded) ----------------------

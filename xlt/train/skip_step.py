@@ -159,6 +159,10 @@ class SkipStepGuard:
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
         self._count += 1
 
+    def has_pending_step(self) -> bool:
+        """True when a training step has recorded a loss or a grad norm since the last decision."""
+        return self._count > 0 or self._grad_norm is not None
+
     def record_grad_norm(self, norm: Any, step: Optional[int] = None) -> None:
         """The step's global grad norm, as the clipper returned it (a tensor already reduced across ranks)."""
         self._at(step)
@@ -335,7 +339,15 @@ class SkipStepOptimizer(torch.optim.Optimizer):
         return f"SkipStepOptimizer({self.optimizer!r})"
 
     def step(self, closure: Optional[Callable[[], float]] = None) -> Any:
-        """All ranks: reduce, decide, then step the inner optimizer or leave weights and state untouched."""
+        """All ranks: reduce, decide, then step the inner optimizer or leave weights and state untouched.
+
+        A step with nothing recorded (no micro-batch loss, no grad norm) is not a training step: torch's
+        distributed-checkpoint helpers call ``step()`` with zero grads and LR 0 to create the optimizer state
+        before loading it (FSDP2 resume). It passes straight through, on every rank alike (no collective), so
+        the Adam moments are restored and no skip is counted.
+        """
+        if not self.guard.has_pending_step():
+            return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         loss, grad_norm, nonfinite = self.guard.reduce_step_inputs(params)
         self.last_verdict = self.guard.decide(loss, grad_norm, nonfinite)
