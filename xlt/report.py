@@ -35,9 +35,12 @@ def format_table(report: dict[str, Any]) -> str:
         stages = [s for s in ("base", "cpt", "sft") if s in mc]
         n = max(v.get("n", 0) for v in mc.values())
         lines.append(f"{'multiple choice':<24}" + "".join(f"{s:>10}" for s in stages))
-        lines.append(f"{'accuracy':<24}" + "".join(f"{mc[s]['accuracy']:>10.4f}" for s in stages))
-        lines.append(f"{'accuracy (per char)':<24}" + "".join(f"{mc[s]['accuracy_norm']:>10.4f}" for s in stages))
-        lines.append(f"{'95% CI':<24}" + "".join(f"{mc[s]['ci95'][0]:>5.2f}-{mc[s]['ci95'][1]:<4.2f}" for s in stages))
+        nan = float("nan")
+        lines.append(f"{'accuracy':<24}" + "".join(f"{mc[s].get('accuracy', nan):>10.4f}" for s in stages))
+        lines.append(f"{'accuracy (per char)':<24}" + "".join(f"{mc[s].get('accuracy_norm', nan):>10.4f}"
+                                                              for s in stages))
+        ci = {s: mc[s].get("ci95") or (nan, nan) for s in stages}
+        lines.append(f"{'95% CI':<24}" + "".join(f"{ci[s][0]:>5.2f}-{ci[s][1]:<4.2f}" for s in stages))
         lines.append(f"{'questions':<24}{n:>10}")
         lines.append("")
     trained = report.get("tokens_trained")
