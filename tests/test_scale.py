@@ -394,7 +394,8 @@ def test_loss_by_language_equals_a_direct_computation():
 
 def test_cpt_logs_the_loss_of_each_language(tmp_path, tiny_model_dir):
     out = str(tmp_path / "run")
-    assert run_recipe("cpt", cpt_args(tiny_model_dir, out, "--train_tokens", "4096", "--logging_steps", "2")) == 0
+    assert run_recipe("cpt", cpt_args(tiny_model_dir, out, "--train_tokens", "4096", "--logging_steps", "2",
+                                      "--loss_by_language_steps", "2")) == 0
     state = json.loads(open(os.path.join(out, "checkpoint-4", "trainer_state.json"), encoding="utf-8").read())
     logs = [h for h in state["log_history"] if "loss" in h]
     assert logs and all(h["loss_ja"] > 0 and h["loss_en"] > 0 for h in logs)

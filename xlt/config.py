@@ -195,6 +195,12 @@ class CptArguments:
         default=True,
         metadata={"help": "Spike guard: always skip a step whose loss or gradient is NaN / inf (on any process)."},
     )
+    loss_by_language_steps: int = field(
+        default=10,
+        metadata={"help": "Every this many optimizer steps, the loss of each language (loss_ja / loss_en in the "
+                  "logs) is measured on that step's micro-batches from the logits the forward pass made anyway "
+                  "(one extra cross-entropy; reported at the next log). 0 disables it."},
+    )
 
     def __post_init__(self) -> None:
         """The spike-guard keys, checked at parse time (before any model loads)."""

@@ -193,6 +193,7 @@ RULES: dict[str, Rule] = {
     "stream_seed": SEED,
     # CptArguments
     "train_tokens": POSITIVE,
+    "loss_by_language_steps": NON_NEGATIVE,  # 0 disables the loss-by-language measurement
     "spike_factor": OFF_OR_ABOVE_1,  # a factor <= 1 would skip nearly every step
     "eval_max_docs": POSITIVE,
     # EvalArguments

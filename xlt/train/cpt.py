@@ -211,6 +211,7 @@ def _make_trainer_class():
         xlt_tokens_per_step = 0
         xlt_state_writer = None
         xlt_data_args = None
+        xlt_loss_by_language_steps = 10
         xlt_replicas_in_sync: Optional[bool] = None
         _xlt_last_log: Optional[tuple[float, int]] = None
         _xlt_lang_loss: Optional[list] = None
@@ -266,11 +267,12 @@ def _make_trainer_class():
                 rotate_complete_checkpoints(run_dir, limit)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            # The stream sends each token's language; the model must not see it. On the micro-batches of a
-            # logging step only, the per-token losses (from the logits the forward pass made anyway) are summed
-            # by language: the loss-by-language curve costs nothing on the other steps.
+            # The stream sends each token's language; the model must not see it. On the micro-batches of every
+            # xlt_loss_by_language_steps-th step only, the per-token losses (from the logits the forward pass made
+            # anyway) are summed by language and reported at the next log: the other steps pay nothing.
             langs = inputs.pop(LANG_KEY, None)
-            measure = langs is not None and (self.state.global_step + 1) % max(1, int(self.state.logging_steps or 1)) == 0
+            every = self.xlt_loss_by_language_steps
+            measure = langs is not None and every > 0 and (self.state.global_step + 1) % every == 0
             if not measure:
                 return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)
@@ -355,7 +357,7 @@ def run_cpt(model_args: ModelArguments, tok_args: TokenizerArguments, data_args:
     training_args.max_steps = plan.max_steps
     settings = fingerprint(model_args, tok_args, data_args, cpt_args, lora or {},
                            {k: getattr(training_args, k, None) for k in _RUN_KEYS},
-                           exclude=("resume", "eval_max_docs", "max_consecutive_skips"))
+                           exclude=("resume", "eval_max_docs", "max_consecutive_skips", "loss_by_language_steps"))
     _log(plan.describe())
     with run_lock(output_dir, "cpt"):
         return _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, sources, eval_sources,
@@ -380,7 +382,8 @@ def new_row_ids(model: Any, base_spec: str, trust_remote_code: bool = False) -> 
 
 
 def build_cpt_trainer(model: Any, tokenizer: Any, training_args: Any, stream: Any, data_args: DataArguments,
-                      plan: StepPlan, guard: Any, callbacks: Optional[list] = None) -> Any:
+                      plan: StepPlan, guard: Any, callbacks: Optional[list] = None,
+                      loss_by_language_steps: int = 10) -> Any:
     """The Trainer of continued pretraining, wired as ``run_cpt`` runs it: skip-step guard, xlt state in every
     checkpoint, token accounting / tokens/s / sequence length in the logs, progress postfix. The stream
     restores its own position, so the Trainer must not skip batches on resume (``ignore_data_skip``)."""
@@ -398,7 +401,7 @@ def build_cpt_trainer(model: Any, tokenizer: Any, training_args: Any, stream: An
     trainer.add_callback(OnTrainBegin(trainer.on_train_begin_xlt))
     trainer.xlt_guard, trainer.xlt_stream, trainer.xlt_rows_per_step = guard, stream, plan.rows_per_step
     trainer.xlt_tokens_per_step, trainer.xlt_state_writer = plan.tokens_per_step, state_writer
-    trainer.xlt_data_args = data_args
+    trainer.xlt_data_args, trainer.xlt_loss_by_language_steps = data_args, loss_by_language_steps
     return trainer
 
 
@@ -460,7 +463,8 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
             return {k: report[k] for k in ("tokens_trained", "cpt", "tokenizer") if k in report}
 
     # -- phase: train ---------------------------------------------------------------------------
-    trainer = build_cpt_trainer(model, tokenizer, training_args, stream, data_args, plan, guard)
+    trainer = build_cpt_trainer(model, tokenizer, training_args, stream, data_args, plan, guard,
+                                loss_by_language_steps=cpt_args.loss_by_language_steps)
     result = trainer.train(resume_from_checkpoint=resume_from)
     if guard.stop_requested:  # the guard saved a checkpoint and stopped the run: end with one line (exit 2)
         trainer.accelerator.wait_for_everyone()
