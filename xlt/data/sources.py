@@ -137,6 +137,14 @@ class Source:
         return ds
 
 
+
+def _json_line(line: str, path: str, lineno: int):
+    """One JSON Lines row; a parse error is one line naming the file and line."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise XltError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+
 def load_sources(specs: Optional[list[dict]], key: str = "sources") -> list[Source]:
     """Build and validate sources from recipe specs; errors name ``key[i]`` and the problem."""
     if not specs:
@@ -197,10 +205,7 @@ def read_documents(path: str, text_field: str = "text", max_docs: Optional[int] 
                 line = decode_line(raw, path, lineno, key)
                 if not line.strip():
                     continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise XltError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+                row = _json_line(line, path, lineno)
                 docs.append(_text_of(row, text_field, key, f"{path}:{lineno}"))
                 if max_docs is not None and len(docs) >= max_docs:
                     break
@@ -264,10 +269,7 @@ def _check_text_field(path: str, text_field: str, key: str) -> None:
     for lineno, line in enumerate(complete, 1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise XltError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+        row = _json_line(line, path, lineno)
         if not isinstance(row, dict):
             raise XltError(f"{key}: {path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
         _text_of(row, text_field, key, path if first else f"{path}:{lineno}")
