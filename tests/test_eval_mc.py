@@ -207,3 +207,23 @@ def test_evaluate_run_checks_mc_data_before_loading_a_model(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"xlt: error: mc_data: {empty} has no usable multiple-choice rows (need question, "
                    "choice0..choice4, label 0-4)"]
+
+
+def test_shared_prefix_scores_equal_full_passes(embedded_tokenizer):
+    """Each question's prompt runs once (cache repeated per choice); the scores equal one full pass per choice."""
+    from xlt.eval.mc import _choice_logprobs, _split_continuation, continuation_logprobs
+
+    tok = embedded_tokenizer
+    rows, _ = load_mc_rows(str(shared_file("jcommonsenseqa_valid.jsonl")), max_n=12)
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    pairs = [_split_continuation(tok, PROMPT.format(question=r["question"]), c, start)
+             for r in rows for c in r["choices"]]
+    assert len({len(pairs[q][0]) for q in range(0, len(pairs), 5)}) > 1  # contexts of several lengths
+    model = tiny_llama(len(tok), seed=7).eval()
+    full = continuation_logprobs(model, pairs, start, batch_size=4)
+    shared = _choice_logprobs(model, pairs, 5, start, batch_size=3, max_length=1024)
+    assert shared == pytest.approx(full, rel=1e-4, abs=1e-4)
+    # A question longer than max_length falls back to full (left-truncated) passes, like lm-eval.
+    short = max(len(c) + len(x) for c, x in pairs[:5]) - 1
+    assert _choice_logprobs(model, pairs[:5], 5, start, 2, short) == pytest.approx(
+        continuation_logprobs(model, pairs[:5], start, 2, short), rel=1e-4, abs=1e-4)
