@@ -16,6 +16,7 @@ from xlt.data.sft_format import (
     IGNORE_INDEX,
     build_sft_dataset,
     generation_prompt,
+    generation_prompt_ids,
     install_chatml,
     render,
     stop_token_ids,
@@ -303,3 +304,16 @@ def test_labels_llama2_sentencepiece_byte_fallback(fmt):
     ex = check_labels(tok, MULTI, fmt, marker)
     assert ex.input_ids[0] == tok.bos_token_id and ex.input_ids.count(tok.bos_token_id) == 1
     assert any(t.startswith("<0x") for t in tok.convert_ids_to_tokens(ex.input_ids))
+
+
+@pytest.mark.parametrize("fmt", ["stablelm_alpaca", "chat"])
+def test_generation_prompt_ids_are_the_training_prefix(embedded_tokenizer, fmt):
+    """Generation starts from the very tokens training put before the answer."""
+    tok = embedded_tokenizer
+    ex = tokenize_example(MULTI, fmt, tok, None)
+    second = [j for j, lab in enumerate(ex.labels) if lab != IGNORE_INDEX and ex.labels[j - 1] == IGNORE_INDEX][1]
+    assert generation_prompt_ids(MULTI[:4], fmt, tok) == ex.input_ids[:second]
+    text = generation_prompt(MULTI[:4], fmt, tok)
+    assert tok.decode(ex.input_ids[:second]) == text
+    if fmt == "stablelm_alpaca":  # the naive tokenisation of the prompt text ends differently (" \n")
+        assert tok(text, add_special_tokens=False)["input_ids"] != ex.input_ids[:second]

@@ -184,6 +184,21 @@ def generation_prompt(messages: Sequence[dict], prompt_format: str, tokenizer: A
     return _apply_template(tokenizer, msgs, True)
 
 
+def generation_prompt_ids(messages: Sequence[dict], prompt_format: str, tokenizer: Any) -> list[int]:
+    """Token ids the model continues to answer ``messages`` (ending with a user turn), as in training.
+
+    Cut from the tokenisation of the conversation with a one-letter answer appended, up to that answer's
+    first trained token: tokenising :func:`generation_prompt`'s text alone would cut its final whitespace differently
+    (byte-level pre-tokenizers make " \n" one token at a string end but " ", "\n" before the answer).
+    """
+    ex = tokenize_example(list(messages) + [{"role": "assistant", "content": "A"}], prompt_format, tokenizer, None)
+    starts = [j for j, lab in enumerate(ex.labels) if lab != IGNORE_INDEX and (j == 0 or ex.labels[j - 1] == IGNORE_INDEX)]
+    first = starts[-1] if starts else None
+    if first is None:
+        raise XltError(f"prompt_format={prompt_format}: cannot locate where the answer starts")
+    return ex.input_ids[:first]
+
+
 # ---------------------------------------------------------------------------------------------
 # Tokenisation
 # ---------------------------------------------------------------------------------------------
