@@ -2,6 +2,7 @@
 
     xlt cpt --config recipes/smollm2-135m-ja/cpt.yaml [--key value ...]
     xlt sft --config recipes/smollm2-135m-ja/sft.yaml [--key value ...]
+    xlt sft preview --config RECIPE [--n N] [--json] [--key value ...]   (tokenizer only: what is trained)
     xlt evaluate run --config recipes/smollm2-135m-ja/evaluate.yaml
     xlt evaluate bpc --model DIR --data FILE [FILE ...] [--stride S] [--text-field text] [--max-docs N] --json
     xlt evaluate mc --model DIR --data FILE [--max-n N] --json
@@ -251,6 +252,21 @@ def _add_speed_and_plan(sub: argparse._SubParsersAction, ev: argparse._SubParser
 # --- end xlt evaluate speed / xlt plan ------------------------------------------------------------
 
 
+def _sft_preview(argv: Sequence[str]) -> int:
+    """``xlt sft preview --config RECIPE [--n N] [--json]``; other ``--key value`` pairs override the recipe."""
+    from xlt.data.sft_format import preview_main
+
+    p = argparse.ArgumentParser(prog="xlt sft preview", allow_abbrev=False, description="The first N SFT training examples as "
+                                "trained: text with the spans that carry loss (tokenizer only, no model weights).")
+    p.add_argument("--n", type=int, default=3, help="examples to show")
+    p.add_argument("--json", action="store_true",
+                   help='print [{"text", "trained": [[start, end], ...], "tokens", "truncated"}, ...]')
+    ns, rest = p.parse_known_args(list(argv))
+    if "--config" not in rest:
+        raise XltError("sft preview: --config RECIPE is required")
+    return preview_main(rest, n=ns.n, as_json=ns.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xlt", description="Cross-lingual continued pretraining toolkit.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -323,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["sft", "preview"]:
+        return _guard(lambda: _sft_preview(argv[2:]))
     # Recipe stages take TrlParser arguments, which argparse here must not interpret.
     if argv and argv[0] in ("cpt", "sft"):
         return run_recipe(argv[0], argv[1:])
