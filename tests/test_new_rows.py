@@ -308,3 +308,29 @@ def test_warmup_in_a_real_run_and_resume_across_its_boundary(tmp_path, tiny_mode
     b = load_file(os.path.join(part, "cpt", "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_with_new_row_settings(tmp_path, tiny_model_dir):
+    """torchrun, 2 gloo processes x batch 2 = 1 process x batch 4, across the warm-up boundary: same weights."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from xlt.cli import run_recipe
+
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    common = ["--save_steps", "100"]
+    assert run_recipe("cpt", _cpt_args(tiny_model_dir, one, *common, "--per_device_train_batch_size", "4")) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29547", str(REPO / "recipes/cpt.py"),
+                           *_cpt_args(tiny_model_dir, two, *common, "--per_device_train_batch_size", "2")],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("new-rows warm-up done after 2 steps") == 1  # the main process only
+    a = load_file(os.path.join(one, "cpt", "model.safetensors"))
+    b = load_file(os.path.join(two, "cpt", "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
