@@ -7,6 +7,7 @@ before any model or dataset is loaded, so bad input costs seconds, not a model l
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -202,8 +203,31 @@ class CptArguments:
                   "(one extra cross-entropy; reported at the next log). 0 disables it."},
     )
 
+    # New embedding rows of an extended / swapped tokenizer (xlt/train/new_rows.py). They need tokenizer_mode
+    # extend or swap, full training (not use_lora) and optim adamw_torch / adamw_torch_fused when not at defaults.
+    new_rows_lr_multiplier: float = field(
+        default=1.0,
+        metadata={"help": "The new rows (input embedding and untied output head) step as their own AdamW group with "
+                  "learning_rate x this (> 0); the LR schedule applies to it too."},
+    )
+    new_rows_weight_decay: float = field(
+        default=0.0,
+        metadata={"help": "Decoupled weight decay of the new rows (>= 0); the old rows keep weight_decay."},
+    )
+    new_rows_warmup_fraction: float = field(
+        default=0.0,
+        metadata={"help": "For the first ceil(fraction x max_steps) optimizer steps only the new rows train: the body "
+                  "and every old row stay bit-identical and their Adam state does not advance (0 <= x < 1)."},
+    )
+
     def __post_init__(self) -> None:
-        """The spike-guard keys, checked at parse time (before any model loads)."""
+        """The spike-guard and new-row keys, checked at parse time (before any model loads)."""
+        if not (isinstance(self.new_rows_lr_multiplier, (int, float)) and 0 < self.new_rows_lr_multiplier < math.inf):
+            raise XltError(f"new_rows_lr_multiplier={self.new_rows_lr_multiplier}: expected a number > 0")
+        if not (isinstance(self.new_rows_weight_decay, (int, float)) and 0 <= self.new_rows_weight_decay < math.inf):
+            raise XltError(f"new_rows_weight_decay={self.new_rows_weight_decay}: expected a number >= 0")
+        if not (isinstance(self.new_rows_warmup_fraction, (int, float)) and 0 <= self.new_rows_warmup_fraction < 1):
+            raise XltError(f"new_rows_warmup_fraction={self.new_rows_warmup_fraction}: expected 0 <= x < 1")
         if self.spike_factor != 0 and not self.spike_factor > 1:
             raise XltError(f"spike_factor={self.spike_factor}: expected 0 (off) or a factor > 1")
         if not self.skip_step_sigma >= 0:

@@ -213,6 +213,8 @@ def _make_trainer_class():
         xlt_data_args = None
         xlt_loss_by_language_steps = 10
         xlt_replicas_in_sync: Optional[bool] = None
+        xlt_new_rows = None  # (NewRowsSettings, new row ids): the new rows' own AdamW treatment (xlt/train/new_rows.py)
+        _xlt_new_rows_opt = None
         _xlt_last_log: Optional[tuple[float, int]] = None
         _xlt_lang_loss: Optional[list] = None
 
@@ -227,11 +229,20 @@ def _make_trainer_class():
 
         def create_optimizer(self, *args: Any, **kwargs: Any):
             opt = super().create_optimizer(*args, **kwargs)
+            if self.xlt_new_rows is not None and self._xlt_new_rows_opt is None:
+                from xlt.train.new_rows import wrap_new_rows
+
+                # Inside the skip-step wrapper: a skipped step never reaches it.
+                settings, ids = self.xlt_new_rows
+                self.optimizer = opt = self._xlt_new_rows_opt = wrap_new_rows(
+                    opt, self.model, ids, settings, step_of=lambda: self.state.global_step)
             if self._guard_on() and not isinstance(opt, SkipStepOptimizer):
                 self.optimizer = opt = SkipStepOptimizer(opt, self.xlt_guard)
             return opt
 
         def training_step(self, model, inputs, num_items_in_batch=None):
+            if self._xlt_new_rows_opt is not None:
+                self._xlt_new_rows_opt.arm()  # the next optimizer step is a training step
             loss = super().training_step(model, inputs, num_items_in_batch)
             if self._guard_on():
                 # The Trainer divides each micro-batch loss by the accumulation steps; undo it so the guard
@@ -353,6 +364,9 @@ def run_cpt(model_args: ModelArguments, tok_args: TokenizerArguments, data_args:
     master_dtype, attn = check_model_runtime(model_args)
     if lora is not None:
         check_lora_model(model_args, lora)
+    from xlt.train.new_rows import new_rows_settings
+
+    new_rows = new_rows_settings(cpt_args, tok_args.tokenizer_mode, training_args, plan.max_steps, lora is not None)
     launcher = Launcher.from_env()
     training_args.max_steps = plan.max_steps
     settings = fingerprint(model_args, tok_args, data_args, cpt_args, lora or {},
@@ -361,7 +375,7 @@ def run_cpt(model_args: ModelArguments, tok_args: TokenizerArguments, data_args:
     _log(plan.describe())
     with run_lock(output_dir, "cpt"):
         return _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, sources, eval_sources,
-                               plan, settings, master_dtype, attn, launcher, t0, lora)
+                               plan, settings, master_dtype, attn, launcher, t0, lora, new_rows)
 
 
 def check_lora_model(model_args: ModelArguments, lora: LoraSettings) -> None:
@@ -383,7 +397,7 @@ def new_row_ids(model: Any, base_spec: str, trust_remote_code: bool = False) -> 
 
 def build_cpt_trainer(model: Any, tokenizer: Any, training_args: Any, stream: Any, data_args: DataArguments,
                       plan: StepPlan, guard: Any, callbacks: Optional[list] = None,
-                      loss_by_language_steps: int = 10) -> Any:
+                      loss_by_language_steps: int = 10, new_rows: Optional[tuple] = None) -> Any:
     """The Trainer of continued pretraining, wired as ``run_cpt`` runs it: skip-step guard, xlt state in every
     checkpoint, token accounting / tokens/s / sequence length in the logs, progress postfix. The stream
     restores its own position, so the Trainer must not skip batches on resume (``ignore_data_skip``)."""
@@ -402,11 +416,12 @@ def build_cpt_trainer(model: Any, tokenizer: Any, training_args: Any, stream: An
     trainer.xlt_guard, trainer.xlt_stream, trainer.xlt_rows_per_step = guard, stream, plan.rows_per_step
     trainer.xlt_tokens_per_step, trainer.xlt_state_writer = plan.tokens_per_step, state_writer
     trainer.xlt_data_args, trainer.xlt_loss_by_language_steps = data_args, loss_by_language_steps
+    trainer.xlt_new_rows = new_rows  # (NewRowsSettings, ids) or None
     return trainer
 
 
 def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, sources, eval_sources, plan,
-                    settings, master_dtype, attn, launcher, t0, lora=None) -> dict:
+                    settings, master_dtype, attn, launcher, t0, lora=None, new_rows=None) -> dict:
     output_dir = training_args.output_dir
     eval_texts = heldout_texts(sources, eval_sources, cpt_args.eval_max_docs)
     # The main process claims the directory and writes the held-out split first; the others then find it.
@@ -435,6 +450,11 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         _log(f"LoRA r={lora.lora_r} on {lora.lora_target_modules}; new rows: {len(new_ids)} via {lora.lora_new_rows}; "
              f"{trainable:,} trainable parameters")
+    new_rows_opt = None
+    if new_rows is not None and tok_report is not None:
+        ids = new_row_ids(model, model_args.model, model_args.trust_remote_code)
+        new_rows_opt = (new_rows, ids)
+        _log(new_rows.describe(len(ids), plan.max_steps))
     checkpointing = own_activation_checkpointing(training_args, launcher)
     _log(f"launcher {launcher.describe()}; master weights {master_dtype}, compute "
          f"{'bf16' if training_args.bf16 else 'fp16' if training_args.fp16 else master_dtype}; attention {attn}; "
@@ -464,7 +484,8 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
 
     # -- phase: train ---------------------------------------------------------------------------
     trainer = build_cpt_trainer(model, tokenizer, training_args, stream, data_args, plan, guard,
-                                loss_by_language_steps=cpt_args.loss_by_language_steps)
+                                loss_by_language_steps=cpt_args.loss_by_language_steps,
+                                new_rows=new_rows_opt if new_rows_opt and new_rows_opt[0].active and new_rows_opt[1] else None)
     result = trainer.train(resume_from_checkpoint=resume_from)
     if guard.stop_requested:  # the guard saved a checkpoint and stopped the run: end with one line (exit 2)
         trainer.accelerator.wait_for_everyone()
@@ -501,6 +522,8 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
             "cleaning": getattr(stream, "cleaning_report", {}),
         },
     }
+    if new_rows_opt is not None:
+        section["cpt"]["new_rows"] = new_rows_opt[0].report(len(new_rows_opt[1]))
     if tok_report is not None:
         section["tokenizer"] = {
             "ja_chars_per_token": tok_report["chars_per_token"]["ja"],
