@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import types
 
 import pytest
 import torch
@@ -250,29 +249,22 @@ def preview_recipe(tmp_path, embedded_tokenizer, monkeypatch):
     convs = [{"messages": SINGLE, "source": "x"}, {"messages": MULTI, "source": "x"},
              {"messages": [{"role": "user", "content": "長く"}, {"role": "assistant", "content": long_answer}],
               "source": "y"}]
-    seen = {}
-
-    def fake_load_sft_data(specs, eval_fraction=0.0, seed=0):
-        seen.update(specs=specs, eval_fraction=eval_fraction)
-        return types.SimpleNamespace(train=convs, eval=[], counts={})
-
-    # TEMPORARY: xlt.data.sft.load_sft_data is being written by the sftdata helper in parallel; until it is
-    # merged the preview is tested against this stand-in (raising=False: the attribute may not exist yet).
-    monkeypatch.setattr(xlt.data.sft, "load_sft_data", fake_load_sft_data, raising=False)
+    data = tmp_path / "convs.jsonl"
+    data.write_text("".join(json.dumps({"messages": c["messages"]}, ensure_ascii=False) + "\n" for c in convs),
+                    encoding="utf-8")
     recipe = tmp_path / "sft.yaml"
-    recipe.write_text(f"model: {tok_dir}\nsft_datasets:\n  - {{adapter: chatterbot, embedded: chatterbot-ja}}\n"
+    recipe.write_text(f"model: {tok_dir}\nsft_datasets:\n  - {{adapter: messages, path: {data}}}\n"
                       f"prompt_format: chat\noutput_dir: {tmp_path / 'run'}\nmax_length: 192\nuse_cpu: true\n"
                       "report_to: none\n", encoding="utf-8")
-    return str(recipe), seen
+    return str(recipe)
 
 
 def test_preview_json(preview_recipe, capsys):
     from xlt.cli import main
 
-    recipe, seen = preview_recipe
+    recipe = preview_recipe
     assert main(["sft", "preview", "--config", recipe, "--n", "3", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert seen == {"specs": [{"adapter": "chatterbot", "embedded": "chatterbot-ja"}], "eval_fraction": 0.0}
     assert len(rows) == 3 and all(set(r) == {"text", "trained", "tokens", "truncated"} for r in rows)
     assert [[r["text"][s:e] for s, e in r["trained"]] for r in rows[:2]] == [
         _assistant_texts(SINGLE, "<|im_end|>"), _assistant_texts(MULTI, "<|im_end|>")]
@@ -283,7 +275,7 @@ def test_preview_json(preview_recipe, capsys):
 def test_preview_text_highlights(preview_recipe, capsys):
     from xlt.cli import main
 
-    recipe, _ = preview_recipe
+    recipe = preview_recipe
     assert main(["sft", "preview", "--config", recipe, "--n", "1", "--prompt_format", "stablelm_alpaca"]) == 0
     out = capsys.readouterr().out
     assert "[[東京です。<|im_end|>]]" in out and "[[" + STABLELM_SYSTEM not in out and "\033[" not in out

@@ -401,12 +401,9 @@ def preview_examples(argv: Sequence[str], n: int) -> list[dict]:
         raise XltError(f"--n={n}: expected a positive number of examples")
     sft_args, training_args = _recipe(argv)
     check_prompt_format(sft_args.prompt_format)
-    from xlt.data import sft as sft_data
+    from xlt.data.sft import load_sft_data
 
-    load = getattr(sft_data, "load_sft_data", None)  # written in parallel (issue 8); wired when merged
-    if load is None:
-        raise XltError("sft preview: this xlt has no xlt.data.sft.load_sft_data to read conversations with")
-    data = load(sft_args.sft_datasets, eval_fraction=0.0)
+    data = load_sft_data(sft_args.sft_datasets, eval_fraction=0.0)
     tok = _preview_tokenizer(sft_args, training_args)
     max_length = getattr(training_args, "max_length", None)
     out = []
