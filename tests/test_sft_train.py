@@ -95,6 +95,28 @@ def test_eval_losses_come_from_the_log_history():
     assert eval_losses(hist) == [{"epoch": 1.0, "eval_loss": 2.5}, {"epoch": 2.0, "eval_loss": 2.25}]
 
 
+def test_sft_trainer_trains_our_labels_as_given_and_pads_them_with_ignore(tmp_path, tiny_model_dir,
+                                                                         embedded_tokenizer):
+    """TRL must neither rebuild nor drop the labels (the EOS is trained although pad == eos), and padding is -100."""
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig
+
+    from xlt.train.sft import IGNORE, build_sft_trainer
+
+    tok = embedded_tokenizer
+    eos = tok.eos_token_id
+    rows = [{"input_ids": [5, 6, 7, 8, eos], "labels": [IGNORE, IGNORE, 7, 8, eos]},
+            {"input_ids": [9, 10, eos], "labels": [IGNORE, 10, eos]}]
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_length=64, use_cpu=True,
+                     report_to="none", bf16=False, shuffle_dataset=False)
+    trainer = build_sft_trainer(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tok, args, rows, rows[:1])
+    assert trainer.train_dataset["labels"] == [r["labels"] for r in rows]
+    assert trainer.args.eval_strategy == "epoch"
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    assert batch["labels"].tolist() == [[IGNORE, IGNORE, 7, 8, eos], [IGNORE, 10, eos, IGNORE, IGNORE]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: one line, before any model loads
 # ---------------------------------------------------------------------------------------------

@@ -91,12 +91,12 @@ def resolve_learning_rate(training_args: Any, use_lora: bool, given: Optional[bo
     return float(training_args.learning_rate)
 
 
-def check_sft_inputs(sft_args: SftArguments, training_args: Any, model_spec: str) -> Any:
-    """Everything checkable before a model loads; returns the LoRA settings (None without LoRA).
-
-    LoRA target modules are checked against the model's config (a meta-device model: no weights read).
-    """
+def check_sft_inputs(sft_args: SftArguments, training_args: Any) -> tuple[str, Any]:
+    """Everything checkable before a model loads; returns the model spec and the LoRA settings (None
+    without LoRA). Data specs first, then the model. LoRA target modules are checked against the model's
+    config (a meta-device model: no weights read)."""
     check_sft_specs(sft_args.sft_datasets)
+    model_spec = resolve_sft_model(sft_args, training_args.output_dir)
     check_model_spec(model_spec)
     if sft_args.prompt_format not in PROMPT_FORMATS:
         raise XltError(f"prompt_format={sft_args.prompt_format!r}: expected stablelm_alpaca or chat")
@@ -111,7 +111,7 @@ def check_sft_inputs(sft_args: SftArguments, training_args: Any, model_spec: str
             raise XltError("packing: true needs max_length (the packed row length)")
     lora = sft_args.lora_settings()
     if not lora.use_lora:
-        return None
+        return model_spec, None
     from transformers import AutoConfig
 
     from xlt.train.lora import check_lora_targets
@@ -119,7 +119,7 @@ def check_sft_inputs(sft_args: SftArguments, training_args: Any, model_spec: str
     config = AutoConfig.from_pretrained(resolve_model(model_spec),
                                         trust_remote_code=getattr(training_args, "trust_remote_code", False))
     check_lora_targets(config, lora)
-    return lora
+    return model_spec, lora
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,8 +327,7 @@ def run_sft(sft_args: SftArguments, training_args: Any, learning_rate_given: Opt
     t0 = time.time()
     run_dir = training_args.output_dir
     # -- phase: inputs --------------------------------------------------------------------------
-    model_spec = resolve_sft_model(sft_args, run_dir)
-    lora = check_sft_inputs(sft_args, training_args, model_spec)
+    model_spec, lora = check_sft_inputs(sft_args, training_args)
     lr = resolve_learning_rate(training_args, lora is not None, learning_rate_given)
     master = master_weights_dtype(sft_args.master_weights_dtype, sft_args.torch_dtype)
     attn = resolve_attn_implementation(sft_args.attn_implementation)
