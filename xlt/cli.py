@@ -8,6 +8,7 @@
     xlt evaluate mc --model DIR --data FILE [--max-n N] --json
     xlt evaluate harness --model DIR --tasks jcommonsenseqa --data-dir DIR --json
     xlt tokenizer extend|stats ...      xlt data preview ...
+    xlt chat --model RUN_DIR/sft [--max-new-tokens N]   (one instruction per line on stdin)
     xlt report RUN_DIR                  xlt push RUN_DIR --repo-id ORG/NAME [--private] [--dry-run --output DIR]
     xlt check --config RECIPE [--accelerate_config FILE] [--offline] [--gpus N --gpu-memory-gb G] [--json]
 
@@ -60,9 +61,9 @@ def _recipe_stage(name: str) -> Callable[[Sequence[str]], int]:
         elif name == "sft":
             from trl import SFTConfig
 
-            from xlt.train.sft import run_sft
+            from xlt.train.sft import learning_rate_given, run_sft
 
-            run_sft(*parse_recipe([SftArguments, SFTConfig], argv))
+            run_sft(*parse_recipe([SftArguments, SFTConfig], argv), learning_rate_given=learning_rate_given(argv))
         elif name == "evaluate":
             from xlt.eval.suite import evaluate_run
             from xlt.report import format_table
@@ -137,6 +138,18 @@ def _evaluate_harness(ns: argparse.Namespace) -> int:
     else:
         for task, metrics in r["results"].items():
             print(task + ": " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return 0
+
+
+def _chat(ns: argparse.Namespace) -> int:
+    """``xlt chat --model DIR [--max-new-tokens N]``: reads instructions from stdin until an empty line / EOF."""
+    from xlt.train.sft import chat
+
+    if ns.max_new_tokens <= 0:
+        raise XltError(f"chat: --max-new-tokens={ns.max_new_tokens} must be > 0")
+    if not os.path.isdir(ns.model):
+        raise XltError(f"chat: --model {ns.model} is not a directory")
+    chat(ns.model, ns.max_new_tokens)
     return 0
 
 
@@ -313,6 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     h.add_argument("--json", action="store_true")
     h.set_defaults(func=_evaluate_harness)
+
+    c = sub.add_parser("chat", help="talk to an SFT model: one instruction per line, answer streamed (training format)")
+    c.add_argument("--model", required=True, help="an sft/ folder written by xlt sft (with xlt_sft.json)")
+    c.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens")
+    c.set_defaults(func=_chat)
 
     r = sub.add_parser("report", help="write RUN_DIR/REPORT.md with plots and print the table of report.json")
     r.add_argument("run_dir", nargs="?", default=None, help="the run directory")

@@ -261,6 +261,49 @@ class SftArguments:
     attn_implementation: Optional[str] = field(default=None, metadata={"help": "See ModelArguments.attn_implementation."})
     master_weights_dtype: str = field(default="float32", metadata={"help": "See ModelArguments.master_weights_dtype."})
     # trust_remote_code comes from SFTConfig (default False).
+    eval_fraction: float = field(
+        default=0.0,
+        metadata={"help": "Fraction of the instruction examples held out for evaluation, in [0, 1). > 0: the eval "
+                  "loss is measured at the end of every epoch (logs and report.json sft.eval_loss)."},
+    )
+    chat_template: Optional[str] = field(
+        default=None,
+        metadata={"help": "prompt_format chat only: null uses the tokenizer's own template; 'chatml' installs a "
+                  "ChatML template (adding <|im_start|>/<|im_end|> as special tokens when missing)."},
+    )
+    # LoRA: the keys of xlt/train/lora.py's LoraSettings (validated by it; same meaning as in CPT).
+    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights; the final "
+                           "sft/ model is saved merged. Learning rate default: 2e-4 with LoRA, 2e-5 without."})
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank (> 0)."})
+    lora_alpha: float = field(default=128, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input, in [0, 1)."})
+    lora_target_modules: str = field(
+        default="all-linear",
+        metadata={"help": "Linear module names to adapt, comma-separated (e.g. q_proj,v_proj), or 'all-linear'. Checked "
+                  "against the model's config before any weights load."},
+    )
+    lora_new_rows: str = field(
+        default="trainable_tokens",
+        metadata={"help": "With LoRA and new vocabulary rows (chat_template: chatml adds tokens): 'trainable_tokens' "
+                  "or 'modules_to_save' (see LoraSettings)."},
+    )
+
+    def __post_init__(self) -> None:
+        """The SFT-only keys, checked at parse time (before any model loads); LoRA keys by LoraSettings."""
+        if isinstance(self.eval_fraction, bool) or not isinstance(self.eval_fraction, (int, float)) \
+                or not 0.0 <= self.eval_fraction < 1.0:
+            raise XltError(f"eval_fraction={self.eval_fraction}: expected a number in [0, 1)")
+        if self.chat_template not in (None, "chatml"):
+            raise XltError(f"chat_template={self.chat_template!r}: expected null (the tokenizer's own) or chatml")
+        self.lora_settings()
+
+    def lora_settings(self) -> Any:
+        """The LoRA keys as a validated ``xlt.train.lora.LoraSettings`` (one-line errors naming the key)."""
+        from xlt.train.lora import LoraSettings
+
+        return LoraSettings(use_lora=self.use_lora, lora_r=self.lora_r, lora_alpha=self.lora_alpha,
+                            lora_dropout=self.lora_dropout, lora_target_modules=self.lora_target_modules,
+                            lora_new_rows=self.lora_new_rows)
 
 
 def parse_recipe(dataclass_types: Sequence[type], argv: Optional[Sequence[str]] = None) -> tuple[Any, ...]:

@@ -1,20 +1,27 @@
-"""Instruction SFT with TRL's SFTTrainer on prompt-completion pairs (loss on the completion only).
+"""Instruction SFT with TRL's SFTTrainer on tokenized rows whose labels carry the loss mask.
 
-Phases: inputs → model → data → train → save → report. The run directory is the recipe's
-``output_dir`` (shared with continued pretraining); SFT checkpoints go to ``sft-checkpoints/``
-and the final model to ``sft/``.
+Phases: inputs → tokenizer + data → model → train → save → generate → report. The run directory is the recipe's
+``output_dir`` (shared with continued pretraining); SFT checkpoints go to ``sft-checkpoints/`` and the
+final model to ``sft/``, with ``generation_config.json`` (the format's stop tokens as ``eos_token_id``)
+and ``xlt_sft.json`` (the prompt format, read by ``xlt chat``).
+
+Why SFTTrainer takes our rows as they are (trl 1.16, ``SFTTrainer._prepare_dataset``): a dataset with an
+``input_ids`` column is "processed" and not re-tokenized; a ``labels`` column is used as is (masks are only
+folded in when it is absent); truncation to ``max_length`` is a no-op on rows we already cut (and counted);
+``DataCollatorForLanguageModeling`` pads ``labels`` with -100. So the labels built here are the labels trained.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Optional, TextIO
 
 from xlt.config import SftArguments, XltError
-from xlt.data.sft import check_sft_specs, load_instruction_examples
-from xlt.io import update_report
-from xlt.models import check_model_spec, load_model, load_tokenizer, resolve_revision
+from xlt.data.sft import check_sft_specs, format_prompt, load_instruction_examples
+from xlt.io import atomic_write_json, update_report
+from xlt.models import check_model_spec, load_model, load_tokenizer, resolve_model, resolve_revision
 from xlt.train.checkpoint import claim_output_dir, fingerprint, last_trainer_checkpoint
 from xlt.train.distributed import check_replicas, save_final_model
 from xlt.train.lock import run_lock
@@ -27,7 +34,18 @@ from xlt.train.runtime import (
 )
 
 _RUN_KEYS = ("learning_rate", "lr_scheduler_type", "weight_decay", "num_train_epochs", "max_steps",
-             "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "max_length", "bf16")
+             "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "max_length", "bf16",
+             "packing", "packing_strategy")
+PROMPT_FORMATS = ("stablelm_alpaca", "chat")
+# Learning rate when the recipe does not set one (LoRA adapters start at zero and need a larger step).
+LORA_LEARNING_RATE, FULL_LEARNING_RATE = 2e-4, 2e-5
+# Fixed Japanese instructions generated after training (report.json sft.generations), greedy.
+GENERATION_INSTRUCTIONS = ("日本の首都はどこですか？", "健康的な朝ごはんを一つ提案してください。",
+                           "「ありがとう」を英語に翻訳してください。")
+GENERATION_MAX_NEW_TOKENS = 48
+SFT_INFO_FILE = "xlt_sft.json"  # written last into sft/: its presence marks a complete run
+_EVAL_SPLIT_SEED = 0
+IGNORE = -100
 
 
 def _log(msg: str) -> None:
@@ -44,67 +62,418 @@ def resolve_sft_model(sft_args: SftArguments, run_dir: str) -> str:
     return cpt_dir
 
 
-def run_sft(sft_args: SftArguments, training_args: Any) -> dict:
+# ---------------------------------------------------------------------------------------------
+# Inputs (no model loaded)
+# ---------------------------------------------------------------------------------------------
+def learning_rate_given(argv: Sequence[str]) -> bool:
+    """Whether the recipe (``--config`` YAML) or the command line sets ``learning_rate``.
+
+    Needed because the parsed value cannot tell: SFTConfig defaults to 2e-5 (TrainingArguments to 5e-5),
+    and a recipe may set exactly that value.
+    """
+    argv = list(argv)
+    if any(a == "--learning_rate" or a.startswith("--learning_rate=") for a in argv):
+        return True
+    if "--config" in argv and argv.index("--config") + 1 < len(argv):
+        from xlt.config import _check_yaml
+
+        return "learning_rate" in _check_yaml(argv[argv.index("--config") + 1])
+    return False
+
+
+def resolve_learning_rate(training_args: Any, use_lora: bool, given: Optional[bool]) -> float:
+    """Set the default learning rate (2e-4 LoRA, 2e-5 full) unless the recipe set one; returns the rate used.
+
+    ``given=None`` (a caller that built the arguments itself): the value in ``training_args`` is kept.
+    """
+    if given is False:
+        training_args.learning_rate = LORA_LEARNING_RATE if use_lora else FULL_LEARNING_RATE
+    return float(training_args.learning_rate)
+
+
+def check_sft_inputs(sft_args: SftArguments, training_args: Any) -> tuple[str, Any]:
+    """Everything checkable before a model loads; returns the model spec and the LoRA settings (None
+    without LoRA). Data specs first, then the model. LoRA target modules are checked against the model's
+    config (a meta-device model: no weights read)."""
+    check_sft_specs(sft_args.sft_datasets)
+    model_spec = resolve_sft_model(sft_args, training_args.output_dir)
+    check_model_spec(model_spec)
+    if sft_args.prompt_format not in PROMPT_FORMATS:
+        raise XltError(f"prompt_format={sft_args.prompt_format!r}: expected stablelm_alpaca or chat")
+    if sft_args.chat_template and sft_args.prompt_format != "chat":
+        raise XltError(f"chat_template={sft_args.chat_template!r} needs prompt_format: chat "
+                       f"(got {sft_args.prompt_format})")
+    if getattr(training_args, "packing", False):
+        if getattr(training_args, "packing_strategy", "bfd") == "wrapped":
+            raise XltError("packing_strategy=wrapped cuts examples across rows; use bfd (xlt cuts examples longer "
+                           "than max_length itself and counts them, so no example is split across rows)")
+        if getattr(training_args, "max_length", None) is None:
+            raise XltError("packing: true needs max_length (the packed row length)")
+    lora = sft_args.lora_settings()
+    if not lora.use_lora:
+        return model_spec, None
+    from transformers import AutoConfig
+
+    from xlt.train.lora import check_lora_targets
+
+    config = AutoConfig.from_pretrained(resolve_model(model_spec),
+                                        trust_remote_code=getattr(training_args, "trust_remote_code", False))
+    check_lora_targets(config, lora)
+    return model_spec, lora
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: tokenized rows {"input_ids", "labels"} (labels -100 where no loss)
+# ---------------------------------------------------------------------------------------------
+def _spec_name(spec: dict) -> str:
+    return spec.get("name") or spec.get("dataset") or (os.path.basename(spec["path"]) if spec.get("path")
+                                                       else spec.get("embedded") or "sft")
+
+
+def tokenize_pair(prompt: str, completion: str, tokenizer: Any, prompt_format: str,
+                  max_length: Optional[int]) -> tuple[dict, bool]:
+    """One prompt / completion pair as ``({"input_ids", "labels"}, truncated)``.
+
+    Guarantees: labels are -100 over the prompt and equal to input_ids over the completion and the EOS
+    appended to it (the stop token is trained); the tokenizer's own special tokens (BOS) once, before the
+    prompt (a chat template writes them into its text, so none are added then); at most ``max_length``
+    tokens, cut at the end (``truncated`` says so).
+    """
+    prompt_ids = tokenizer(prompt, add_special_tokens=prompt_format != "chat")["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = prompt_ids + completion_ids
+    labels = [IGNORE] * len(prompt_ids) + completion_ids
+    truncated = max_length is not None and len(ids) > max_length
+    if truncated:
+        ids, labels = ids[:max_length], labels[:max_length]
+    return {"input_ids": ids, "labels": labels}, truncated
+
+
+def split_eval(n: int, fraction: float, seed: int = _EVAL_SPLIT_SEED) -> set[int]:
+    """Indices of the held-out examples: round(n * fraction), at least 1 when fraction > 0 and n >= 2,
+    never all of them. The same on every rank (a seeded shuffle of range(n))."""
+    import random
+
+    if fraction <= 0 or n < 2:
+        return set()
+    k = min(n - 1, max(1, round(n * fraction)))
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return set(order[:k])
+
+
+def _sft_datasets(sft_args: SftArguments, tokenizer: Any, max_length: Optional[int]) -> tuple[list, list, dict]:
+    """Tokenized train / eval rows and counts per dataset name.
+
+    counts[name]: rows (usable examples read), truncated (cut at max_length), fully_masked (dropped: no
+    trained token left after the cut), train, eval; rows == fully_masked + train + eval.
+    """
+    # lead: switch to load_sft_data + build_sft_dataset (this body reads the old prompt/completion loader,
+    # single-turn, and tokenizes prompt and completion itself).
+    tagged: list[tuple[str, dict]] = []
+    counts: dict[str, dict[str, int]] = {}
+    for spec in sft_args.sft_datasets:
+        name = _spec_name(spec)
+        c = counts.setdefault(name, {"rows": 0, "truncated": 0, "fully_masked": 0, "train": 0, "eval": 0})
+        for ex in load_instruction_examples([spec], sft_args.prompt_format, tokenizer):
+            c["rows"] += 1
+            row, truncated = tokenize_pair(ex["prompt"], ex["completion"], tokenizer, sft_args.prompt_format,
+                                           max_length)
+            c["truncated"] += int(truncated)
+            if all(v == IGNORE for v in row["labels"]):
+                c["fully_masked"] += 1
+                continue
+            tagged.append((name, row))
+    held = split_eval(len(tagged), sft_args.eval_fraction)
+    train, evals = [], []
+    for i, (name, row) in enumerate(tagged):
+        (evals if i in held else train).append(row)
+        counts[name]["eval" if i in held else "train"] += 1
+    if not train:
+        raise XltError("sft_datasets: no training example left (all fully masked at max_length?)")
+    return train, evals, counts
+
+
+def stop_token_ids(sft_args: SftArguments, tokenizer: Any) -> list[int]:
+    """The token ids that end an answer in the training format (trained as the last label of each answer)."""
+    # lead: switch to xlt.data.sft_format.stop_token_ids(sft_args.prompt_format, tokenizer)
+    return [int(tokenizer.eos_token_id)]
+
+
+def prompt_ids(instruction: str, prompt_format: str, tokenizer: Any) -> list[int]:
+    """The token ids of a single-turn prompt, exactly as training tokenized prompts (up to the answer)."""
+    # lead: switch to the sft_format rendering of [{"role": "user", "content": instruction}] up to the answer
+    text = format_prompt(instruction, "", prompt_format, tokenizer)
+    return tokenizer(text, add_special_tokens=prompt_format != "chat")["input_ids"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Train
+# ---------------------------------------------------------------------------------------------
+def eval_losses(log_history: list[dict]) -> list[dict]:
+    """``[{"epoch", "eval_loss"}]`` from the Trainer's log history, in order."""
+    return [{"epoch": round(float(h["epoch"]), 4), "eval_loss": round(float(h["eval_loss"]), 4)}
+            for h in log_history if "eval_loss" in h]
+
+
+def _eval_logger() -> Any:
+    from transformers import TrainerCallback
+
+    class EvalLossLog(TrainerCallback):
+        """One log line per evaluation (main process): the epoch and its held-out loss."""
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            if state.is_world_process_zero and metrics and "eval_loss" in metrics:
+                _log(f"epoch {state.epoch:.2f}: eval loss {metrics['eval_loss']:.4f}")
+
+    return EvalLossLog()
+
+
+def build_sft_trainer(model: Any, tokenizer: Any, training_args: Any, train_rows: list[dict],
+                      eval_rows: list[dict]) -> Any:
+    """TRL's SFTTrainer on tokenized rows; with held-out rows, evaluation at the end of every epoch."""
+    import datasets
+    from transformers.trainer_utils import IntervalStrategy
+    from trl import SFTTrainer
+
+    train = datasets.Dataset.from_list(train_rows)
+    evals = datasets.Dataset.from_list(eval_rows) if eval_rows else None
+    if evals is not None:
+        training_args.eval_strategy = IntervalStrategy.EPOCH
+        training_args.do_eval = True
+    else:
+        training_args.eval_strategy = IntervalStrategy.NO
+    return SFTTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=evals,
+                      processing_class=tokenizer, callbacks=[_eval_logger()])
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------
+def write_generation_files(final_dir: str, tokenizer: Any, stop_ids: list[int], sft_args: SftArguments,
+                           max_length: Optional[int]) -> None:
+    """``final_dir/generation_config.json`` with ``eos_token_id`` = the stop ids, then ``xlt_sft.json``
+    (prompt format, chat template, stop ids) — last, as the mark of a complete run. Main process only."""
+    import json
+
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        gen = GenerationConfig.from_pretrained(final_dir)
+    except OSError:
+        gen = GenerationConfig.from_model_config(AutoConfig.from_pretrained(final_dir))
+    gen.eos_token_id = stop_ids[0] if len(stop_ids) == 1 else list(stop_ids)
+    gen.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    atomic_write_json(os.path.join(final_dir, "generation_config.json"), json.loads(gen.to_json_string()))
+    atomic_write_json(os.path.join(final_dir, SFT_INFO_FILE),
+                      {"prompt_format": sft_args.prompt_format, "chat_template": sft_args.chat_template,
+                       "stop_token_ids": list(stop_ids), "max_length": max_length})
+
+
+def _generate(model: Any, ids: list[int], stop_ids: list[int], pad_id: int, max_new_tokens: int,
+              streamer: Any = None, synced_gpus: bool = False) -> list[int]:
+    """Greedy continuation of ``ids`` (the new tokens, the stop token excluded)."""
+    import torch
+
+    device = next(model.parameters()).device
+    inp = torch.tensor([ids], device=device)
+    with torch.no_grad():
+        out = model.generate(input_ids=inp, attention_mask=torch.ones_like(inp), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=stop_ids, pad_token_id=pad_id, use_cache=True,
+                             streamer=streamer, synced_gpus=synced_gpus)
+    new = out[0, len(ids):].tolist()
+    for i, t in enumerate(new):
+        if t in stop_ids:
+            return new[:i]
+    return new
+
+
+def sample_generations(trainer: Any, tokenizer: Any, sft_args: SftArguments, stop_ids: list[int],
+                       max_new_tokens: int = GENERATION_MAX_NEW_TOKENS) -> list[dict]:
+    """Greedy answers of the trained model to GENERATION_INSTRUCTIONS; call on EVERY rank.
+
+    Replicated weights (one process, DDP): the main process generates, the others return []. Sharded
+    weights (FSDP2, DeepSpeed): every rank generates (each forward is a collective; ``synced_gpus`` keeps
+    the ranks stepping together) and all return the same list.
+    """
+    from xlt.train.distributed import _is_deepspeed, _is_sharded
+
+    model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
+    sharded = _is_deepspeed(trainer.accelerator) or any(_is_sharded(p) for p in model.parameters())
+    if not sharded and not trainer.is_world_process_zero():
+        return []
+    was_training = model.training
+    model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    out = []
+    for instruction in GENERATION_INSTRUCTIONS:
+        new = _generate(model, prompt_ids(instruction, sft_args.prompt_format, tokenizer), stop_ids, pad,
+                        max_new_tokens, synced_gpus=sharded)
+        out.append({"instruction": instruction, "output": tokenizer.decode(new, skip_special_tokens=True).strip(),
+                    "tokens": len(new), "stopped": len(new) < max_new_tokens})
+    model.train(was_training)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Run
+# ---------------------------------------------------------------------------------------------
+def run_sft(sft_args: SftArguments, training_args: Any, learning_rate_given: Optional[bool] = None) -> dict:
+    """Run (or resume) SFT; returns the report section it wrote.
+
+    ``learning_rate_given``: whether the recipe set ``learning_rate`` (False: the LoRA / full default is used;
+    None: ``training_args.learning_rate`` is kept as given).
+    """
     t0 = time.time()
     run_dir = training_args.output_dir
     # -- phase: inputs --------------------------------------------------------------------------
-    check_sft_specs(sft_args.sft_datasets)
-    model_spec = resolve_sft_model(sft_args, run_dir)
-    check_model_spec(model_spec)
-    if sft_args.prompt_format not in ("stablelm_alpaca", "chat"):
-        raise XltError(f"prompt_format={sft_args.prompt_format!r}: expected stablelm_alpaca or chat")
+    model_spec, lora = check_sft_inputs(sft_args, training_args)
+    lr = resolve_learning_rate(training_args, lora is not None, learning_rate_given)
     master = master_weights_dtype(sft_args.master_weights_dtype, sft_args.torch_dtype)
     attn = resolve_attn_implementation(sft_args.attn_implementation)
     launcher = Launcher.from_env()
     settings = fingerprint(sft_args, {k: getattr(training_args, k, None) for k in _RUN_KEYS})
     with run_lock(run_dir, "sft"):
-        return _run_sft_locked(sft_args, training_args, model_spec, settings, master, attn, launcher, t0)
+        return _run_sft_locked(sft_args, training_args, model_spec, settings, master, attn, launcher, t0, lora, lr)
 
 
 def _run_sft_locked(sft_args: SftArguments, training_args: Any, model_spec: str, settings: dict, master: str,
-                    attn: str, launcher: Launcher, t0: float) -> dict:
+                    attn: str, launcher: Launcher, t0: float, lora: Any, lr: float) -> dict:
     run_dir = training_args.output_dir
     with training_args.main_process_first(local=False, desc="xlt run directory"):
         same_run = claim_output_dir(run_dir, "sft", settings)
     final_dir = os.path.join(run_dir, "sft")
-    if same_run and os.path.isfile(os.path.join(final_dir, "config.json")):
+    if same_run and os.path.isfile(os.path.join(final_dir, SFT_INFO_FILE)):
         _log(f"the run is complete ({final_dir} exists); nothing to do")
         return {}
     training_args.output_dir = os.path.join(run_dir, "sft-checkpoints")
 
-    # -- phase: model ---------------------------------------------------------------------------
+    # -- phase: tokenizer + data (before the model loads: data errors cost no model load) -----------
     model_spec = resolve_revision(model_spec, sft_args.model_revision)
     tokenizer = load_tokenizer(model_spec, trust_remote_code=training_args.trust_remote_code)
     warn_pure_bf16(master)
-    model = load_model(model_spec, master, attn, trust_remote_code=training_args.trust_remote_code)
+    model, new_ids = None, []
+    if sft_args.chat_template == "chatml":  # the template's tokens resize the model: model first
+        model = load_model(model_spec, master, attn, trust_remote_code=training_args.trust_remote_code)
+        from xlt.data.sft_format import install_chatml  # lead: present after merging the sftformat branch
+
+        added = install_chatml(tokenizer, model)
+        new_ids = [int(i) for i in tokenizer.convert_tokens_to_ids(added)]
+        _log(f"ChatML template installed; new special tokens: {', '.join(added) or 'none'}")
+    max_length = training_args.max_length
+    train_rows, eval_rows, counts = _sft_datasets(sft_args, tokenizer, max_length)
+    for name, c in counts.items():
+        _log(f"{name}: " + ", ".join(f"{k} {v}" for k, v in c.items()))
+    truncated = sum(c.get("truncated", 0) for c in counts.values())
+    _log(f"{len(train_rows)} train / {len(eval_rows)} eval examples x {training_args.num_train_epochs} epochs, "
+         f"prompt={sft_args.prompt_format}; {truncated} cut at max_length={max_length}")
+    if training_args.packing:
+        _log(f"packing ({training_args.packing_strategy}, padding-free): whole examples per row, none split "
+             f"across rows ({truncated} longer than max_length were cut to it, counted above)")
+
+    # -- phase: model ---------------------------------------------------------------------------
+    if model is None:
+        model = load_model(model_spec, master, attn, trust_remote_code=training_args.trust_remote_code)
+    if lora is not None:
+        from xlt.train.lora import apply_lora
+
+        model = apply_lora(model, lora, new_ids)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        _log(f"LoRA r={lora.lora_r} alpha={lora.lora_alpha} on {lora.lora_target_modules}; {trainable:,} trainable "
+             f"parameters")
     checkpointing = own_activation_checkpointing(training_args, launcher)
     _log(f"launcher {launcher.describe()}; master weights {master}; attention {attn}; "
-         f"activation checkpointing {checkpointing}")
-
-    # -- phase: data ----------------------------------------------------------------------------
-    import datasets
-
-    examples = load_instruction_examples(sft_args.sft_datasets, sft_args.prompt_format, tokenizer)
-    train = datasets.Dataset.from_list(examples)
-    _log(f"{len(train)} instruction examples x {training_args.num_train_epochs} epochs, prompt={sft_args.prompt_format}")
+         f"activation checkpointing {checkpointing}; learning rate {lr:g} ({'lora' if lora else 'full'})")
 
     # -- phase: train ---------------------------------------------------------------------------
-    from trl import SFTTrainer
-
-    trainer = SFTTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer)
+    trainer = build_sft_trainer(model, tokenizer, training_args, train_rows, eval_rows)
     last = last_trainer_checkpoint(training_args.output_dir)
     result = trainer.train(resume_from_checkpoint=last)
+    losses = eval_losses(trainer.state.log_history)
 
-    # -- phase: save + report (every rank: the weights are gathered when sharded) ----------------------
+    # -- phase: save + generate + report (every rank: the weights are gathered when sharded) ----------
     in_sync = check_replicas(trainer.model_wrapped, trainer.accelerator, trainer.state.global_step)
     save_final_model(trainer.model_wrapped, tokenizer, final_dir, trainer.accelerator)
-    section = {"sft": {"model": model_spec, "model_dir": final_dir, "examples": len(train),
+    stop_ids = stop_token_ids(sft_args, tokenizer)
+    generations = sample_generations(trainer, tokenizer, sft_args, stop_ids)
+    section = {"sft": {"model": model_spec, "model_dir": final_dir, "examples": len(train_rows) + len(eval_rows),
+                       "train_examples": len(train_rows), "eval_examples": len(eval_rows),
                        "epochs": training_args.num_train_epochs, "steps": trainer.state.global_step,
-                       "train_loss": round(float(result.training_loss), 4), "seconds": round(time.time() - t0, 1),
-                       "prompt_format": sft_args.prompt_format, "world_size": launcher.world_size,
+                       "train_loss": round(float(result.training_loss), 4), "eval_loss": losses,
+                       "counts": counts, "learning_rate": lr, "mode": "lora" if lora is not None else "full",
+                       "max_length": max_length, "packing": bool(training_args.packing),
+                       "stop_token_ids": stop_ids, "generations": generations,
+                       "seconds": round(time.time() - t0, 1), "prompt_format": sft_args.prompt_format,
+                       "chat_template": sft_args.chat_template, "world_size": launcher.world_size,
                        "replicas_in_sync": in_sync, "master_weights_dtype": master, "attn_implementation": attn,
                        "activation_checkpointing": checkpointing}}
     if trainer.is_world_process_zero():
+        for g in generations:
+            _log(f"{g['instruction']} → {g['output']}")
         update_report(run_dir, section)
+        write_generation_files(final_dir, tokenizer, stop_ids, sft_args, max_length)
+    trainer.accelerator.wait_for_everyone()
     _log(f"done: {trainer.state.global_step} steps; model in {final_dir}")
     return section
+
+
+# ---------------------------------------------------------------------------------------------
+# xlt chat
+# ---------------------------------------------------------------------------------------------
+def chat(model_dir: str, max_new_tokens: int = 256, stdin: Optional[TextIO] = None,
+         stdout: Optional[TextIO] = None) -> int:
+    """A minimal interactive prompt: each input line is one instruction, formatted as in training
+    (``xlt_sft.json``), answered greedily with tokens streamed to ``stdout``; generation stops at the
+    model's stop tokens (its ``generation_config.json``). Ends at end of input or an empty line.
+    Returns the number of instructions answered."""
+    import json
+    import sys
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    info_path = os.path.join(model_dir, SFT_INFO_FILE)
+    if not os.path.isfile(info_path):
+        raise XltError(f"chat: {info_path} not found (not a model saved by xlt sft)")
+    with open(info_path, encoding="utf-8") as f:
+        info = json.load(f)
+    if info.get("prompt_format") not in PROMPT_FORMATS:
+        raise XltError(f"chat: {info_path}: prompt_format={info.get('prompt_format')!r}: expected "
+                       f"{' or '.join(PROMPT_FORMATS)}")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    eos = model.generation_config.eos_token_id
+    stop_ids = [int(t) for t in (eos if isinstance(eos, list) else [eos]) if t is not None]
+    if not stop_ids:
+        raise XltError(f"chat: {model_dir}/generation_config.json has no eos_token_id")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+
+    import torch
+
+    stops = torch.tensor(stop_ids)
+
+    class _Out(TextStreamer):
+        """TextStreamer writing to ``stdout``; the stop token is not shown (it need not be a special token)."""
+
+        def put(self, value: Any) -> None:
+            if not (self.skip_prompt and self.next_tokens_are_prompt):
+                value = value.reshape(-1)
+                value = value[~torch.isin(value, stops.to(value.device))]
+            super().put(value)
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            stdout.write(text + ("\n" if stream_end else ""))
+            stdout.flush()
+
+    answered = 0
+    while True:
+        stdout.write("> ")
+        stdout.flush()
+        line = stdin.readline()
+        if not line or not line.strip():
+            stdout.write("\n")
+            return answered
+        ids = prompt_ids(line.strip(), info["prompt_format"], tokenizer)
+        _generate(model, ids, stop_ids, pad, max_new_tokens, streamer=_Out(tokenizer, skip_prompt=True,
+                                                                           skip_special_tokens=True))
+        answered += 1
