@@ -187,6 +187,8 @@ def test_compare_writes_every_promised_figure(compared):
         assert r["chars_per_second"] >= 0  # a random tiny model may write only special tokens
         # The curve: step 0 (the init), the checkpoint the run left at step 4, the end.
         assert [p["step"] for p in r["curve"]] == [0, 4, 8]
+        assert [p["tokens"] for p in r["curve"]] == [0, 512, 1024]
+        assert r["curve"][0]["flops"] == 0 < r["curve"][1]["flops"] < r["curve"][2]["flops"]
         assert r["curve"][-1]["ja_bpc"] == r["ja_bpc"] and r["curve"][0]["en_bpc"] == r["en_bpc_step0"]
         assert r["curve"][-1]["flops"] == r["flops"]
     base, ext = saved

@@ -500,6 +500,7 @@ def _prepare_arm(cfg: CompareConfig, arm: Arm, texts: dict, identity: dict) -> d
 def _train_arm(cfg: CompareConfig, arm: Arm, plan: dict, texts: dict, result: dict) -> dict:
     """Phase 2 of an arm: continued pretraining for its solved tokens, then the end (and checkpoint) scores."""
     from xlt.cli import _recipe_stage
+    from xlt.train.checkpoint import STATE_FILE
 
     run_dir = os.path.join(cfg.output_dir, arm.name)
     final = os.path.join(run_dir, "cpt")
@@ -525,7 +526,9 @@ def _train_arm(cfg: CompareConfig, arm: Arm, plan: dict, texts: dict, result: di
         for step, path in _complete_checkpoints(run_dir, plan["steps"]):
             _log(f"{arm.name}: scoring {os.path.basename(path)}")
             s = score_model(path, texts, cfg.eval)
-            curve.append({"step": step, "tokens": step * tps, "flops": training_flops(n_eff, step * tps, init),
+            state = _read_json(os.path.join(path, STATE_FILE)) or {}
+            done = int(sum((state.get("accounting") or {}).get("tokens_trained", {}).values())) or step * tps
+            curve.append({"step": step, "tokens": done, "flops": training_flops(n_eff, done, init),
                           **{f"{lang}_bpc": s[f"{lang}_bpc"] for lang in texts}})
     _log(f"{arm.name}: scoring the final model")
     t1 = time.time()
