@@ -22,7 +22,7 @@ RUN_DIR = $(or $(OUTPUT_DIR),runs/smollm2-135m-ja)
 LAUNCH := $(BIN)/accelerate launch --config_file $(ACCELERATE_CONFIG)
 OUT_ARG := $(if $(OUTPUT_DIR),--output_dir $(OUTPUT_DIR))
 
-.PHONY: setup demo extend-tokenizer continue-pretrain sft evaluate report push check test test-fast lint bench
+.PHONY: setup demo extend-tokenizer continue-pretrain sft evaluate report push check compare test test-fast lint bench
 
 setup:  ## virtual environment with the CPU torch build, xlt and the embedded default
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -62,6 +62,9 @@ push:  ## make push REPO=org/name [OUTPUT_DIR=runs/...] [ARGS="--private" or ARG
 
 check:  ## make check RECIPE=... [ACCELERATE_CONFIG=...] [ARGS="--offline --gpus 8 --gpu-memory-gb 80 --json"]
 	$(BIN)/xlt check --config $(or $(RECIPE),$(RECIPE_DIR)/cpt.yaml) --accelerate_config $(ACCELERATE_CONFIG) $(ARGS)
+
+compare:  ## arms of the cpt recipe at equal training FLOPs [OUTPUT_DIR=runs/compare] [RECIPE=compare.yaml] [ARGS=--json]
+	$(BIN)/xlt compare --config $(or $(RECIPE),$(RECIPE_DIR)/compare.yaml) --output_dir $(or $(OUTPUT_DIR),runs/compare) $(ARGS)
 
 test:
 	$(PYTHON) -m pytest -q

@@ -11,6 +11,7 @@
     xlt chat --model RUN_DIR/sft [--max-new-tokens N]   (one instruction per line on stdin)
     xlt report RUN_DIR                  xlt push RUN_DIR --repo-id ORG/NAME [--private] [--dry-run --output DIR]
     xlt check --config RECIPE [--accelerate_config FILE] [--offline] [--gpus N --gpu-memory-gb G] [--json]
+    xlt compare --config COMPARE.yaml [--output_dir DIR] [--json]
 
 Any ``XltError`` is printed as one line (``xlt: error: ...``) with exit status 2.
 """
@@ -24,6 +25,16 @@ from collections.abc import Callable, Sequence
 from typing import Optional
 
 from xlt.config import XltError
+
+
+def cpt_recipe_types() -> list[type]:
+    """The dataclasses a cpt recipe is parsed into (``xlt cpt`` and the arms of ``xlt compare``)."""
+    from transformers import TrainingArguments
+
+    from xlt.config import CptArguments, DataArguments, ModelArguments, TokenizerArguments
+    from xlt.train.lora import LoraSettings
+
+    return [ModelArguments, TokenizerArguments, DataArguments, CptArguments, LoraSettings, TrainingArguments]
 
 
 def _recipe_stage(name: str) -> Callable[[Sequence[str]], int]:
@@ -42,13 +53,9 @@ def _recipe_stage(name: str) -> Callable[[Sequence[str]], int]:
         )
 
         if name == "cpt":
-            from transformers import TrainingArguments
-
             from xlt.train.cpt import run_cpt
-            from xlt.train.lora import LoraSettings
 
-            *parsed, lora, training_args = parse_recipe([ModelArguments, TokenizerArguments, DataArguments,
-                                                         CptArguments, LoraSettings, TrainingArguments], argv)
+            *parsed, lora, training_args = parse_recipe(cpt_recipe_types(), argv)
             run_cpt(*parsed, training_args, lora=lora)
         elif name == "extend_tokenizer":
             from xlt.train.cpt import run_tokenizer_stage
@@ -171,6 +178,12 @@ def _report(ns: argparse.Namespace) -> int:
         print(format_table(json.load(f)))
     print(f"\nreport: {build_report(run_dir)}")
     return 0
+
+
+def _compare(ns: argparse.Namespace) -> int:
+    from xlt.compare import main as compare_main
+
+    return compare_main(ns.config, ns.output_dir, ns.json)
 
 
 def _push(ns: argparse.Namespace) -> int:
@@ -346,6 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="upload nothing; stage the upload folder (see --output)")
     p.add_argument("--output", default=None, help="with --dry-run: write the upload folder here (new or empty)")
     p.set_defaults(func=_push)
+
+    c = sub.add_parser("compare", help="arms of one cpt recipe at equal training FLOPs, scored per character")
+    c.add_argument("--config", required=True, help="comparison file (recipe, compute, arms, heldout, eval)")
+    c.add_argument("--output_dir", "--output-dir", default=None, help="default: the file's output_dir, else runs/compare")
+    c.add_argument("--json", action="store_true", help="print DIR/compare.json's list (progress goes to stderr)")
+    c.set_defaults(func=_compare)
 
     from xlt.data.preview import add_data_commands
     from xlt.tokenizer.cli import add_tokenizer_commands

@@ -1,0 +1,682 @@
+"""``xlt compare``: arms of one continued-pretraining recipe at equal training compute, scored per character.
+
+    xlt compare --config recipes/smollm2-135m-ja/compare.yaml [--output_dir DIR] [--json]
+
+A comparison file names a cpt recipe, a compute budget, the arms (each a name and recipe-key overrides) and
+held-out text that is in none of the training sources::
+
+    recipe: recipes/smollm2-135m-ja/cpt.yaml
+    overrides: {seq_len: 128}              # optional: applied to every arm before its own overrides
+    compute: {base_train_tokens: 32768}    # or {flops: 2.5e13}
+    arms:
+      - {name: base, overrides: {tokenizer_mode: none}}
+      - {name: extend, overrides: {tokenizer_mode: extend, new_tokens: 1024}}
+    heldout: {ja: [../shared/data/ja_wiki_paragraphs.jsonl], en: [../shared/data/en_tinyshakespeare.txt]}
+    eval: {max_chars: 6000, max_docs: 200, max_length: 512, checkpoints: true, speed_prompts: 2,
+           speed_max_chars: 32}
+
+Compute. Training FLOPs of an arm = 6 * N_eff * tokens (Kaplan et al. 2020's C = 6ND, attention ignored) plus the
+init cost its tokenizer stage reports (``init_flops``, ``distill_flops``: e.g. distilling new rows from the
+base model). N_eff = the parameters a token's forward and backward pass multiply by: every non-embedding
+parameter plus the output head's ``rows x hidden`` matmul (tied or not: a tied head is still a matmul); the
+input embedding is a lookup and costs nothing. ``rows`` is the embedding rows of the arm's model after its
+tokenizer stage (padding rows included: the head computes their logits too), so an extended vocabulary pays for
+its larger head with fewer tokens. Each arm's ``train_tokens`` is solved so its FLOPs equal the budget, rounded
+to whole optimizer steps; the arms' planned FLOPs must agree within ``compute.tolerance`` (default 1%) before
+any arm trains. The budget is ``compute.flops``, or ``6 * N_eff(base) * base_train_tokens``.
+
+Each arm is the real CPT path (the ``xlt cpt`` stage, in this process) in ``DIR/<name>/``: its tokenizer stage
+first (cached there, reused by CPT), then training; the final model is ``DIR/<name>/cpt``. Every arm is scored
+on the same held-out text: bits per character (``xlt.eval.bpc``) of Japanese and English at step 0 (the model
+right after its tokenizer stage) and at the end (and at each complete ``checkpoint-N`` the run leaves, with
+``eval.checkpoints``), Japanese characters per token of its tokenizer, and greedy generation characters per
+second (``xlt.eval.speed``). Results: ``DIR/compare.json`` (a list, one row per arm), ``DIR/compare.md`` (a
+table) and ``DIR/compare.png`` (bits per character against FLOPs); each arm's recipe is kept in ``DIR/recipes/<name>.yaml``
+and its results in ``DIR/arms/<name>.json``. An arm whose ``DIR/<name>/cpt`` and results exist (same settings)
+is not rerun; an interrupted arm resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
+
+from xlt.config import XltError
+from xlt.io import atomic_write_json
+
+#: Recipe keys an arm may not set: the comparison owns them.
+OWNED_KEYS = ("output_dir", "train_tokens", "max_steps")
+TOP_KEYS = ("recipe", "output_dir", "compute", "overrides", "arms", "heldout", "eval")
+COMPUTE_KEYS = ("flops", "base_train_tokens", "tolerance")
+ARM_KEYS = ("name", "overrides")
+LANGS = ("ja", "en")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+#: ``../shared/data/`` in a held-out path is read from ``$XLT_SHARED_DATA`` when that is set.
+SHARED_PREFIX = "../shared/data/"
+
+
+@dataclasses.dataclass
+class EvalSettings:
+    """How every arm is scored (the same for all arms)."""
+
+    max_chars: int = 6000         # held-out characters per language (whole documents, in file order)
+    max_docs: int = 200           # documents read per held-out file
+    max_length: int = 512         # bits-per-character window, tokens
+    batch_size: int = 4
+    checkpoints: bool = True      # also score the complete checkpoint-N the run leaves (the curve)
+    speed_prompts: int = 2        # generation speed: first N built-in Japanese prompts (0 skips it)
+    speed_max_chars: int = 32     # characters generated per prompt
+
+
+@dataclasses.dataclass
+class Arm:
+    name: str
+    overrides: dict
+    recipe: dict                  # the cpt recipe mapping this arm runs (train_tokens / output_dir set later)
+
+
+@dataclasses.dataclass
+class CompareConfig:
+    path: str
+    recipe_path: str
+    output_dir: str
+    flops: Optional[float]
+    base_train_tokens: Optional[int]
+    tolerance: float
+    arms: list[Arm]
+    heldout: dict[str, list[str]]
+    eval: EvalSettings
+
+
+def _log(msg: str) -> None:
+    print(f"[xlt compare] {msg}", flush=True)
+
+
+def cpt_types() -> list[type]:
+    """The dataclasses of a cpt recipe: the same list ``xlt cpt`` parses with."""
+    from xlt.cli import cpt_recipe_types
+
+    return cpt_recipe_types()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The comparison file: every check before any model loads
+# ---------------------------------------------------------------------------------------------------------
+def resolve_shared(path: str) -> str:
+    """A held-out path as given, except that ``../shared/data/X`` reads ``$XLT_SHARED_DATA/X`` when set."""
+    shared = os.environ.get("XLT_SHARED_DATA")
+    if shared and path.replace("\\", "/").startswith(SHARED_PREFIX):
+        return os.path.join(shared, path[len(SHARED_PREFIX):])
+    return path
+
+
+def _yaml_mapping(path: str, what: str) -> dict:
+    from xlt.config import _check_yaml
+
+    if not os.path.isfile(path):
+        raise XltError(f"{what} not found: {path}")
+    return _check_yaml(path)
+
+
+def _positive_number(value: Any, key: str) -> float:
+    from xlt.plan import parse_number
+
+    if isinstance(value, bool):
+        raise XltError(f"{key}: expected a positive number, got {value!r}")
+    x = parse_number(value, key)
+    if not x > 0:
+        raise XltError(f"{key}: must be > 0, got {value!r}")
+    return x
+
+
+def _eval_settings(raw: Any, where: str) -> EvalSettings:
+    if raw is None:
+        return EvalSettings()
+    if not isinstance(raw, dict):
+        raise XltError(f"{where}: eval must be a mapping")
+    known = {f.name: f for f in dataclasses.fields(EvalSettings)}
+    out = EvalSettings()
+    for k, v in raw.items():
+        if k not in known:
+            raise XltError(f"{where}: unknown eval key {k!r} (known: {', '.join(known)})")
+        if known[k].type in ("bool", bool):
+            if not isinstance(v, bool):
+                raise XltError(f"{where}: eval.{k} must be true or false, got {v!r}")
+        elif isinstance(v, bool) or not isinstance(v, int) or v < (0 if k == "speed_prompts" else 1):
+            raise XltError(f"{where}: eval.{k} must be an integer >= {0 if k == 'speed_prompts' else 1}, got {v!r}")
+        setattr(out, k, v)
+    if out.max_length < 2:
+        raise XltError(f"{where}: eval.max_length must be at least 2, got {out.max_length}")
+    return out
+
+
+def _heldout(raw: Any, where: str) -> dict[str, list[str]]:
+    if not isinstance(raw, dict):
+        raise XltError(f"{where}: heldout must be a mapping {{ja: [files], en: [files]}}")
+    for k in raw:
+        if k not in LANGS:
+            raise XltError(f"{where}: heldout.{k}: unknown language (expected ja and en)")
+    out = {}
+    for lang in LANGS:
+        files = raw.get(lang)
+        if isinstance(files, str):
+            files = [files]
+        if not files or not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+            raise XltError(f"{where}: heldout.{lang}: expected a list of files")
+        resolved = []
+        for f in files:
+            p = resolve_shared(f)
+            if not os.path.isfile(p):
+                raise XltError(f"{where}: heldout.{lang}: file not found: {p}")
+            resolved.append(p)
+        out[lang] = resolved
+    return out
+
+
+def _arms(raw: Any, where: str, common: dict, recipe: dict, known_keys: set[str]) -> list[Arm]:
+    if not isinstance(raw, list) or not raw:
+        raise XltError(f"{where}: arms must be a non-empty list of {{name, overrides}}")
+    arms: list[Arm] = []
+    seen: set[str] = set()
+    for i, a in enumerate(raw):
+        at = f"{where}: arms[{i}]"
+        if not isinstance(a, dict):
+            raise XltError(f"{at}: expected a mapping with name and overrides")
+        for k in a:
+            if k not in ARM_KEYS:
+                raise XltError(f"{at}: unknown arm key {k!r} (expected name, overrides)")
+        name = a.get("name")
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise XltError(f"{at}: name must be a folder name (letters, digits, _ . -), got {name!r}")
+        if name in seen:
+            raise XltError(f"{at}: duplicate arm name {name!r}")
+        seen.add(name)
+        overrides = a.get("overrides") or {}
+        if not isinstance(overrides, dict):
+            raise XltError(f"{at} ({name}): overrides must be a mapping of recipe key: value")
+        _check_override_keys(overrides, f"{at} ({name})", known_keys)
+        merged = {**recipe, **common, **overrides}
+        arms.append(Arm(name, dict(overrides), merged))
+    base = [a for a in arms if a.name == "base"]
+    if not base:
+        raise XltError(f"{where}: no arm named 'base' (the arm with the original tokenizer)")
+    mode = base[0].recipe.get("tokenizer_mode", "none")
+    if mode != "none":
+        raise XltError(f"{where}: arm 'base' must keep the original tokenizer (tokenizer_mode: none), has {mode!r}")
+    return arms
+
+
+def _check_override_keys(overrides: Mapping[str, Any], at: str, known_keys: set[str]) -> None:
+    for k in overrides:
+        if k in OWNED_KEYS:
+            raise XltError(f"{at}: {k} is set by the comparison (compute budget / output folder); remove it")
+        if k not in known_keys:
+            raise XltError(f"{at}: unknown recipe key {k!r}")
+
+
+def _training_paths(recipe: Mapping[str, Any]) -> set[str]:
+    """Absolute paths of the local files an arm trains on (sources, tokenizer_corpus)."""
+    import glob
+
+    out: set[str] = set()
+    for key in ("sources", "tokenizer_corpus"):
+        for spec in recipe.get(key) or []:
+            if isinstance(spec, dict) and isinstance(spec.get("path"), str):
+                for p in glob.glob(spec["path"]) or [spec["path"]]:
+                    out.add(os.path.realpath(p))
+    return out
+
+
+def load_config(path: str, output_dir: Optional[str] = None) -> CompareConfig:
+    """Read and check a comparison file; raises a one-line ``XltError`` before any model loads.
+
+    Guarantees: arm names are unique folder names and one is ``base`` with ``tokenizer_mode: none``; every
+    override is a recipe key the comparison does not own; every arm's recipe parses (types, ranges) and passes
+    continued pretraining's input checks; the budget is one positive number; every held-out file exists and is
+    no training source of any arm.
+    """
+    from xlt.train.cpt import check_cpt_inputs
+    from xlt.validate import recipe_annotations
+
+    raw = _yaml_mapping(path, "comparison file")
+    for k in raw:
+        if k not in TOP_KEYS:
+            raise XltError(f"{path}: unknown key {k!r} (known: {', '.join(TOP_KEYS)})")
+    recipe_path = raw.get("recipe")
+    if not isinstance(recipe_path, str):
+        raise XltError(f"{path}: recipe: give the cpt recipe file")
+    recipe = _yaml_mapping(recipe_path, "recipe")
+    known = set(recipe_annotations(cpt_types()))
+    common = raw.get("overrides") or {}
+    if not isinstance(common, dict):
+        raise XltError(f"{path}: overrides must be a mapping of recipe key: value")
+    _check_override_keys(common, f"{path}: overrides", known)
+
+    compute = raw.get("compute")
+    if not isinstance(compute, dict):
+        raise XltError(f"{path}: compute: give flops or base_train_tokens")
+    for k in compute:
+        if k not in COMPUTE_KEYS:
+            raise XltError(f"{path}: unknown compute key {k!r} (known: {', '.join(COMPUTE_KEYS)})")
+    given = [k for k in ("flops", "base_train_tokens") if k in compute]
+    if len(given) != 1:
+        raise XltError(f"{path}: compute: give exactly one of flops or base_train_tokens")
+    amount = _positive_number(compute[given[0]], f"compute.{given[0]}")
+    tolerance = _positive_number(compute.get("tolerance", 0.01), "compute.tolerance")
+
+    arms = _arms(raw.get("arms"), path, common, recipe, known)
+    heldout = _heldout(raw.get("heldout"), path)
+    settings = _eval_settings(raw.get("eval"), path)
+    out = output_dir or raw.get("output_dir") or "runs/compare"
+    if not isinstance(out, str):
+        raise XltError(f"{path}: output_dir must be a folder path")
+
+    for lang, files in heldout.items():
+        for f in files:
+            for arm in arms:
+                if os.path.realpath(f) in _training_paths(arm.recipe):
+                    raise XltError(f"{path}: heldout.{lang}: {f} is a training source of arm {arm.name!r}; "
+                                   "held-out text must come from outside the training data")
+    with tempfile.TemporaryDirectory(prefix="xlt-compare-") as tmp:
+        for arm in arms:
+            try:
+                parsed = parse_arm(arm, os.path.join(tmp, arm.name), 1, tmp)
+                check_cpt_inputs(*_cpt_parts(parsed)[:4], _pick(parsed, "TrainingArguments"))
+            except XltError as e:
+                raise XltError(f"{path}: arm {arm.name!r}: {e}") from None
+    return CompareConfig(path, recipe_path, out, amount if given[0] == "flops" else None,
+                         int(amount) if given[0] == "base_train_tokens" else None, tolerance, arms, heldout, settings)
+
+
+def arm_recipe(arm: Arm, output_dir: str, train_tokens: int) -> dict:
+    """The cpt recipe mapping the arm runs: the recipe, the common and the arm's overrides, its folder, its tokens."""
+    return {**arm.recipe, "output_dir": output_dir, "train_tokens": int(train_tokens)}
+
+
+def parse_arm(arm: Arm, output_dir: str, train_tokens: int, recipe_dir: str) -> tuple[Any, ...]:
+    """Write the arm's recipe to ``recipe_dir/<name>.yaml`` (atomically) and parse it as ``xlt cpt`` would."""
+    import yaml
+
+    from xlt.config import parse_recipe
+    from xlt.io import _atomic_write_text
+
+    path = os.path.join(recipe_dir, f"{arm.name}.yaml")
+    _atomic_write_text(path, yaml.safe_dump(arm_recipe(arm, output_dir, train_tokens), allow_unicode=True,
+                                            sort_keys=False))
+    return parse_recipe(cpt_types(), ["--config", path])
+
+
+def _pick(parsed: Sequence[Any], cls_name: str) -> Any:
+    for p in parsed:
+        if type(p).__name__ == cls_name:
+            return p
+    raise XltError(f"internal: the cpt recipe has no {cls_name}")
+
+
+def _cpt_parts(parsed: Sequence[Any]) -> tuple[Any, Any, Any, Any]:
+    return tuple(_pick(parsed, n) for n in ("ModelArguments", "TokenizerArguments", "DataArguments", "CptArguments"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compute accounting
+# ---------------------------------------------------------------------------------------------------------
+def effective_params(model: Any) -> dict:
+    """``{"n_eff", "non_embedding", "head_rows", "hidden"}`` of a model (real or on the meta device).
+
+    N_eff = non-embedding parameters + the output head's ``rows x hidden`` (counted even when the head is tied
+    to the input embedding, since the head is a matmul while the input embedding is a free lookup).
+    """
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    total = sum(p.numel() for p in model.parameters())  # a tied head is one parameter, counted once
+    embedding = inp.weight.numel()
+    if out is not None and out.weight is not inp.weight:
+        embedding += out.weight.numel()
+    head = out.weight if out is not None else inp.weight
+    rows, hidden = int(head.shape[0]), int(head.shape[1])
+    return {"n_eff": int(total - embedding + rows * hidden), "non_embedding": int(total - embedding),
+            "head_rows": rows, "hidden": hidden}
+
+
+def model_effective_params(model_dir: str, trust_remote_code: bool = False) -> dict:
+    """``effective_params`` of the model in ``model_dir`` from its config alone (meta device: nothing read)."""
+    from transformers import AutoConfig
+
+    from xlt.train.lora import _meta_model
+
+    return effective_params(_meta_model(AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)))
+
+
+def training_flops(n_eff: float, tokens: float, init_flops: float = 0.0) -> float:
+    """FLOPs of an arm: ``6 * n_eff * tokens + init_flops``."""
+    return 6.0 * n_eff * tokens + init_flops
+
+
+def solve_tokens(budget: float, n_eff: float, init_flops: float, tokens_per_step: int) -> tuple[int, int]:
+    """``(steps, tokens)`` so ``training_flops(n_eff, tokens, init_flops)`` is as close to ``budget`` as whole
+    optimizer steps of ``tokens_per_step`` allow (at least one step); ``XltError`` if the init alone spends it."""
+    left = budget - init_flops
+    if left <= 0:
+        raise XltError(f"the init cost ({init_flops:.3g} FLOPs) is not below the budget ({budget:.3g} FLOPs)")
+    steps = max(1, round(left / (6.0 * n_eff) / tokens_per_step))
+    return steps, steps * tokens_per_step
+
+
+def flops_spread(flops: Sequence[float]) -> float:
+    """(max - min) / min of the arms' FLOPs: 0 when equal."""
+    return (max(flops) - min(flops)) / min(flops)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------------
+def read_heldout(heldout: Mapping[str, Sequence[str]], settings: EvalSettings) -> dict[str, list[str]]:
+    """Per language, whole documents of its files in order until ``max_chars`` characters (at least one)."""
+    from xlt.data.sources import read_documents
+
+    out: dict[str, list[str]] = {}
+    for lang, files in heldout.items():
+        docs: list[str] = []
+        chars = 0
+        for f in files:
+            for d in read_documents(f, max_docs=settings.max_docs, key=f"heldout.{lang}"):
+                if not d.strip():
+                    continue
+                if docs and chars + len(d) > settings.max_chars:
+                    break
+                docs.append(d)
+                chars += len(d)
+            if chars >= settings.max_chars:
+                break
+        if not docs:
+            raise XltError(f"heldout.{lang}: no non-empty document in {', '.join(files)}")
+        out[lang] = docs
+    return out
+
+
+def score_model(model_dir: str, texts: Mapping[str, list[str]], settings: EvalSettings, speed: bool = False,
+                trust_remote_code: bool = False) -> dict:
+    """Bits per character per language, Japanese chars per token and (``speed``) generation chars/s of a model."""
+    import torch
+
+    from xlt.eval.bpc import bits_per_char
+    from xlt.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+    model = load_model(model_dir, torch_dtype="float32", trust_remote_code=trust_remote_code)
+    out: dict[str, Any] = {}
+    with torch.inference_mode():
+        for lang, docs in texts.items():
+            r = bits_per_char(model, tok, docs, max_length=settings.max_length, batch_size=settings.batch_size)
+            out[f"{lang}_bpc"] = round(r["bits_per_char"], 4)
+            out[f"{lang}_chars_per_token"] = round(r["chars"] / max(r["tokens"], 1), 4)
+    if speed and settings.speed_prompts > 0:
+        from xlt.eval.speed import DEFAULT_PROMPTS, generation_speed
+
+        s = generation_speed(model, tok, DEFAULT_PROMPTS[: settings.speed_prompts], settings.speed_max_chars)
+        out["chars_per_second"] = round(s["chars_per_second"], 2)
+        out["gen_chars_per_token"] = round(s["chars_per_token"], 4)
+    del model
+    gc.collect()
+    return out
+
+
+def _complete_checkpoints(run_dir: str, final_step: int) -> list[tuple[int, str]]:
+    from xlt.train.checkpoint import STATE_FILE
+
+    out = []
+    if os.path.isdir(run_dir):
+        for name in os.listdir(run_dir):
+            m = re.fullmatch(r"checkpoint-(\d+)", name)
+            path = os.path.join(run_dir, name)
+            if m and 0 < int(m.group(1)) < final_step and os.path.isfile(os.path.join(path, STATE_FILE)) \
+                    and os.path.isfile(os.path.join(path, "config.json")):
+                out.append((int(m.group(1)), path))
+    return sorted(out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running the arms
+# ---------------------------------------------------------------------------------------------------------
+def _read_json(path: str) -> Optional[Any]:
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _result_path(cfg: CompareConfig, arm: Arm) -> str:
+    """``DIR/arms/<name>.json``: outside ``DIR/<name>``, which the cpt stage claims as its own run folder."""
+    return os.path.join(cfg.output_dir, "arms", f"{arm.name}.json")
+
+
+def _arm_identity(cfg: CompareConfig, arm: Arm, budget_spec: dict) -> dict:
+    """What an arm's cached results depend on: its recipe, the budget, the held-out files and eval settings."""
+    return json.loads(json.dumps({"recipe": arm.recipe, "budget": budget_spec, "heldout": cfg.heldout,
+                                  "eval": dataclasses.asdict(cfg.eval)}, default=str))
+
+
+def _prepare_arm(cfg: CompareConfig, arm: Arm, texts: dict, identity: dict) -> dict:
+    """Phase 1 of an arm: its tokenizer stage and the step-0 scores (cached in ``DIR/arms/<name>.json``)."""
+    from xlt.train.cpt import run_tokenizer_stage
+
+    run_dir = os.path.join(cfg.output_dir, arm.name)
+    result_path = _result_path(cfg, arm)
+    result = _read_json(result_path)
+    if result is not None and result.get("identity") != identity:
+        raise XltError(f"{run_dir} holds a different arm {arm.name!r} (recipe, budget or evaluation changed); "
+                       "use another --output_dir or delete it")
+    if result is not None and "step0" in result:
+        return result
+    parsed = parse_arm(arm, run_dir, 1, os.path.join(cfg.output_dir, "recipes"))
+    model_args, tok_args, data_args, cpt_args = _cpt_parts(parsed)
+    init_flops = 0.0
+    if tok_args.tokenizer_mode == "none":
+        from xlt.models import resolve_model
+
+        step0_dir = resolve_model(model_args.model)
+    else:
+        _log(f"{arm.name}: tokenizer stage ({tok_args.tokenizer_mode})")
+        out = type("Out", (), {"output_dir": run_dir})()
+        report = run_tokenizer_stage(model_args, tok_args, data_args, cpt_args, out)
+        init_flops = float(report.get("init_flops", 0) or 0) + float(report.get("distill_flops", 0) or 0)
+        step0_dir = os.path.join(run_dir, "tokenizer")
+    _log(f"{arm.name}: scoring step 0 ({step0_dir})")
+    t0 = time.time()
+    step0 = score_model(step0_dir, texts, cfg.eval, trust_remote_code=model_args.trust_remote_code)
+    result = {"identity": identity, "name": arm.name, "step0_dir": step0_dir, "init_flops": init_flops,
+              "params": model_effective_params(step0_dir, model_args.trust_remote_code),
+              "step0": step0, "step0_eval_seconds": round(time.time() - t0, 1)}
+    atomic_write_json(result_path, result)
+    return result
+
+
+def _train_arm(cfg: CompareConfig, arm: Arm, plan: dict, texts: dict, result: dict) -> dict:
+    """Phase 2 of an arm: continued pretraining for its solved tokens, then the end (and checkpoint) scores."""
+    from xlt.cli import _recipe_stage
+    from xlt.train.checkpoint import STATE_FILE
+
+    run_dir = os.path.join(cfg.output_dir, arm.name)
+    final = os.path.join(run_dir, "cpt")
+    if "end" in result and os.path.isfile(os.path.join(final, "config.json")):
+        _log(f"{arm.name}: done before (results and {final} exist); not rerun")
+        return result
+    recipe_dir = os.path.join(cfg.output_dir, "recipes")
+    parse_arm(arm, run_dir, plan["tokens"], recipe_dir)  # writes the recipe file the stage reads
+    _log(f"{arm.name}: continued pretraining, {plan['steps']} steps = {plan['tokens']:,} tokens "
+         f"({plan['flops']:.3g} FLOPs)")
+    t0 = time.time()
+    _recipe_stage("cpt")(["--config", os.path.join(recipe_dir, f"{arm.name}.yaml")])
+    train_seconds = time.time() - t0
+    gc.collect()
+    report = _read_json(os.path.join(run_dir, "report.json")) or {}
+    trained = int(sum((report.get("tokens_trained") or {}).values())) or plan["tokens"]
+    extra = float((report.get("cpt") or {}).get("distill_flops", 0) or 0)
+    n_eff, init = result["params"]["n_eff"], result["init_flops"]
+    tps = plan["tokens"] // plan["steps"]
+    curve = [{"step": 0, "tokens": 0, "flops": init, **{f"{lang}_bpc": result["step0"][f"{lang}_bpc"]
+                                                          for lang in texts}}]
+    if cfg.eval.checkpoints:
+        for step, path in _complete_checkpoints(run_dir, plan["steps"]):
+            _log(f"{arm.name}: scoring {os.path.basename(path)}")
+            s = score_model(path, texts, cfg.eval)
+            state = _read_json(os.path.join(path, STATE_FILE)) or {}
+            done = int(sum((state.get("accounting") or {}).get("tokens_trained", {}).values())) or step * tps
+            curve.append({"step": step, "tokens": done, "flops": training_flops(n_eff, done, init),
+                          **{f"{lang}_bpc": s[f"{lang}_bpc"] for lang in texts}})
+    _log(f"{arm.name}: scoring the final model")
+    t1 = time.time()
+    end = score_model(final, texts, cfg.eval, speed=True)
+    flops = training_flops(n_eff, trained, init) + extra
+    curve.append({"step": plan["steps"], "tokens": trained, "flops": flops,
+                  **{f"{lang}_bpc": end[f"{lang}_bpc"] for lang in texts}})
+    result.update({"plan": plan, "end": end, "curve": curve, "tokens": trained, "flops": flops,
+                   "train_seconds": round(train_seconds, 1), "end_eval_seconds": round(time.time() - t1, 1),
+                   "model_dir": final})
+    atomic_write_json(_result_path(cfg, arm), result)
+    return result
+
+
+def plan_arms(cfg: CompareConfig, prepared: dict[str, dict]) -> tuple[float, dict[str, dict]]:
+    """The budget and each arm's ``{"steps", "tokens", "flops", "tokens_per_step"}``; refuses a FLOPs spread
+    above ``cfg.tolerance`` (too few steps to share the budget evenly) before any arm trains."""
+    from xlt.data.steps import plan_steps
+    from xlt.train.runtime import Launcher
+
+    tps: dict[str, int] = {}
+    with tempfile.TemporaryDirectory(prefix="xlt-compare-") as tmp:
+        for arm in cfg.arms:
+            parsed = parse_arm(arm, os.path.join(tmp, arm.name), 1, tmp)
+            data_args, cpt_args = _pick(parsed, "DataArguments"), _pick(parsed, "CptArguments")
+            tps[arm.name] = plan_steps(data_args, cpt_args, _pick(parsed, "TrainingArguments"),
+                                       Launcher.from_env().world_size).tokens_per_step
+    budget = cfg.flops if cfg.flops is not None else \
+        training_flops(prepared["base"]["params"]["n_eff"], cfg.base_train_tokens, prepared["base"]["init_flops"])
+    plans = {}
+    for arm in cfg.arms:
+        p = prepared[arm.name]
+        try:
+            steps, tokens = solve_tokens(budget, p["params"]["n_eff"], p["init_flops"], tps[arm.name])
+        except XltError as e:
+            raise XltError(f"arm {arm.name!r}: {e}") from None
+        plans[arm.name] = {"steps": steps, "tokens": tokens, "tokens_per_step": tps[arm.name],
+                           "flops": training_flops(p["params"]["n_eff"], tokens, p["init_flops"])}
+    spread = flops_spread([p["flops"] for p in plans.values()])
+    if spread > cfg.tolerance:
+        detail = ", ".join(f"{n} {p['steps']} steps" for n, p in plans.items())
+        raise XltError(f"compute: the arms' FLOPs differ by {spread:.1%} (> tolerance {cfg.tolerance:.1%}) at whole "
+                       f"steps ({detail}); raise the budget or lower tokens per step")
+    return budget, plans
+
+
+def _row(arm: Arm, r: dict, budget: float) -> dict:
+    end, step0 = r["end"], r["step0"]
+    return {"name": arm.name, "overrides": arm.overrides, "flops": r["flops"], "budget_flops": budget,
+            "init_flops": r["init_flops"], "tokens": r["tokens"], "steps": r["plan"]["steps"],
+            "n_eff": r["params"]["n_eff"], "head_rows": r["params"]["head_rows"],
+            "ja_bpc": end["ja_bpc"], "en_bpc": end["en_bpc"],
+            "ja_bpc_step0": step0["ja_bpc"], "en_bpc_step0": step0["en_bpc"],
+            "ja_chars_per_token": end["ja_chars_per_token"], "en_chars_per_token": end["en_chars_per_token"],
+            "chars_per_second": end.get("chars_per_second"), "curve": r["curve"],
+            "train_seconds": r["train_seconds"], "model_dir": r["model_dir"]}
+
+
+def run_compare(config_path: str, output_dir: Optional[str] = None) -> tuple[list[dict], str]:
+    """Run (or resume) every arm and write ``DIR/compare.json``, ``compare.md`` and ``compare.png``; returns the
+    rows of compare.json and DIR."""
+    cfg = load_config(config_path, output_dir)
+    texts = read_heldout(cfg.heldout, cfg.eval)
+    _log(f"{len(cfg.arms)} arms into {cfg.output_dir}; held-out " +
+         ", ".join(f"{lang} {len(d)} documents / {sum(map(len, d)):,} characters" for lang, d in texts.items()))
+    budget_spec = {"flops": cfg.flops, "base_train_tokens": cfg.base_train_tokens, "tolerance": cfg.tolerance}
+    prepared = {a.name: _prepare_arm(cfg, a, texts, _arm_identity(cfg, a, budget_spec)) for a in cfg.arms}
+    budget, plans = plan_arms(cfg, prepared)
+    _log(f"budget {budget:.4g} FLOPs; " + ", ".join(f"{n}: {p['tokens']:,} tokens" for n, p in plans.items()))
+    rows = []
+    for arm in cfg.arms:
+        r = _train_arm(cfg, arm, plans[arm.name], texts, prepared[arm.name])
+        rows.append(_row(arm, r, budget))
+    write_outputs(cfg.output_dir, rows, texts)
+    return rows, cfg.output_dir
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------------------
+def format_table(rows: Sequence[dict]) -> str:
+    """The comparison as a Markdown table (bits per character: lower is better; Δ against the base arm)."""
+    base = next((r for r in rows if r["name"] == "base"), None)
+
+    def delta(r: dict, key: str) -> str:
+        return f" ({r[key] - base[key]:+.3f})" if base is not None and r is not base else ""
+
+    lines = ["| arm | tokens | FLOPs | ja bits/char step 0 → end | en bits/char step 0 → end | ja chars/token "
+             "| gen chars/s |", "|---|---:|---:|---|---|---:|---:|"]
+    for r in rows:
+        cps = "" if r.get("chars_per_second") is None else f"{r['chars_per_second']:.1f}"
+        lines.append(f"| {r['name']} | {r['tokens']:,} | {r['flops']:.3g} | {r['ja_bpc_step0']:.3f} → "
+                     f"{r['ja_bpc']:.3f}{delta(r, 'ja_bpc')} | {r['en_bpc_step0']:.3f} → {r['en_bpc']:.3f}"
+                     f"{delta(r, 'en_bpc')} | {r['ja_chars_per_token']:.3f} | {cps} |")
+    return "\n".join(lines)
+
+
+def _markdown(rows: Sequence[dict], texts: Mapping[str, list[str]]) -> str:
+    held = ", ".join(f"{lang} {len(d)} documents / {sum(map(len, d)):,} characters" for lang, d in texts.items())
+    spread = flops_spread([r["flops"] for r in rows])
+    out = ["# xlt compare", "", f"Budget {rows[0]['budget_flops']:.4g} training FLOPs per arm "
+           f"(6 · N_eff · tokens + init; the arms' FLOPs differ by {spread:.2%}). Held-out text: {held}.",
+           "Bits per character: lower is better; in brackets the difference to the base arm.", "",
+           format_table(rows), ""]
+    for r in rows:
+        if r["overrides"]:
+            out.append(f"- **{r['name']}**: " + ", ".join(f"`{k}: {v}`" for k, v in r["overrides"].items()))
+    out += ["", "![bits per character against compute](compare.png)", ""]
+    return "\n".join(out)
+
+
+def plot(rows: Sequence[dict], path: str) -> None:
+    """``path``: Japanese and English bits per character against training FLOPs, one line per arm."""
+    from xlt.report import _figure, _save_figure
+
+    fig = _figure(10.0, 3.8)
+    for i, lang in enumerate(LANGS):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for r in rows:
+            pts = [(p["flops"], p[f"{lang}_bpc"]) for p in r["curve"]]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=r["name"])
+        ax.set_xlabel("training FLOPs (6·N_eff·tokens + init)")
+        ax.set_ylabel(f"{lang} bits per character")
+        ax.set_title(f"held-out {lang}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    _save_figure(fig, path)
+
+
+def write_outputs(output_dir: str, rows: list[dict], texts: Mapping[str, list[str]]) -> None:
+    from xlt.io import _atomic_write_text
+
+    atomic_write_json(os.path.join(output_dir, "compare.json"), rows)
+    _atomic_write_text(os.path.join(output_dir, "compare.md"), _markdown(rows, texts))
+    plot(rows, os.path.join(output_dir, "compare.png"))
+
+
+def main(config: str, output_dir: Optional[str] = None, as_json: bool = False) -> int:
+    """``xlt compare``: run the comparison, then print the table (``--json``: only the JSON list on stdout; the
+    progress of the runs goes to stderr)."""
+    import contextlib
+    import sys
+
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+        rows, out = run_compare(config, output_dir)
+    if as_json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+    else:
+        print(format_table(rows))
+        print(f"\ncompare: {os.path.join(out, 'compare.json')}, compare.md, compare.png")
+    return 0
