@@ -43,29 +43,39 @@ def _report(run_dir) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Pieces (no training)
 # ---------------------------------------------------------------------------------------------
-def test_tokenize_pair_masks_the_prompt_and_trains_completion_and_eos(embedded_tokenizer):
-    from xlt.data.sft import stablelm_alpaca_prompt
-    from xlt.train.sft import IGNORE, tokenize_pair
+def test_trainer_rows_train_every_assistant_turn_and_its_stop_token_only(tmp_path, embedded_tokenizer):
+    """The data phase the trainer runs: adapters -> held-out split -> rendered rows; a multi-turn dialogue keeps
+    loss on both answers (and EOS after each), nowhere else; counts add up per dataset."""
+    from xlt.config import SftArguments
+    from xlt.data.sft import counts_balance
+    from xlt.train.sft import IGNORE, _sft_datasets
 
     tok = embedded_tokenizer
-    prompt, completion = stablelm_alpaca_prompt("日本の首都は？"), "\n東京です。"
-    row, truncated = tokenize_pair(prompt, completion, tok, "stablelm_alpaca", 512)
-    n_prompt = len(tok(prompt)["input_ids"])
-    assert not truncated and len(row["input_ids"]) == len(row["labels"])
-    assert row["labels"][:n_prompt] == [IGNORE] * n_prompt
-    assert row["labels"][n_prompt:] == row["input_ids"][n_prompt:]
-    assert row["input_ids"][-1] == tok.eos_token_id and row["labels"][-1] == tok.eos_token_id
-    assert tok.decode(row["input_ids"][n_prompt:-1]) == completion
-    cut, truncated = tokenize_pair(prompt, completion, tok, "stablelm_alpaca", n_prompt + 2)
-    assert truncated and len(cut["input_ids"]) == n_prompt + 2 and cut["labels"][-2:] == cut["input_ids"][-2:]
-
-
-def test_eval_split_is_seeded_and_never_takes_everything():
-    from xlt.train.sft import split_eval
-
-    assert split_eval(100, 0.1) == split_eval(100, 0.1) and len(split_eval(100, 0.1)) == 10
-    assert len(split_eval(5, 0.01)) == 1 and split_eval(1, 0.5) == set() and split_eval(10, 0.0) == set()
-    assert len(split_eval(2, 0.99)) == 1
+    turns = [{"role": "user", "content": "日本の首都は？"}, {"role": "assistant", "content": "東京です。"},
+             {"role": "user", "content": "人口は？"}, {"role": "assistant", "content": "約1400万人です。"}]
+    path = tmp_path / "dialogues.jsonl"
+    path.write_text("".join(json.dumps({"messages": turns[:2 + 2 * (i % 2)] + [
+        {"role": "user", "content": f"質問{i}"}, {"role": "assistant", "content": f"答え{i}"}]},
+        ensure_ascii=False) + "\n" for i in range(8)), encoding="utf-8")
+    args = SftArguments(sft_datasets=[{"adapter": "auto", "path": str(path), "name": "d"}], eval_fraction=0.25)
+    train, evals, counts = _sft_datasets(args, tok, 512)
+    assert len(train) == 6 and len(evals) == 2
+    c = counts["d"]
+    assert counts_balance(c) and c["train_rows"] == 6 and c["eval_rows"] == 2 and c["fully_masked"] == 0
+    for row in train + evals:
+        trained = [t if lab != IGNORE else None for t, lab in zip(row["input_ids"], row["labels"])]
+        pieces, cur = [], []
+        for t in trained + [None]:
+            if t is None and cur:
+                pieces.append(tok.decode(cur))
+                cur = []
+            elif t is not None:
+                cur.append(t)
+        answers = [p.removesuffix(tok.eos_token) for p in pieces]
+        assert all(p.endswith(tok.eos_token) for p in pieces)
+        answers = [a.strip() for a in answers]
+        assert answers[0] == "東京です。" and answers[-1].startswith("答え") and len(answers) in (2, 3)
+        assert len(answers) == 2 or answers[1] == "約1400万人です。"
 
 
 def test_learning_rate_default_only_when_the_recipe_sets_none(tmp_path):
@@ -162,8 +172,8 @@ def test_lora_sft_reports_eval_loss_per_epoch_counts_and_saves_merged(lora_run, 
     assert sft["mode"] == "lora" and sft["learning_rate"] == 2e-4 and sft["packing"] is True
     assert [e["epoch"] for e in sft["eval_loss"]] == [1.0, 2.0] and all(e["eval_loss"] > 0 for e in sft["eval_loss"])
     c = sft["counts"]["chatterbot-ja"]
-    assert c["rows"] == 12 == c["fully_masked"] + c["train"] + c["eval"] and c["fully_masked"] == 0
-    assert c["eval"] == 3 and sft["train_examples"] == c["train"] == 9 and sft["eval_examples"] == 3
+    assert c["train"] + c["eval"] == 12 and c["capped"] > 0 and c["fully_masked"] == 0  # max_examples: 12
+    assert c["eval"] == 3 and sft["train_examples"] == c["train_rows"] == 9 and sft["eval_examples"] == 3
     # Merged: a plain model folder (no adapter files) that the Auto classes load; q_proj changed, k_proj not.
     files = set(os.listdir(lora_run / "sft"))
     assert "model.safetensors" in files and not any(f.startswith("adapter_") for f in files)

@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from typing import Any, Optional, TextIO
 
 from xlt.config import SftArguments, XltError
-from xlt.data.sft import check_sft_specs, format_prompt, load_instruction_examples
+from xlt.data import sft_format
+from xlt.data.sft import check_sft_specs, load_sft_data
 from xlt.io import atomic_write_json, update_report
 from xlt.models import check_model_spec, load_model, load_tokenizer, resolve_model, resolve_revision
 from xlt.train.checkpoint import claim_output_dir, fingerprint, last_trainer_checkpoint
@@ -125,86 +126,43 @@ def check_sft_inputs(sft_args: SftArguments, training_args: Any) -> tuple[str, A
 # ---------------------------------------------------------------------------------------------
 # Data: tokenized rows {"input_ids", "labels"} (labels -100 where no loss)
 # ---------------------------------------------------------------------------------------------
-def _spec_name(spec: dict) -> str:
-    return spec.get("name") or spec.get("dataset") or (os.path.basename(spec["path"]) if spec.get("path")
-                                                       else spec.get("embedded") or "sft")
-
-
-def tokenize_pair(prompt: str, completion: str, tokenizer: Any, prompt_format: str,
-                  max_length: Optional[int]) -> tuple[dict, bool]:
-    """One prompt / completion pair as ``({"input_ids", "labels"}, truncated)``.
-
-    Guarantees: labels are -100 over the prompt and equal to input_ids over the completion and the EOS
-    appended to it (the stop token is trained); the tokenizer's own special tokens (BOS) once, before the
-    prompt (a chat template writes them into its text, so none are added then); at most ``max_length``
-    tokens, cut at the end (``truncated`` says so).
-    """
-    prompt_ids = tokenizer(prompt, add_special_tokens=prompt_format != "chat")["input_ids"]
-    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = prompt_ids + completion_ids
-    labels = [IGNORE] * len(prompt_ids) + completion_ids
-    truncated = max_length is not None and len(ids) > max_length
-    if truncated:
-        ids, labels = ids[:max_length], labels[:max_length]
-    return {"input_ids": ids, "labels": labels}, truncated
-
-
-def split_eval(n: int, fraction: float, seed: int = _EVAL_SPLIT_SEED) -> set[int]:
-    """Indices of the held-out examples: round(n * fraction), at least 1 when fraction > 0 and n >= 2,
-    never all of them. The same on every rank (a seeded shuffle of range(n))."""
-    import random
-
-    if fraction <= 0 or n < 2:
-        return set()
-    k = min(n - 1, max(1, round(n * fraction)))
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    return set(order[:k])
-
-
 def _sft_datasets(sft_args: SftArguments, tokenizer: Any, max_length: Optional[int]) -> tuple[list, list, dict]:
-    """Tokenized train / eval rows and counts per dataset name.
+    """Tokenized train / eval rows ``{"input_ids", "labels"}`` and counts per dataset name.
 
-    counts[name]: rows (usable examples read), truncated (cut at max_length), fully_masked (dropped: no
-    trained token left after the cut), train, eval; rows == fully_masked + train + eval.
+    Conversations come from :func:`xlt.data.sft.load_sft_data` (adapters, duplicates, cap, held-out split
+    before weighting, every row counted) and are rendered and labelled by
+    :func:`xlt.data.sft_format.build_sft_dataset` (loss on every assistant turn and its stop token only).
+    counts[name] holds the data counts (``SFT_COUNT_KEYS``) plus ``truncated`` (cut at max_length) and
+    ``fully_masked`` (dropped: no trained token left), each split as ``train_`` / ``eval_`` and summed, and
+    ``train_rows`` / ``eval_rows`` (the rows actually used): ``train == train_rows + train_fully_masked``.
     """
-    # lead: switch to load_sft_data + build_sft_dataset (this body reads the old prompt/completion loader,
-    # single-turn, and tokenizes prompt and completion itself).
-    tagged: list[tuple[str, dict]] = []
+    data = load_sft_data(sft_args.sft_datasets, eval_fraction=sft_args.eval_fraction, seed=_EVAL_SPLIT_SEED)
+    train, train_counts = sft_format.build_sft_dataset(data.train, sft_args.prompt_format, tokenizer, max_length)
+    evals, eval_counts = sft_format.build_sft_dataset(data.eval, sft_args.prompt_format, tokenizer, max_length)
     counts: dict[str, dict[str, int]] = {}
-    for spec in sft_args.sft_datasets:
-        name = _spec_name(spec)
-        c = counts.setdefault(name, {"rows": 0, "truncated": 0, "fully_masked": 0, "train": 0, "eval": 0})
-        for ex in load_instruction_examples([spec], sft_args.prompt_format, tokenizer):
-            c["rows"] += 1
-            row, truncated = tokenize_pair(ex["prompt"], ex["completion"], tokenizer, sft_args.prompt_format,
-                                           max_length)
-            c["truncated"] += int(truncated)
-            if all(v == IGNORE for v in row["labels"]):
-                c["fully_masked"] += 1
-                continue
-            tagged.append((name, row))
-    held = split_eval(len(tagged), sft_args.eval_fraction)
-    train, evals = [], []
-    for i, (name, row) in enumerate(tagged):
-        (evals if i in held else train).append(row)
-        counts[name]["eval" if i in held else "train"] += 1
+    for name, c in data.counts.items():
+        tc, ec = train_counts.get(name, {}), eval_counts.get(name, {})
+        out = dict(c)
+        for key in ("truncated", "fully_masked"):
+            out[f"train_{key}"], out[f"eval_{key}"] = tc.get(key, 0), ec.get(key, 0)
+            out[key] = out[f"train_{key}"] + out[f"eval_{key}"]
+        out["train_rows"] = c["train"] - out["train_fully_masked"]
+        out["eval_rows"] = c["eval"] - out["eval_fully_masked"]
+        counts[name] = out
     if not train:
-        raise XltError("sft_datasets: no training example left (all fully masked at max_length?)")
+        raise XltError(f"sft_datasets: no training example left: all {sum(c['train'] for c in data.counts.values())} "
+                       f"are fully masked at max_length={max_length} (raise max_length)")
     return train, evals, counts
 
 
 def stop_token_ids(sft_args: SftArguments, tokenizer: Any) -> list[int]:
     """The token ids that end an answer in the training format (trained as the last label of each answer)."""
-    # lead: switch to xlt.data.sft_format.stop_token_ids(sft_args.prompt_format, tokenizer)
-    return [int(tokenizer.eos_token_id)]
+    return sft_format.stop_token_ids(sft_args.prompt_format, tokenizer)
 
 
 def prompt_ids(instruction: str, prompt_format: str, tokenizer: Any) -> list[int]:
     """The token ids of a single-turn prompt, exactly as training tokenized prompts (up to the answer)."""
-    # lead: switch to the sft_format rendering of [{"role": "user", "content": instruction}] up to the answer
-    text = format_prompt(instruction, "", prompt_format, tokenizer)
-    return tokenizer(text, add_special_tokens=prompt_format != "chat")["input_ids"]
+    return sft_format.generation_prompt_ids([{"role": "user", "content": instruction}], prompt_format, tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,9 +313,7 @@ def _run_sft_locked(sft_args: SftArguments, training_args: Any, model_spec: str,
     model, new_ids = None, []
     if sft_args.chat_template == "chatml":  # the template's tokens resize the model: model first
         model = load_model(model_spec, master, attn, trust_remote_code=training_args.trust_remote_code)
-        from xlt.data.sft_format import install_chatml  # lead: present after merging the sftformat branch
-
-        added = install_chatml(tokenizer, model)
+        added = sft_format.install_chatml(tokenizer, model)
         new_ids = [int(i) for i in tokenizer.convert_tokens_to_ids(added)]
         _log(f"ChatML template installed; new special tokens: {', '.join(added) or 'none'}")
     max_length = training_args.max_length
