@@ -6,6 +6,8 @@
 #   ACCELERATE_CONFIG accelerate_configs/cpu.yaml
 #   ARGS              any recipe override, e.g. ARGS="--learning_rate 1e-4"
 #   MC_DATA           JCommonsenseQA-layout jsonl: the evaluate stage adds multiple-choice accuracy (--mc_data)
+#   HELDOUT           comma-separated text files outside the training sources (e.g. ../shared/data/ja_wiki_paragraphs.jsonl):
+#                     the evaluate stage adds bits per character of every stage on each (--heldout_files)
 #   REPO              hub repo id ORG/NAME for make push
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -18,6 +20,7 @@ RECIPE ?=
 OUTPUT_DIR ?=
 ARGS ?=
 MC_DATA ?=
+HELDOUT ?=
 RUN_DIR = $(or $(OUTPUT_DIR),runs/smollm2-135m-ja)
 LAUNCH := $(BIN)/accelerate launch --config_file $(ACCELERATE_CONFIG)
 OUT_ARG := $(if $(OUTPUT_DIR),--output_dir $(OUTPUT_DIR))
@@ -52,7 +55,8 @@ sft:
 
 evaluate:
 	$(PYTHON) recipes/evaluate.py --config $(or $(RECIPE),$(RECIPE_DIR)/evaluate.yaml) \
-		$(if $(MODEL),--model $(MODEL)) $(if $(MC_DATA),--mc_data $(MC_DATA)) $(OUT_ARG) $(ARGS)
+		$(if $(MODEL),--model $(MODEL)) $(if $(MC_DATA),--mc_data $(MC_DATA)) \
+		$(if $(HELDOUT),--heldout_files $(HELDOUT)) $(OUT_ARG) $(ARGS)
 
 report:  ## RUN_DIR/REPORT.md with plots [OUTPUT_DIR=runs/...]
 	$(BIN)/xlt report $(RUN_DIR)

@@ -177,10 +177,12 @@ def test_evaluate_run_reports_mc_for_base_cpt_and_sft(tmp_path, tiny_model_dir, 
     sft.save_pretrained(run / "sft")
     embedded_tokenizer.save_pretrained(run / "sft")
     data = _ten_rows(tmp_path)
+    wiki = tmp_path / "wiki.jsonl"  # text from outside the run's sources: scored per stage under its stem
+    wiki.write_text(json.dumps({"text": "梅雨は東アジアの気象現象です。"}, ensure_ascii=False) + "\n", encoding="utf-8")
     assert run_recipe("evaluate", ["--config", str(REPO / "recipes/smollm2-135m-ja/evaluate.yaml"),
                                    "--output_dir", str(run), "--model", tiny_model_dir, "--eval_max_docs", "1",
                                    "--max_new_tokens", "2", "--mc_data", str(data / "jcommonsenseqa_valid.jsonl"),
-                                   "--mc_max_n", "6"]) == 0
+                                   "--mc_max_n", "6", "--heldout_files", str(wiki)]) == 0
     printed = capsys.readouterr().out
     report = json.loads((run / "report.json").read_text(encoding="utf-8"))
     mc = report["mc"]
@@ -188,6 +190,8 @@ def test_evaluate_run_reports_mc_for_base_cpt_and_sft(tmp_path, tiny_model_dir, 
     for stage in ("base", "cpt", "sft"):
         assert mc[stage]["n"] == 6 and mc[stage]["ci95"][0] <= mc[stage]["accuracy"] <= mc[stage]["ci95"][1]
     assert mc["base"] == mc["cpt"]  # the same weights: the same answers
+    assert set(report["bpc"]) == {"ja", "wiki"} and report["eval"]["heldout_files"] == [str(wiki)]
+    assert report["bpc"]["wiki"]["base"] == report["bpc"]["wiki"]["cpt"] != report["bpc"]["wiki"]["sft"]
     table = format_table(report)
     assert "multiple choice" in table and "multiple choice" in printed
     assert f"{mc['sft']['accuracy']:.4f}" in table.split("multiple choice")[1].splitlines()[1]
@@ -207,6 +211,11 @@ def test_evaluate_run_checks_mc_data_before_loading_a_model(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"xlt: error: mc_data: {empty} has no usable multiple-choice rows (need question, "
                    "choice0..choice4, label 0-4)"]
+    missing = tmp_path / "nope.jsonl"
+    assert run_recipe("evaluate", ["--config", str(REPO / "recipes/smollm2-135m-ja/evaluate.yaml"),
+                                   "--output_dir", str(run), "--heldout_files", str(missing)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "heldout_files" in err[0] and str(missing) in err[0]
 
 
 def test_shared_prefix_scores_equal_full_passes(embedded_tokenizer):

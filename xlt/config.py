@@ -405,6 +405,10 @@ class EvalArguments:
         "help": "JCommonsenseQA-layout jsonl (question, choice0..choice4, label): multiple-choice accuracy of "
                 "base / cpt / sft in report.json under 'mc'."})
     mc_max_n: Optional[int] = field(default=None, metadata={"help": "First N usable questions of mc_data only."})
+    heldout_files: Optional[str] = field(default=None, metadata={
+        "help": "Comma-separated text files (.jsonl with a 'text' field, or .txt) from OUTSIDE the training sources, "
+                "e.g. ../shared/data/ja_wiki_paragraphs.jsonl: bits per character of every stage on each (first "
+                "eval_max_docs documents), in report.json bpc under the file's stem, listed in eval.heldout_files."})
     speed_max_chars: int = field(default=80, metadata={
         "help": "Generation speed of every stage (Japanese characters per second and per token, greedy, the same "
                 "8 Japanese prompts, this many characters of output each) in report.json under 'speed'; 0 skips it."})

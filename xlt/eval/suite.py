@@ -6,7 +6,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Optional
 
 from xlt.config import EvalArguments, XltError
 from xlt.data.sources import read_documents
@@ -31,14 +31,35 @@ def heldout_from_run(run_dir: str, max_docs: int) -> dict[str, list[str]]:
     return out
 
 
-def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> str:
+def heldout_file_texts(spec: Optional[str], max_docs: int, taken: set[str]) -> dict[str, list[str]]:
+    """``{file stem: documents}`` of the comma-separated ``heldout_files`` (checked before any model loads).
+
+    A missing file, a file with no document, or a stem that repeats (or equals a language of the run's own
+    held-out split) is one ``XltError`` line naming it.
+    """
+    out: dict[str, list[str]] = {}
+    for path in [p.strip() for p in (spec or "").split(",") if p.strip()]:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if stem in out or stem in taken:
+            raise XltError(f"heldout_files: {path}: the name {stem!r} is already taken (rename the file)")
+        docs = [d for d in read_documents(path, max_docs=max_docs, key="heldout_files") if d]
+        if not docs:
+            raise XltError(f"heldout_files: {path} holds no documents")
+        out[stem] = docs
+    return out
+
+
+def generate(model: Any, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int,
+             stop_ids: Optional[list[int]] = None) -> str:
+    """Greedy continuation of ``prompt_ids`` (stops at ``stop_ids``, default the tokenizer's EOS)."""
     import torch
 
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=True).to(model.device)
+    ids = torch.tensor([prompt_ids], device=model.device)
     with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.1,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, repetition_penalty=1.1, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=stop_ids or tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
 def evaluate_run(args: EvalArguments) -> dict:
@@ -58,6 +79,7 @@ def evaluate_run(args: EvalArguments) -> dict:
         if args.mc_max_n is not None and args.mc_max_n < 1:
             raise XltError(f"mc_max_n must be at least 1 (got {args.mc_max_n})")
         mc_rows, _ = load_mc_rows(args.mc_data, args.mc_max_n, key="mc_data")
+    texts.update(heldout_file_texts(args.heldout_files, args.eval_max_docs, set(texts)))
     stages = {"base": args.model}
     for stage in ("cpt", "sft"):
         if os.path.isdir(os.path.join(run_dir, stage)):
@@ -90,16 +112,21 @@ def evaluate_run(args: EvalArguments) -> dict:
                                               "tokens", "seconds")}
             _log(f"{stage}: {r['chars_per_second']:.1f} chars/s, {r['chars_per_token']:.3f} chars/token")
         if stage == "sft":
-            from xlt.data.sft import format_prompt
+            from xlt.data.sft_format import generation_prompt_ids, stop_token_ids
 
-            prompt = format_prompt(args.generate_prompt, "", args.prompt_format, tokenizer)
-            sample = {"prompt": args.generate_prompt, "output": generate(model, tokenizer, prompt, args.max_new_tokens)}
+            ids = generation_prompt_ids([{"role": "user", "content": args.generate_prompt}], args.prompt_format,
+                                        tokenizer)
+            sample = {"prompt": args.generate_prompt,
+                      "output": generate(model, tokenizer, ids, args.max_new_tokens,
+                                         stop_token_ids(args.prompt_format, tokenizer))}
         _log(f"{stage}: " + ", ".join(f"{lang} {bpc[lang][stage]:.4f} bpc" for lang in texts) +
              f" ({time.time() - t:.0f}s)")
         del model
     section: dict[str, Any] = {"bpc": bpc, "eval": {"heldout_docs": {k: len(v) for k, v in texts.items()},
                                                      "heldout_chars": {k: sum(map(len, v)) for k, v in texts.items()},
-                                                     "detail": detail}}
+                                                     "detail": detail,
+                                                     "heldout_files": [p.strip() for p in (args.heldout_files or "").split(",")
+                                                                       if p.strip()]}}
     if mc:
         section["mc"] = {**mc, "data": args.mc_data}
     if speed:
