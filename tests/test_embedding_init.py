@@ -262,3 +262,30 @@ def test_distill_reduces_mismatch_and_keeps_old_rows(tmp_path, setup):
     tok = summary["distill_tokens"]
     assert tok["forward_backward"] == 60 * 4 * 16
     assert summary["init_flops"] == 2 * n * tok["forward"] + 6 * n * tok["forward_backward"] > 0
+
+
+def test_merge_tree_in_swap_mode(tmp_path, setup):
+    """A swapped tokenizer: each non-shared token is the mean of its merge's two parts (shared rows or earlier ones)."""
+    from xlt.tokenizer.swap import train_swap_tokenizer
+
+    base_tj, train = setup[0], setup[5]
+    sw = train_swap_tokenizer(base_tj, train[:200], 800)
+    model = _model(tmp_path, tied=True)
+    old, _ = _mats(model)
+    new = sw.tokenizer()
+    ids = new.get_vocab(with_added_tokens=True)
+    base = Tokenizer.from_str(json.dumps(base_tj))
+    pieces = {i: [t.id for t in base.model.tokenize(s)] for s, i in ids.items() if i not in sw.shared}
+    args = TokenizerArguments(tokenizer_mode="swap", new_tokens=800, embedding_init="merge_tree")
+    init_new_rows(model, args, max(ids.values()) + 1, sw.shared, pieces, base, new, sw.tokenizer_json, BYTE_LEVEL,
+                  train, skip_merges=0)
+    rows, _ = _mats(model)
+    for n, o in sw.shared.items():
+        assert torch.equal(rows[n], old[o])
+    checked = 0
+    for a, b in merges_as_pairs(sw.tokenizer_json["model"]):
+        r = ids[a + b]
+        if r not in sw.shared and checked < 50:
+            assert torch.allclose(rows[r], (rows[ids[a]] + rows[ids[b]]) / 2, atol=1e-6)
+            checked += 1
+    assert checked == 50
