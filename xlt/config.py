@@ -61,6 +61,10 @@ class ModelArguments:
 # ---------------------------------------------------------------------------------------------
 # Tokenizer extension / swap
 # ---------------------------------------------------------------------------------------------
+EMBEDDING_INITS = ("subword_mean", "merge_tree", "mean", "random", "distill")
+OUTPUT_EMBEDDING_INITS = ("same", "first_subtoken", "char_weighted_mean")
+
+
 @dataclass
 class TokenizerArguments:
     """Extending or swapping the base tokenizer with Japanese vocabulary (real BPE merges)."""
@@ -88,13 +92,55 @@ class TokenizerArguments:
     pad_vocab_multiple: int = field(default=64, metadata={"help": "Pad the embedding matrix to a multiple of this."})
     embedding_init: str = field(
         default="subword_mean",
-        metadata={"help": "Initialisation of new embedding rows: 'subword_mean', 'mean', 'random'."},
+        metadata={"help": "Initialisation of new embedding rows: 'subword_mean' (mean of the old rows of the token's "
+                  "pieces), 'merge_tree' (bottom-up in merge order: the mean of the rows of the two tokens each new "
+                  "token merges), 'mean' (the old mean row), 'random', or 'distill' (subword_mean, then each new "
+                  "input row is fitted so the base model's last hidden state at the new token matches the one at its "
+                  "last piece on corpus text; its compute is reported as init_flops). distill: extend mode only."},
+    )
+    output_embedding_init: str = field(
+        default="same",
+        metadata={"help": "New rows of an untied output head: 'same' (as embedding_init), 'first_subtoken' (the "
+                  "output row of the token's first piece, as EEVE) or 'char_weighted_mean' (the mean of its "
+                  "pieces' output rows weighted by their lengths in characters). Other than 'same' needs an untied "
+                  "model: untie_embeddings: true for a tied one (SmolLM2)."},
+    )
+    untie_embeddings: bool = field(
+        default=False,
+        metadata={"help": "Untie a tied model before resizing: the output head gets its own copy of the embedding "
+                  "matrix (identical logits) and config.tie_word_embeddings becomes false. No-op on an untied model."},
+    )
+    distill_steps: int = field(
+        default=40,
+        metadata={"help": "embedding_init: distill: Adam steps over the new input rows (body frozen), each on a "
+                  "batch of 4 windows of 16 tokens (about a minute for SmolLM2-135M on 2 CPU cores)."},
     )
     tokenizer_num_proc: Optional[int] = field(
         default=None,
         metadata={"help": "Processes that segment the corpus with MeCab (mecab: true) when learning merges. "
                   "Default: the CPUs available, at most 16. The learned merges do not depend on it."},
     )
+
+    def __post_init__(self) -> None:
+        """The initialisation keys, checked at parse time (before any model loads)."""
+        self.check_init_keys()
+
+    def check_init_keys(self) -> None:
+        """One-line ``XltError`` for a bad embedding_init / output_embedding_init / distill_steps combination.
+
+        The one place these keys are validated (``check_tokenizer_inputs`` calls it again, for an object
+        changed after construction). Whether the model is tied is a property of the model, checked there.
+        """
+        if self.embedding_init not in EMBEDDING_INITS:
+            raise XltError(f"embedding_init={self.embedding_init!r}: expected one of {', '.join(EMBEDDING_INITS)}")
+        if self.output_embedding_init not in OUTPUT_EMBEDDING_INITS:
+            raise XltError(f"output_embedding_init={self.output_embedding_init!r}: expected one of "
+                           f"{', '.join(OUTPUT_EMBEDDING_INITS)}")
+        if type(self.distill_steps) is not int or self.distill_steps < 1:
+            raise XltError(f"distill_steps={self.distill_steps}: expected an integer >= 1")
+        if self.embedding_init == "distill" and self.tokenizer_mode == "swap":
+            raise XltError("embedding_init=distill: supported with tokenizer_mode=extend only (a swapped tokenizer "
+                           "shares no segmentation with the base to distil from)")
 
 
 # ---------------------------------------------------------------------------------------------

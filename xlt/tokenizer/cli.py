@@ -23,7 +23,13 @@ def add_tokenizer_commands(subparsers) -> None:  # noqa: ANN001 - argparse's pri
     e.add_argument("--text-field", default="text", help="Field holding the text in jsonl / parquet files.")
     e.add_argument("--new-tokens", type=int, required=True,
                    help="New tokens to add (extend), or the new vocabulary size (swap).")
-    e.add_argument("--init", default="subword_mean", help="New rows: subword_mean (default), mean or random.")
+    e.add_argument("--init", default="subword_mean",
+                   help="New rows: subword_mean (default), merge_tree, mean, random or distill.")
+    e.add_argument("--output-init", default="same",
+                   help="New rows of an untied head: same (default), first_subtoken or char_weighted_mean.")
+    e.add_argument("--untie", action="store_true", help="Untie a tied model first (the head gets its own copy).")
+    e.add_argument("--distill-steps", type=int, default=TokenizerArguments.distill_steps,
+                   help="--init distill: Adam steps over the new input rows.")
     e.add_argument("--output", required=True, help="Directory for the resized model, tokenizer and report.")
     e.add_argument("--mode", default="extend", choices=["extend", "swap"])
     e.add_argument("--min-frequency", type=int, default=2)
@@ -65,7 +71,8 @@ def cmd_extend(args: argparse.Namespace) -> int:
     tok_args = TokenizerArguments(tokenizer_mode=args.mode, new_tokens=args.new_tokens, tokenizer_max_chars=args.max_chars,
                                   min_frequency=args.min_frequency, max_token_chars=args.max_token_chars,
                                   tokenizer_nfkc=args.nfkc, mecab=args.mecab, pad_vocab_multiple=args.pad_multiple,
-                                  embedding_init=args.init)
+                                  embedding_init=args.init, output_embedding_init=args.output_init,
+                                  untie_embeddings=args.untie, distill_steps=args.distill_steps)
     # Everything cheap first: arguments, tokenizer type, output dir, corpus; the model loads last.
     check_tokenizer_inputs(args.model, tok_args)
     check_output_dir(args.output, args.model)

@@ -4,17 +4,39 @@ We never let transformers initialise anything: the matrices are rebuilt here row
 old ones (kept rows copied bit for bit), and only then put into the model. That sidesteps
 ``resize_token_embeddings``' random/mean-resizing init, and its habit of re-initialising an untied
 output head (transformers #35141).
+
+Input-side methods (``embedding_init``):
+
+* ``subword_mean``: the mean of the old rows of the token's pieces (the old BPE run on its string);
+* ``merge_tree``: bottom-up in merge order, the mean of the rows of the two tokens the new token's
+  merge joins (each an old row or an earlier new one), so a token ``(ab)c`` gets
+  ``((a + b) / 2 + c) / 2``, weighting its later-merged parts more than the flat mean does;
+* ``mean`` (the old mean row), ``random`` (old std);
+* ``distill``: ``subword_mean``, then :func:`distill_new_rows` fits the new input rows on text.
+
+Output-side methods for an untied head (``output_embedding_init``): ``same`` (as the input side),
+``first_subtoken`` (the output row of the first piece, EEVE) or ``char_weighted_mean`` (the pieces'
+output rows weighted by their lengths in characters). :func:`untie` makes a tied model untied first.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any
+import random as _random
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
 
 import torch
 
-INIT_METHODS = ("subword_mean", "mean", "random")
+from xlt.config import EMBEDDING_INITS, OUTPUT_EMBEDDING_INITS, XltError
+
+INIT_METHODS = EMBEDDING_INITS
+OUTPUT_METHODS = OUTPUT_EMBEDDING_INITS
+DISTILL_BATCH = 4     # windows per distillation step
+DISTILL_WINDOW = 16   # tokens (extended tokenizer) per window
+DISTILL_MAX_CHARS = 400_000  # corpus characters scanned for windows
+DISTILL_LR_SCALE = 0.01  # Adam LR = this x the std of the old input rows (SmolLM2: 0.136 -> 1.4e-3; 0.05 and 0.002 measured worse)
 
 
 def is_tied(model: Any) -> bool:
@@ -26,12 +48,69 @@ def padded_size(n: int, multiple: int) -> int:
     return n if multiple <= 1 else int(math.ceil(n / multiple) * multiple)
 
 
+def untie(model: Any) -> bool:
+    """Give a tied model's output head its own copy of the embedding matrix; True when it untied.
+
+    Guarantees: logits are bit-identical before and after (same values, new storage);
+    ``config.tie_word_embeddings`` becomes False so ``tie_weights`` (called by ``resize_token_embeddings``)
+    and ``save_pretrained`` / ``from_pretrained`` keep the two matrices apart. An untied model is left alone.
+    """
+    if not is_tied(model):
+        return False
+    head = model.get_output_embeddings()
+    head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+    model.config.tie_word_embeddings = False
+    text_cfg = model.config.get_text_config()
+    if text_cfg is not model.config:
+        text_cfg.tie_word_embeddings = False
+    if hasattr(model, "all_tied_weights_keys"):  # transformers 5 caches the tie mapping at init
+        model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
+    return True
+
+
+def char_lengths(pieces: Sequence[bytes]) -> list[float]:
+    """Length in characters of each piece of one token, given the pieces' bytes in order.
+
+    A byte-level piece may hold part of a multi-byte UTF-8 character: each byte counts ``1 / n`` of
+    its character (``n`` from the lead byte), so the lengths add up to the token's characters. Bytes
+    that continue a character begun before the token (no lead byte in it) count ``1 / (run + 1)``,
+    ``run`` being how many such bytes open the token (the shortest character they can belong to).
+    Invalid bytes count 1 each.
+    """
+    data = b"".join(pieces)
+    weight = [1.0] * len(data)
+    i = 0
+    while i < len(data) and 0x80 <= data[i] < 0xC0:  # orphan continuation bytes at the start
+        i += 1
+    for k in range(i):
+        weight[k] = 1.0 / (i + 1)
+    while i < len(data):
+        b = data[i]
+        n = 1 if b < 0x80 else 2 if 0xC0 <= b < 0xE0 else 3 if 0xE0 <= b < 0xF0 else 4 if 0xF0 <= b < 0xF8 else 1
+        j = i + 1
+        while j < len(data) and j < i + n and 0x80 <= data[j] < 0xC0:
+            j += 1
+        for k in range(i, j):
+            weight[k] = 1.0 / n if n > 1 else 1.0
+        i = j
+    out, at = [], 0
+    for p in pieces:
+        out.append(sum(weight[at: at + len(p)]))
+        at += len(p)
+    return out
+
+
 def _init_matrix(old: torch.Tensor, new_size: int, keep: dict[int, int], pieces: dict[int, list[int]],
-                 method: str, generator: torch.Generator) -> torch.Tensor:
+                 method: str, generator: torch.Generator, merges: Optional[list[tuple[int, int, int]]] = None,
+                 piece_bytes: Optional[dict[int, list[bytes]]] = None) -> torch.Tensor:
     """A (new_size, dim) matrix: kept rows copied; the rest initialised by ``method``.
 
     Rows with no pieces (padding, or a token the old tokenizer cannot express) get the old mean:
     by Jensen's inequality a mean row never out-scores the average old token on the output side.
+    ``merges`` (merge_tree): ``(new id, id a, id b)`` in merge order, ids in the *new* numbering;
+    a row is built from the first merge that yields it; new tokens no merge yields (SentencePiece-style
+    single characters) keep their subword mean. ``piece_bytes`` (char_weighted_mean): each new id's
+    pieces as bytes.
     """
     old32 = old.detach().float()
     mean = old32.mean(0)
@@ -44,34 +123,64 @@ def _init_matrix(old: torch.Tensor, new_size: int, keep: dict[int, int], pieces:
         rows = [i for i in todo if i in pieces]
         if rows:
             new[rows] = torch.randn(len(rows), old.shape[1], generator=generator) * std
-    elif method == "subword_mean":
+    elif method in ("subword_mean", "merge_tree", "distill"):
         for i in todo:
             ids = pieces.get(i)
             if ids:
                 new[i] = old32[ids].mean(0)
+        if method == "merge_tree":
+            built: set[int] = set()
+            for r, a, b in merges or []:
+                if r in keep or r in built or not 0 <= r < new_size:
+                    continue
+                new[r] = (new[a] + new[b]) / 2
+                built.add(r)
+    elif method == "first_subtoken":
+        for i in todo:
+            ids = pieces.get(i)
+            if ids:
+                new[i] = old32[ids[0]]
+    elif method == "char_weighted_mean":
+        for i in todo:
+            ids = pieces.get(i)
+            if ids:
+                w = torch.tensor(char_lengths(piece_bytes[i]) if piece_bytes and i in piece_bytes else [1.0] * len(ids))
+                new[i] = (old32[ids] * w[:, None]).sum(0) / w.sum()
     elif method != "mean":
         raise ValueError(f"unknown init method {method!r}")
     return new.to(old.dtype)
 
 
 def resize_and_init(model: Any, new_size: int, keep: dict[int, int], pieces: dict[int, list[int]],
-                    method: str = "subword_mean", seed: int = 0) -> dict:
+                    method: str = "subword_mean", seed: int = 0, *, output_method: str = "same",
+                    untie_first: bool = False, merges: Optional[list[tuple[int, int, int]]] = None,
+                    piece_bytes: Optional[dict[int, list[bytes]]] = None) -> dict:
     """Give ``model`` a vocabulary of ``new_size`` rows.
 
     ``keep`` maps new id -> old id for rows copied unchanged (identity for an extension, shared
     tokens for a swap); ``pieces`` maps new id -> old ids its text is made of (for subword inits).
+    ``output_method`` other than 'same' initialises an untied head's new rows differently from the
+    input rows; on a tied model (and no ``untie_first``) it is an ``XltError`` before anything changes.
+    ``method='distill'`` initialises as subword_mean here; :func:`distill_new_rows` does the rest.
     Returns a small summary (rows kept / initialised / padding, tied or not).
     """
     if method not in INIT_METHODS:
         raise ValueError(f"unknown init method {method!r}")
+    if output_method not in OUTPUT_METHODS:
+        raise ValueError(f"unknown output init method {output_method!r}")
+    if output_method != "same" and is_tied(model) and not untie_first:
+        raise XltError(f"output_embedding_init={output_method}: the model ties its input and output embeddings; "
+                       f"set untie_embeddings: true (or output_embedding_init: same)")
+    untied = untie(model) if untie_first else False
     gen = torch.Generator().manual_seed(seed)
     tied = is_tied(model)
     old_in = model.get_input_embeddings().weight.detach().clone()
-    new_in = _init_matrix(old_in, new_size, keep, pieces, method, gen)
+    new_in = _init_matrix(old_in, new_size, keep, pieces, method, gen, merges, piece_bytes)
     new_out = None
     if not tied and model.get_output_embeddings() is not None:
         old_out = model.get_output_embeddings().weight.detach().clone()
-        new_out = _init_matrix(old_out, new_size, keep, pieces, method, gen)
+        out_method = method if output_method == "same" else output_method
+        new_out = _init_matrix(old_out, new_size, keep, pieces, out_method, gen, merges, piece_bytes)
     model.resize_token_embeddings(new_size, mean_resizing=False)
     with torch.no_grad():
         model.get_input_embeddings().weight.copy_(new_in)
@@ -80,8 +189,10 @@ def resize_and_init(model: Any, new_size: int, keep: dict[int, int], pieces: dic
     if tied:
         model.tie_weights()
     model.config.vocab_size = new_size
-    return {"rows": new_size, "kept": len(keep), "initialised": sum(1 for i in pieces if i not in keep),
-            "padding": new_size - len(keep) - sum(1 for i in pieces if i not in keep), "tied": tied, "init": method}
+    n_init = sum(1 for i in pieces if i not in keep)
+    return {"rows": new_size, "kept": len(keep), "initialised": n_init, "padding": new_size - len(keep) - n_init,
+            "tied": tied, "untied": untied, "init": method, "output_init": output_method if not tied else "tied",
+            "init_flops": 0}
 
 
 def pieces_from(old_model_tokenize: Callable[[str], list[int]], new_tokens: dict[int, str]) -> dict[int, list[int]]:
@@ -92,3 +203,191 @@ def pieces_from(old_model_tokenize: Callable[[str], list[int]], new_tokens: dict
         if ids:
             out[i] = ids
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Token distillation of the new input rows
+# ---------------------------------------------------------------------------------------------
+def expand_ids(ids: Sequence[int], pieces: dict[int, list[int]]) -> list[int]:
+    """The old-vocabulary ids of a sequence of extended ids: each new id replaced by its pieces.
+
+    For an extension this is exactly the base tokenizer's segmentation of the same text: new merges
+    only join whole old tokens, and the old BPE's merges inside such a span do not depend on what
+    surrounds it (tested on real text).
+    """
+    out: list[int] = []
+    for i in ids:
+        out.extend(pieces.get(i, (i,)))
+    return out
+
+
+def distill_windows(texts: Sequence[str], new_tok: Any, new_ids: set[int], n: int, seed: int = 0,
+                    window: int = DISTILL_WINDOW, max_chars: int = DISTILL_MAX_CHARS) -> list[list[int]]:
+    """Up to ``n`` windows of ``window`` extended ids from ``texts``, each holding at least one new id.
+
+    Deterministic for a seed. Windows that bring a new id no earlier window had come first (so as
+    many new tokens as possible are seen at least once), then the rest, in a seeded shuffle.
+    """
+    docs, total = [], 0
+    for t in texts:
+        if total >= max_chars:
+            break
+        docs.append(t)
+        total += len(t)
+    cands = []
+    for enc in new_tok.encode_batch(docs, add_special_tokens=False):
+        ids = enc.ids
+        for s in range(0, len(ids) - window + 1, window):
+            w = ids[s: s + window]
+            if any(i in new_ids for i in w):
+                cands.append(w)
+    _random.Random(seed).shuffle(cands)
+    seen: set[int] = set()
+    first, rest = [], []
+    for w in cands:
+        fresh = {i for i in w if i in new_ids} - seen
+        (first if fresh else rest).append(w)
+        seen |= fresh
+    return (first + rest)[:n]
+
+
+def _embedding_param_name(body: Any, weight: torch.Tensor) -> str:
+    for name, p in body.named_parameters():
+        if p is weight:
+            return name
+    raise ValueError("input embedding weight not found in the model body")
+
+
+def _pad(seqs: list[list[int]]) -> torch.Tensor:
+    """Right-padded batch (pad id 0): under causal attention, padding after a position never changes it."""
+    n = max(map(len, seqs))
+    return torch.tensor([s + [0] * (n - len(s)) for s in seqs])
+
+
+def _pairs(window: list[int], pieces: dict[int, list[int]], new_ids: set[int]) -> tuple[list[int], list[int]]:
+    """(positions in the extended window, matching positions in its expansion) scored by the loss.
+
+    Position j of the extended window ends where position ``ends[j]`` of the old sequence ends (its last
+    piece). Scored: every position from the first new token on (earlier ones are identical inputs).
+    """
+    ends, at = [], -1
+    for i in window:
+        at += len(pieces.get(i, (i,)))
+        ends.append(at)
+    first = next(j for j, i in enumerate(window) if i in new_ids)
+    return list(range(first, len(window))), ends[first:]
+
+
+class _Distiller:
+    """Targets (base hidden states on the old pieces) and the student forward over the new rows only."""
+
+    def __init__(self, model: Any, windows: list[list[int]], pieces: dict[int, list[int]], new_ids: list[int]):
+        self.model = model
+        self.body = model.base_model
+        self.weight = model.get_input_embeddings().weight
+        self.name = _embedding_param_name(self.body, self.weight)
+        self.new_ids = torch.tensor(new_ids)
+        new_set = set(new_ids)
+        self.windows = windows
+        self.pairs = [_pairs(w, pieces, new_set) for w in windows]
+        self.old = [expand_ids(w, pieces) for w in windows]
+
+    def hidden(self, batch: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Last-layer hidden states (after the final norm) of ``batch``, optionally with another embedding."""
+        from torch.func import functional_call
+
+        params = {} if weight is None else {self.name: weight}
+        return functional_call(self.body, params, args=(), kwargs={"input_ids": batch, "use_cache": False}).last_hidden_state
+
+    @torch.no_grad()
+    def targets(self, idx: list[int]) -> list[torch.Tensor]:
+        h = self.hidden(_pad([self.old[k] for k in idx]))
+        return [h[r, self.pairs[k][1]] for r, k in enumerate(idx)]
+
+    def loss(self, idx: list[int], targets: list[torch.Tensor], rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Mean squared hidden-state mismatch over the scored positions of windows ``idx``."""
+        weight = None
+        if rows is not None:
+            weight = self.weight.detach().index_put((self.new_ids,), rows)
+        h = self.hidden(torch.tensor([self.windows[k] for k in idx]), weight)
+        diffs = [h[r, self.pairs[k][0]] - t for r, (k, t) in enumerate(zip(idx, targets))]
+        return torch.cat(diffs).pow(2).mean()
+
+
+def hidden_mismatch(model: Any, windows: list[list[int]], pieces: dict[int, list[int]], new_ids: list[int],
+                    batch: int = DISTILL_BATCH) -> float:
+    """Mean squared difference between the last hidden states at the scored positions of ``windows`` run with
+    the extended ids and with their old pieces (what distillation minimises)."""
+    d = _Distiller(model, windows, pieces, new_ids)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(windows), batch):
+            idx = list(range(s, min(len(windows), s + batch)))
+            total += float(d.loss(idx, d.targets(idx))) * len(idx)
+            n += len(idx)
+    return total / max(1, n)
+
+
+def count_params(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def distill_new_rows(model: Any, texts: Sequence[str], new_tok: Any, pieces: dict[int, list[int]],
+                     new_ids: list[int], steps: int, seed: int = 0, batch: int = DISTILL_BATCH,
+                     window: int = DISTILL_WINDOW, lr: Optional[float] = None) -> dict:
+    """Token distillation: fit the new *input* rows so the model's last hidden states on extended text match
+    those on the same text in old pieces (base targets, computed once), over ``steps`` Adam steps.
+
+    Guarantees: only rows ``new_ids`` of the input matrix change (old rows, the body and an untied head
+    are bit-identical; a tied head follows its input rows, being the same tensor); deterministic for a
+    seed; nothing happens when the text holds no new token. Windows: :func:`distill_windows`.
+
+    Compute (``init_flops``), charged like training so equal-compute comparisons stay fair:
+    ``2 N`` per token for each target forward on the old pieces (once per window) plus ``6 N`` per token
+    per student step, ``N`` = every parameter of the model. ``6 N`` is a full forward + backward; with the
+    body frozen the backward skips weight gradients (really about ``4 N``), and the embedding and head
+    hold no matmul FLOPs here, so the figure is an upper bound: it never flatters distillation.
+    """
+    t0 = time.time()
+    new_set = set(new_ids)
+    windows = distill_windows(texts, new_tok, new_set, steps * batch, seed=seed, window=window)
+    base = {"distill_steps": 0, "distill_windows": len(windows), "init_flops": 0, "distill_seconds": 0.0}
+    if not windows:
+        return base
+    d = _Distiller(model, windows, pieces, new_ids)
+    n_params = count_params(model)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    was_training = model.training
+    model.eval()  # no dropout: the targets and the student see the same deterministic body
+    try:
+        targets: list[torch.Tensor] = []
+        for s in range(0, len(windows), batch):
+            targets.extend(d.targets(list(range(s, min(len(windows), s + batch)))))
+        fwd_tokens = sum(map(len, d.old))
+        rows = torch.nn.Parameter(d.weight.detach()[d.new_ids].clone())
+        std = float(d.weight.detach().std())
+        opt = torch.optim.Adam([rows], lr=lr if lr is not None else DISTILL_LR_SCALE * std)
+        losses, step_tokens = [], 0
+        for step in range(steps):
+            idx = [(step * batch + k) % len(windows) for k in range(batch)]
+            loss = d.loss(idx, [targets[k] for k in idx], rows)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            step_tokens += batch * window
+        with torch.no_grad():
+            d.weight[d.new_ids] = rows.detach().to(d.weight.dtype)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+    k = max(1, min(5, steps // 4))
+    return {"distill_steps": steps, "distill_windows": len(windows),
+            "distill_rows_seen": len({i for w in windows for i in w if i in new_set}),
+            "distill_loss_first": round(sum(losses[:k]) / k, 6), "distill_loss_last": round(sum(losses[-k:]) / k, 6),
+            "distill_tokens": {"forward": fwd_tokens, "forward_backward": step_tokens},
+            "init_flops": float(2 * n_params * fwd_tokens + 6 * n_params * step_tokens),
+            "distill_seconds": round(time.time() - t0, 2)}

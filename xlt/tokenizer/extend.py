@@ -228,8 +228,6 @@ def check_tokenizer_inputs(model_spec: str, tok_args: TokenizerArguments, read_t
 
     ``read_tokenizer=False`` stops before reading tokenizer.json (``xlt check --offline`` on a hub model).
     """
-    from xlt.tokenizer.embeddings import INIT_METHODS
-
     mode = tok_args.tokenizer_mode
     if mode == "none":
         return
@@ -238,8 +236,7 @@ def check_tokenizer_inputs(model_spec: str, tok_args: TokenizerArguments, read_t
     if tok_args.new_tokens is None or tok_args.new_tokens <= 0:
         what = "new tokens" if mode == "extend" else "vocabulary size"
         raise XltError(f"new_tokens={tok_args.new_tokens}: the number of {what} must be > 0")
-    if tok_args.embedding_init not in INIT_METHODS:
-        raise XltError(f"embedding_init={tok_args.embedding_init!r}: expected one of {', '.join(INIT_METHODS)}")
+    tok_args.check_init_keys()
     if tok_args.min_frequency < 1:
         raise XltError(f"min_frequency={tok_args.min_frequency} must be >= 1")
     if tok_args.max_token_chars < 2:
@@ -256,11 +253,31 @@ def check_tokenizer_inputs(model_spec: str, tok_args: TokenizerArguments, read_t
             raise XltError("mecab: needs the PyPI packages fugashi and unidic-lite: pip install fugashi unidic-lite") from None
     if not read_tokenizer:
         return
+    if tok_args.output_embedding_init != "same" and not tok_args.untie_embeddings and config_ties_embeddings(model_spec):
+        raise XltError(f"output_embedding_init={tok_args.output_embedding_init}: {model_spec} ties its input and output "
+                       f"embeddings; set untie_embeddings: true (or output_embedding_init: same)")
     tj = read_tokenizer_json(model_spec)
     family = detect_family(tj)
     if mode == "swap" and family != BYTE_LEVEL:
         raise XltError("tokenizer_mode=swap: supported for byte-level BPE tokenizers only; "
                        "use tokenizer_mode=extend for SentencePiece-style tokenizers")
+
+
+def config_ties_embeddings(model_spec: str) -> bool:
+    """Whether the model's config ties input and output embeddings, read from config.json (no weights load).
+
+    An unreadable config counts as untied: the same check runs again on the loaded model
+    (``resize_and_init``), still before any row changes.
+    """
+    from xlt.models import resolve_model
+
+    try:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(resolve_model(model_spec))
+        return bool(getattr(cfg.get_text_config(), "tie_word_embeddings", False))
+    except Exception:  # noqa: BLE001 - custom code or an unreachable hub: decided on the loaded model instead
+        return False
 
 
 def check_output_dir(output_dir: str, model_spec: str) -> None:
@@ -324,6 +341,37 @@ def _samples(old, new, texts: list[str], k: int = 3) -> list[dict]:
     return out
 
 
+def merge_ids(tj: dict, ids: dict[str, int], skip: int = 0) -> list[tuple[int, int, int]]:
+    """``(result id, part a id, part b id)`` of the merges of ``tj`` after the first ``skip``, in merge order."""
+    out = []
+    for a, b in merges_as_pairs(tj["model"])[skip:]:
+        if a + b in ids and a in ids and b in ids:
+            out.append((ids[a + b], ids[a], ids[b]))
+    return out
+
+
+def init_new_rows(model, tok_args: TokenizerArguments, new_size: int, keep: dict[int, int],  # noqa: ANN001
+                  pieces: dict[int, list[int]], base, new_tok, new_tj: dict, family: str, texts: list[str],  # noqa: ANN001
+                  skip_merges: int = 0) -> dict:
+    """Resize ``model`` and initialise its new rows as ``tok_args`` says (embedding_init,
+    output_embedding_init, untie_embeddings; distill_steps for distill). Returns the summary, with
+    ``init_flops`` (0 unless the method runs the model)."""
+    from xlt.tokenizer.embeddings import distill_new_rows, resize_and_init
+    from xlt.tokenizer.merges import token_bytes
+
+    method = tok_args.embedding_init
+    merges = merge_ids(new_tj, new_tok.get_vocab(with_added_tokens=True), skip_merges) if method == "merge_tree" else None
+    piece_bytes = None
+    if tok_args.output_embedding_init == "char_weighted_mean":
+        piece_bytes = {i: [token_bytes(base.id_to_token(p), family) for p in ps] for i, ps in pieces.items()}
+    summary = resize_and_init(model, new_size, keep, pieces, method=method, output_method=tok_args.output_embedding_init,
+                              untie_first=tok_args.untie_embeddings, merges=merges, piece_bytes=piece_bytes)
+    if method == "distill":
+        new_ids = sorted(i for i in pieces if i not in keep)
+        summary.update(distill_new_rows(model, texts, new_tok, pieces, new_ids, steps=tok_args.distill_steps))
+    return summary
+
+
 def build_tokenizer_stage(model_spec: str, tok_args: TokenizerArguments, corpus_texts: list[str],
                           eval_texts: dict[str, list[str]], output_dir: str,
                           trust_remote_code: bool = False) -> dict:
@@ -333,7 +381,7 @@ def build_tokenizer_stage(model_spec: str, tok_args: TokenizerArguments, corpus_
     from tokenizers import Tokenizer
 
     from xlt.models import load_model, resolve_model
-    from xlt.tokenizer.embeddings import padded_size, resize_and_init
+    from xlt.tokenizer.embeddings import padded_size
 
     t0 = time.time()
     check_tokenizer_inputs(model_spec, tok_args)
@@ -374,7 +422,8 @@ def build_tokenizer_stage(model_spec: str, tok_args: TokenizerArguments, corpus_
         new_size = max(new_size, old_rows)
         keep = {i: o for i, o in keep.items() if o < old_rows}
     pieces = {i: [t.id for t in base.model.tokenize(s)] for i, s in new_tokens.items()}
-    summary = resize_and_init(model, new_size, keep, pieces, method=tok_args.embedding_init)
+    summary = init_new_rows(model, tok_args, new_size, keep, pieces, base, new_tok, new_tj, family,
+                            texts, skip_merges=len(base_tj["model"].get("merges") or []) if mode == "extend" else 0)
 
     os.makedirs(output_dir, exist_ok=True)
     model.save_pretrained(output_dir, safe_serialization=True)
@@ -399,6 +448,7 @@ def build_tokenizer_stage(model_spec: str, tok_args: TokenizerArguments, corpus_
                        "extended": new_tok.get_vocab_size(with_added_tokens=True)},
         "embedding_rows": {"base": old_rows, "extended": new_size},
         "embeddings": summary,
+        "init_flops": summary.get("init_flops", 0),
         "chars_per_token": {lang: {"base": chars_per_token(base, ts), "extended": chars_per_token(new_tok, ts)}
                             for lang, ts in eval_texts.items()},
         "corpus_chars": sum(len(t) for t in texts),
