@@ -228,3 +228,11 @@ def test_make_check_target(tmp_path):
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.splitlines()[-1])["ok"] is True
+
+
+def test_new_row_keys_refused_as_the_cpt_stage_refuses_them(tmp_path, capsys):
+    """llama3-8b-ja keeps its tokenizer: a new-row learning rate there has no rows to act on."""
+    rc, r = run(capsys, "--config", variant(tmp_path, "llama3-8b-ja/cpt", new_rows_lr_multiplier=10.0),
+                "--accelerate_config", FSDP2, "--offline", *H100)
+    assert rc == 1 and len(r["problems"]) == 1 and r["problems"][0].startswith("new_rows_lr_multiplier=10.0: needs a "
+                                                                              "tokenizer change")

@@ -596,6 +596,11 @@ def run_check(recipe: str, accelerate_config: Optional[str] = None, offline: boo
         if steps is not None:
             report.update(tokens_per_step=steps.tokens_per_step, max_steps=steps.max_steps,
                           total_tokens=steps.total_tokens, steps_note=steps.describe())
+            from xlt.train.new_rows import new_rows_settings  # the cpt stage's refusals of the new_rows_* keys
+
+            model_args, tok_args, _, cpt_args, lora, _ = parsed
+            chk.attempt(new_rows_settings, cpt_args, tok_args.tokenizer_mode, training_args, steps.max_steps,
+                        bool(lora.use_lora))
     else:
         rows = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world
         report["tokens_per_step"] = rows * info["seq_len"]
