@@ -6,8 +6,9 @@
 #   ACCELERATE_CONFIG accelerate_configs/cpu.yaml
 #   ARGS              any recipe override, e.g. ARGS="--learning_rate 1e-4"
 #   MC_DATA           JCommonsenseQA-layout jsonl: the evaluate stage adds multiple-choice accuracy (--mc_data)
-#   HELDOUT           comma-separated text files outside the training sources (e.g. ../shared/data/ja_wiki_paragraphs.jsonl):
-#                     the evaluate stage adds bits per character of every stage on each (--heldout_files)
+#   HELDOUT           comma-separated text files outside the training sources: the evaluate stage adds bits per
+#                     character of every stage on each (--heldout_files); default ../shared/data/ja_wiki_paragraphs.jsonl
+#                     when that file exists (general Japanese the demo never trains on), HELDOUT= turns it off
 #   REPO              hub repo id ORG/NAME for make push
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -20,7 +21,7 @@ RECIPE ?=
 OUTPUT_DIR ?=
 ARGS ?=
 MC_DATA ?=
-HELDOUT ?=
+HELDOUT ?= $(wildcard ../shared/data/ja_wiki_paragraphs.jsonl)
 RUN_DIR = $(or $(OUTPUT_DIR),runs/smollm2-135m-ja)
 LAUNCH := $(BIN)/accelerate launch --config_file $(ACCELERATE_CONFIG)
 OUT_ARG := $(if $(OUTPUT_DIR),--output_dir $(OUTPUT_DIR))
