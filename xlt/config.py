@@ -265,6 +265,22 @@ class CptArguments:
         metadata={"help": "For the first ceil(fraction x max_steps) optimizer steps only the new rows train: the body "
                   "and every old row stay bit-identical and their Adam state does not advance (0 <= x < 1)."},
     )
+    # Distillation from the base model early in training (xlt/train/kd.py): tokenizer_mode extend or none,
+    # full training, one process or DDP.
+    kd_weight: float = field(
+        default=0.0,
+        metadata={"help": "Loss = LM loss + kd_weight x T^2 KL(base model || this model) over the old ids, the base "
+                  "model reading the same text in its own tokens (new ids expanded into their old pieces), for "
+                  "the first kd_fraction of the steps (>= 0; 0: off). Its FLOPs are reported as cpt.distill_flops."},
+    )
+    kd_fraction: float = field(
+        default=0.1,
+        metadata={"help": "The first ceil(kd_fraction x max_steps) optimizer steps carry the distillation term "
+                  "(0 < x <= 1)."},
+    )
+    kd_temperature: float = field(
+        default=1.0, metadata={"help": "Softmax temperature T of both distributions in the distillation term (> 0)."}
+    )
 
     def __post_init__(self) -> None:
         """The spike-guard and new-row keys, checked at parse time (before any model loads)."""
@@ -274,6 +290,12 @@ class CptArguments:
             raise XltError(f"new_rows_weight_decay={self.new_rows_weight_decay}: expected a number >= 0")
         if not (isinstance(self.new_rows_warmup_fraction, (int, float)) and 0 <= self.new_rows_warmup_fraction < 1):
             raise XltError(f"new_rows_warmup_fraction={self.new_rows_warmup_fraction}: expected 0 <= x < 1")
+        if not (isinstance(self.kd_weight, (int, float)) and 0 <= self.kd_weight < math.inf):
+            raise XltError(f"kd_weight={self.kd_weight}: expected a number >= 0 (0: off)")
+        if not (isinstance(self.kd_fraction, (int, float)) and 0 < self.kd_fraction <= 1):
+            raise XltError(f"kd_fraction={self.kd_fraction}: expected 0 < x <= 1")
+        if not (isinstance(self.kd_temperature, (int, float)) and 0 < self.kd_temperature < math.inf):
+            raise XltError(f"kd_temperature={self.kd_temperature}: expected a number > 0")
         if self.spike_factor != 0 and not self.spike_factor > 1:
             raise XltError(f"spike_factor={self.spike_factor}: expected 0 (off) or a factor > 1")
         if not self.skip_step_sigma >= 0:

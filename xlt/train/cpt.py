@@ -214,6 +214,8 @@ def _make_trainer_class():
         xlt_loss_by_language_steps = 10
         xlt_replicas_in_sync: Optional[bool] = None
         xlt_new_rows = None  # (NewRowsSettings, new row ids): the new rows' own AdamW treatment (xlt/train/new_rows.py)
+        xlt_kd = None  # Distiller: the distillation term from the base model early in training (xlt/train/kd.py)
+        _xlt_kd_acc = None  # [summed KL, scored positions] since the last log (kd_loss)
         _xlt_new_rows_opt = None
         _xlt_last_log: Optional[tuple[float, int]] = None
         _xlt_lang_loss: Optional[list] = None
@@ -271,6 +273,13 @@ def _make_trainer_class():
                 self.args.save_total_limit = limit
             self.xlt_replicas_in_sync = check_replicas(self.model_wrapped, self.accelerator, self.state.global_step)
             run_dir = self._get_output_dir(trial=trial)
+            if self.xlt_kd is not None:  # the teacher's compute so far, before the checkpoint is marked complete
+                from xlt.train.kd import KD_STATE_FILE
+
+                kd_state = self.xlt_kd.state()  # a collective: every process
+                if self.args.should_save:
+                    atomic_write_json(os.path.join(run_dir, f"checkpoint-{self.state.global_step}", KD_STATE_FILE),
+                                      kd_state)
             if self.args.should_save and self.xlt_state_writer is not None:
                 self.xlt_state_writer.write(run_dir, self.state.global_step)
             self.accelerator.wait_for_everyone()
@@ -281,22 +290,57 @@ def _make_trainer_class():
             # The stream sends each token's language; the model must not see it. On the micro-batches of every
             # xlt_loss_by_language_steps-th step only, the per-token losses (from the logits the forward pass made
             # anyway) are summed by language and reported at the next log: the other steps pay nothing.
+            # The distillation term (xlt/train/kd.py) rides on the same logits during its window of steps.
             langs = inputs.pop(LANG_KEY, None)
             every = self.xlt_loss_by_language_steps
             measure = langs is not None and every > 0 and (self.state.global_step + 1) % every == 0
-            if not measure:
+            kd = self.xlt_kd is not None and self.xlt_kd.teacher is not None and model.training
+            if kd and not self.xlt_kd.settings.active_at(self.state.global_step):
+                self.xlt_kd.release()  # the window is over (global_step: the same on every process)
+                kd = False
+            if not measure and not kd:
                 return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                                  num_items_in_batch=num_items_in_batch)
             logits = getattr(outputs, "logits", None) if not isinstance(outputs, dict) else outputs.get("logits")
-            if logits is not None:
+            if kd:
+                loss = loss + self._xlt_kd_term(logits, inputs, num_items_in_batch)
+            if measure and logits is not None:
                 sums, counts = loss_by_language(logits, inputs["labels"], langs, len(LANGS))
                 if self._xlt_lang_loss is None:
                     self._xlt_lang_loss = [torch.zeros_like(sums), torch.zeros_like(counts)]
                 self._xlt_lang_loss[0] += sums
                 self._xlt_lang_loss[1] += counts
             return (loss, outputs) if return_outputs else loss
+
+        def _xlt_kd_term(self, logits, inputs, num_items_in_batch):
+            """``kd_weight`` x the micro-batch's distillation term, normalised as the Trainer normalises the LM loss
+            (by the scored tokens of the whole accumulated step over every process, or as a micro-batch mean that
+            the Trainer then divides by the accumulation steps), so the step's term is the mean over its scored
+            positions."""
+            total, n = self.xlt_kd.kd_sum(logits, inputs)
+            if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+                term = total / num_items_in_batch
+                if self.args.average_tokens_across_devices:
+                    term = term * (self.accelerator.num_processes // self.get_tp_size())
+            else:
+                term = total / max(n, 1)
+            acc = torch.stack([total.detach().double(), torch.tensor(float(n), dtype=torch.float64,
+                                                                        device=total.device)])
+            self._xlt_kd_acc = acc if self._xlt_kd_acc is None else self._xlt_kd_acc + acc
+            return self.xlt_kd.settings.weight * term
+
+        def _log_kd(self, logs: dict) -> None:
+            """``kd_loss``: the mean distillation KL (before kd_weight) over the positions scored since the last log."""
+            if self._xlt_kd_acc is None:
+                return
+            acc = self._xlt_kd_acc
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(acc)
+            if acc[1] > 0:
+                logs["kd_loss"] = round(float(acc[0] / acc[1]), 4)
+            self._xlt_kd_acc = None
 
         def _log_loss_by_language(self, logs: dict) -> None:
             """``loss_<lang>`` over the tokens measured since the last log (summed over every process)."""
@@ -322,6 +366,7 @@ def _make_trainer_class():
         def log(self, logs: dict, start_time: Optional[float] = None) -> None:
             if "loss" in logs:
                 self._log_loss_by_language(logs)  # every process: an all-reduce
+                self._log_kd(logs)  # idem, while the distillation window has left a sum
                 now, step = time.time(), self.state.global_step
                 if self._xlt_last_log is not None and step > self._xlt_last_log[1]:
                     dt = max(now - self._xlt_last_log[0], 1e-9)
@@ -368,6 +413,9 @@ def run_cpt(model_args: ModelArguments, tok_args: TokenizerArguments, data_args:
 
     new_rows = new_rows_settings(cpt_args, tok_args.tokenizer_mode, training_args, plan.max_steps, lora is not None)
     launcher = Launcher.from_env()
+    from xlt.train.kd import kd_settings
+
+    kd = kd_settings(cpt_args, tok_args.tokenizer_mode, plan.max_steps, lora is not None, launcher.kind)
     training_args.max_steps = plan.max_steps
     settings = fingerprint(model_args, tok_args, data_args, cpt_args, lora or {},
                            {k: getattr(training_args, k, None) for k in _RUN_KEYS},
@@ -375,7 +423,7 @@ def run_cpt(model_args: ModelArguments, tok_args: TokenizerArguments, data_args:
     _log(plan.describe())
     with run_lock(output_dir, "cpt"):
         return _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, sources, eval_sources,
-                               plan, settings, master_dtype, attn, launcher, t0, lora, new_rows)
+                               plan, settings, master_dtype, attn, launcher, t0, lora, new_rows, kd)
 
 
 def check_lora_model(model_args: ModelArguments, lora: LoraSettings) -> None:
@@ -397,7 +445,8 @@ def new_row_ids(model: Any, base_spec: str, trust_remote_code: bool = False) -> 
 
 def build_cpt_trainer(model: Any, tokenizer: Any, training_args: Any, stream: Any, data_args: DataArguments,
                       plan: StepPlan, guard: Any, callbacks: Optional[list] = None,
-                      loss_by_language_steps: int = 10, new_rows: Optional[tuple] = None) -> Any:
+                      loss_by_language_steps: int = 10, new_rows: Optional[tuple] = None,
+                      distiller: Any = None) -> Any:
     """The Trainer of continued pretraining, wired as ``run_cpt`` runs it: skip-step guard, xlt state in every
     checkpoint, token accounting / tokens/s / sequence length in the logs, progress postfix. The stream
     restores its own position, so the Trainer must not skip batches on resume (``ignore_data_skip``)."""
@@ -417,11 +466,12 @@ def build_cpt_trainer(model: Any, tokenizer: Any, training_args: Any, stream: An
     trainer.xlt_tokens_per_step, trainer.xlt_state_writer = plan.tokens_per_step, state_writer
     trainer.xlt_data_args, trainer.xlt_loss_by_language_steps = data_args, loss_by_language_steps
     trainer.xlt_new_rows = new_rows  # (NewRowsSettings, ids) or None
+    trainer.xlt_kd = distiller  # xlt.train.kd.Distiller or None
     return trainer
 
 
 def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, sources, eval_sources, plan,
-                    settings, master_dtype, attn, launcher, t0, lora=None, new_rows=None) -> dict:
+                    settings, master_dtype, attn, launcher, t0, lora=None, new_rows=None, kd=None) -> dict:
     output_dir = training_args.output_dir
     eval_texts = heldout_texts(sources, eval_sources, cpt_args.eval_max_docs)
     # The main process claims the directory and writes the held-out split first; the others then find it.
@@ -481,15 +531,33 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
             with open(os.path.join(output_dir, "report.json"), encoding="utf-8") as f:
                 report = json.load(f)
             return {k: report[k] for k in ("tokens_trained", "cpt", "tokenizer") if k in report}
+    distiller = None
+    if kd is not None:
+        from xlt.train.kd import Distiller
+
+        done = int(state["global_step"]) if resume_from else 0
+        compute = "bfloat16" if training_args.bf16 else "float16" if training_args.fp16 else master_dtype
+        distiller = Distiller.build(kd, model_args.model, model_dir, int(model.get_input_embeddings().weight.shape[0]),
+                                    compute, attn, model_args.trust_remote_code, load_teacher=kd.active_at(done))
+        if resume_from:
+            distiller.load(resume_from)
+        _log(kd.describe(plan.max_steps) + f"; teacher {compute}, {distiller.n_teacher:,} effective parameters")
 
     # -- phase: train ---------------------------------------------------------------------------
     trainer = build_cpt_trainer(model, tokenizer, training_args, stream, data_args, plan, guard,
                                 loss_by_language_steps=cpt_args.loss_by_language_steps,
-                                new_rows=new_rows_opt if new_rows_opt and new_rows_opt[0].active and new_rows_opt[1] else None)
+                                new_rows=new_rows_opt if new_rows_opt and new_rows_opt[0].active and new_rows_opt[1] else None,
+                                distiller=distiller)
     result = trainer.train(resume_from_checkpoint=resume_from)
     if guard.stop_requested:  # the guard saved a checkpoint and stopped the run: end with one line (exit 2)
         trainer.accelerator.wait_for_everyone()
         raise XltError(guard.stop_message(output_dir, trainer.state.global_step))
+
+    kd_state = None
+    if distiller is not None:
+        distiller.release()
+        kd_state = distiller.state()  # a collective: every process
+        _log(f"distillation: {kd_state['teacher_tokens']:,} teacher tokens = {kd_state['distill_flops']:.3g} FLOPs")
 
     # -- phase: save (every rank: the weights are gathered when sharded) -----------------------------
     in_sync = check_replicas(trainer.model_wrapped, trainer.accelerator, trainer.state.global_step)
@@ -524,6 +592,11 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
     }
     if new_rows_opt is not None:
         section["cpt"]["new_rows"] = new_rows_opt[0].report(len(new_rows_opt[1]))
+    if kd_state is not None:
+        section["cpt"]["distill_flops"] = kd_state["distill_flops"]
+        section["cpt"]["kd"] = {"weight": kd.weight, "steps": kd.steps, "temperature": kd.temperature,
+                                "teacher_tokens": kd_state["teacher_tokens"], "teacher_params": kd_state["teacher_params"],
+                                "vocabulary_match": "identity" if kd.identity else "expand_new_ids"}
     if tok_report is not None:
         section["tokenizer"] = {
             "ja_chars_per_token": tok_report["chars_per_token"]["ja"],
