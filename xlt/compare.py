@@ -219,6 +219,11 @@ def _check_override_keys(overrides: Mapping[str, Any], at: str, known_keys: set[
             raise XltError(f"{at}: {k} is set by the comparison (compute budget / output folder); remove it")
         if k not in known_keys:
             raise XltError(f"{at}: unknown recipe key {k!r}")
+        if k == "kd_weight" and overrides[k]:
+            # The teacher's FLOPs depend on how many old pieces it reads, known only after training, so the
+            # arm's tokens cannot be solved for the budget up front: refused rather than compared unequally.
+            raise XltError(f"{at}: kd_weight: a distillation term's teacher FLOPs are known only after training, so "
+                           "the arm cannot be held to the shared budget; compare it outside xlt compare")
 
 
 def _training_paths(recipe: Mapping[str, Any]) -> set[str]:
