@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from xlt.data.sft import check_sft_specs, load_instruction_examples, stablelm_alpaca_prompt
+from xlt.data.sft import check_sft_specs, load_sft_data
+from xlt.data.sft_format import render
 from xlt.eval.bpc import _windows, bits_per_char
 
 
@@ -58,16 +59,15 @@ def test_evaluate_bpc_command_prints_the_json_interface(tmp_path, tiny_model_dir
     assert out["chars"] == len("First document.") + len("Second one.")
 
 
-def test_stablelm_alpaca_prompt_and_token_prefix(embedded_tokenizer):
-    p = stablelm_alpaca_prompt("日本の首都は？")
-    full = p + "\n東京です。"
-    assert full == ("以下は、タスクを説明する指示と、文脈のある入力の組み合わせです。要求を適切に満たす応答を書きなさい。"
-                    "\n\n### 指示: \n日本の首都は？\n\n### 応答: \n東京です。")
-    assert "### 入力: \n文脈" in stablelm_alpaca_prompt("質問", "文脈")
-    # The prompt's tokens are a prefix of prompt + completion, so the completion-only mask is exact.
-    a = embedded_tokenizer(p)["input_ids"]
-    b = embedded_tokenizer(full)["input_ids"]
-    assert b[: len(a)] == a
+def test_stablelm_alpaca_format_is_the_japanese_stablelm_prompt(embedded_tokenizer):
+    tok = embedded_tokenizer
+    r = render([{"role": "user", "content": "日本の首都は？"}, {"role": "assistant", "content": "東京です。"}],
+               "stablelm_alpaca", tok)
+    assert r.text == ("以下は、タスクを説明する指示と、文脈のある入力の組み合わせです。要求を適切に満たす応答を書きなさい。"
+                      "\n\n### 指示: \n日本の首都は？\n\n### 応答: \n東京です。" + tok.eos_token)
+    with_input = render([{"role": "user", "content": "質問", "input": "文脈"}, {"role": "assistant", "content": "答"}],
+                        "stablelm_alpaca", tok)
+    assert "### 指示: \n質問\n\n### 入力: \n文脈\n\n### 応答: \n答" in with_input.text
 
 
 def test_instruction_adapters(tmp_path):
@@ -79,10 +79,12 @@ def test_instruction_adapters(tmp_path):
     hh.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [
         {"instruction": "こんにちは", "output": "どうも", "ng_translation": "0"},
         {"instruction": "壊れた", "output": "翻訳", "ng_translation": "1"}]), encoding="utf-8")
-    ex = load_instruction_examples([{"adapter": "alpaca", "path": str(alpaca)}, {"adapter": "hh_rlhf", "path": str(hh)},
-                                    {"adapter": "chatterbot", "embedded": "chatterbot-ja", "max_examples": 3}])
-    assert len(ex) == 1 + 1 + 3  # empty outputs and failed translations are dropped
-    assert "### 入力: \n長い文" in ex[0]["prompt"] and ex[0]["completion"] == "\n短い文"
+    data = load_sft_data([{"adapter": "alpaca", "path": str(alpaca)}, {"adapter": "hh_rlhf", "path": str(hh)},
+                          {"adapter": "chatterbot", "embedded": "chatterbot-ja", "max_examples": 3}])
+    assert len(data.train) == 1 + 1 + 3  # empty outputs and failed translations are dropped, and counted
+    assert data.counts["a.jsonl"]["empty"] == 1 and data.counts["hh.jsonl"]["failed_translation"] == 1
+    assert data.train[0]["messages"] == [{"role": "user", "content": "要約して", "input": "長い文"},
+                                         {"role": "assistant", "content": "短い文"}]
     with pytest.raises(Exception, match=r"sft_datasets\[0\]: adapter must be one of"):
         check_sft_specs([{"adapter": "vicuna", "path": str(alpaca)}])
     with pytest.raises(Exception, match="has no field 'output'"):

@@ -18,7 +18,6 @@ from xlt.data.sft import (
     SFT_COUNT_KEYS,
     check_sft_specs,
     counts_balance,
-    load_instruction_examples,
     load_sft_data,
     parse_hh_dialogue,
 )
@@ -358,9 +357,3 @@ def test_eval_split_is_disjoint_deterministic_and_taken_before_weighting(tmp_pat
         load_sft_data(specs, eval_fraction=1)
 
 
-def test_load_instruction_examples_keeps_earlier_turns_in_the_prompt(tmp_path):
-    path = jsonl(tmp_path / "hh.jsonl", HH_EN[:1])
-    (ex,) = load_instruction_examples([{"adapter": "hh_rlhf", "path": path}])
-    assert ex["prompt"].endswith("### 指示: \nWhat are some good houseplants?\n\n### 応答: \n"
-                                 "Pothos and snake plants are easy.\n\n### 指示: \nWhich needs less light?\n\n### 応答: ")
-    assert ex["completion"] == "\nThe snake plant.\n\nIt tolerates shade."

@@ -33,23 +33,6 @@ from xlt.validate import AT_LEAST_1, POSITIVE, check_spec, check_utf8_file, deco
 STABLELM_SYSTEM = "以下は、タスクを説明する指示と、文脈のある入力の組み合わせです。要求を適切に満たす応答を書きなさい。"
 
 
-def stablelm_alpaca_prompt(instruction: str, input_text: str = "") -> str:
-    """The prompt up to ``### 応答: ``; the completion starts with the format's ``\n``.
-
-    Why the newline goes with the completion: byte-level pre-tokenizers cut a trailing " \n" differently
-    at the end of a string than before text, so a prompt ending in it would not be a token prefix of
-    prompt + completion and the loss mask would slip. The concatenated text is exactly the StableLM format.
-    """
-    sep = "\n\n### "
-    prompt = STABLELM_SYSTEM + sep + "指示: \n" + instruction
-    if input_text:
-        prompt += sep + "入力: \n" + input_text
-    return prompt + sep + "応答: "
-
-
-COMPLETION_PREFIX = {"stablelm_alpaca": "\n", "chat": ""}
-
-
 # ---------------------------------------------------------------------------------------------
 # Row → conversation
 # ---------------------------------------------------------------------------------------------
@@ -548,52 +531,3 @@ def load_sft_data(specs: list[dict], eval_fraction: float = 0.0, seed: int = 0) 
         train.extend(base_w)
         held.extend(held_here)
     return SftData(train=train, eval=held, counts=counts)
-
-
-# ---------------------------------------------------------------------------------------------
-# Prompt / completion view (the trainer's input until it renders conversations: xlt/data/sft_format.py)
-# ---------------------------------------------------------------------------------------------
-def load_instruction_examples(specs: list[dict], prompt_format: str = "stablelm_alpaca",
-                              tokenizer: Any = None) -> list[dict]:
-    """All training examples as ``{"prompt", "completion"}`` (TRL's prompt-completion format: loss on the
-    completion, the last assistant turn; earlier turns of a multi-turn dialogue are part of the prompt)."""
-    out = []
-    for ex in load_sft_data(specs).train:
-        msgs = ex["messages"]
-        out.append({"prompt": _prompt_before_last(msgs, prompt_format, tokenizer),
-                    "completion": COMPLETION_PREFIX[prompt_format] + msgs[-1]["content"]})
-    return out
-
-
-def _prompt_before_last(msgs: list[dict], prompt_format: str, tokenizer: Any) -> str:
-    body = [t for t in msgs if t["role"] != "system"]
-    if prompt_format == "stablelm_alpaca":
-        pairs = list(zip(body[0::2], body[1::2]))
-        prompt = stablelm_alpaca_prompt(pairs[0][0]["content"], pairs[0][0].get("input", ""))
-        for (_, answer), (user, _) in zip(pairs, pairs[1:]):  # each earlier answer, then the next instruction
-            prompt += "\n" + answer["content"] + "\n\n### 指示: \n" + user["content"]
-            if user.get("input"):
-                prompt += "\n\n### 入力: \n" + user["input"]
-            prompt += "\n\n### 応答: "
-        return prompt
-    if prompt_format == "chat":
-        if tokenizer is None or not tokenizer.chat_template:
-            raise XltError("prompt_format=chat needs a tokenizer with a chat template")
-        turns = [{"role": t["role"], "content": t["content"] + ("\n\n" + t["input"] if t.get("input") else "")}
-                 for t in msgs[:-1]]
-        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-    raise XltError(f"prompt_format={prompt_format!r}: expected stablelm_alpaca or chat")
-
-
-def format_prompt(instruction: str, input_text: str = "", prompt_format: str = "stablelm_alpaca",
-                  tokenizer: Any = None) -> str:
-    """A single-turn prompt in ``prompt_format`` (the completion follows ``COMPLETION_PREFIX``)."""
-    if prompt_format == "stablelm_alpaca":
-        return stablelm_alpaca_prompt(instruction, input_text)
-    if prompt_format == "chat":
-        if tokenizer is None or not tokenizer.chat_template:
-            raise XltError("prompt_format=chat needs a tokenizer with a chat template")
-        content = instruction + ("\n\n" + input_text if input_text else "")
-        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                             add_generation_prompt=True)
-    raise XltError(f"prompt_format={prompt_format!r}: expected stablelm_alpaca or chat")
