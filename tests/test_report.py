@@ -145,3 +145,19 @@ def test_training_log_falls_back_to_tensorboard_events(tmp_path):
     assert "Source: `TensorBoard events in runs/`, 3 log points." in text
     assert "realised 0.600" in text
     _assert_png(os.path.join(run, "plots", "ja_share.png"))
+
+
+def test_sft_section_shows_eval_loss_per_epoch_counts_and_generations(tmp_path):
+    from xlt.io import update_report
+
+    run = synthetic_run(tmp_path)
+    text = open(build_report(run), encoding="utf-8").read()
+    assert "## Instruction SFT" not in text  # nothing to show: no section, no "not measured"
+    update_report(run, {"sft": {"eval_loss": [{"epoch": 1.0, "eval_loss": 4.52}, {"epoch": 2.0, "eval_loss": 4.33}],
+                                "counts": {"chatterbot-ja": {"rows": 568, "train_rows": 115, "eval_rows": 13,
+                                                             "capped": 440, "duplicates": 0}},
+                                "generations": [{"instruction": "日本の首都は？", "output": "東京です。"}]}})
+    text = open(build_report(run), encoding="utf-8").read()
+    sft = text[text.index("## Instruction SFT"):]
+    assert "| 1 | 4.52 |" in sft and "| 2 | 4.33 |" in sft
+    assert "| chatterbot-ja | 568 | 115 | 13 | 0 | 440 |" in sft and "- 日本の首都は？ → 東京です。" in sft

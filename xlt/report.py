@@ -58,6 +58,28 @@ def format_table(report: dict[str, Any]) -> str:
 REPORT_MD = "REPORT.md"
 PLOTS_DIR = "plots"
 STAGES = ("base", "cpt", "sft")
+SFT_COUNT_COLUMNS = ("rows", "train_rows", "eval_rows", "duplicates", "capped", "failed_translation", "empty",
+                     "malformed", "truncated", "fully_masked")
+
+
+def _sft_section(sft: dict) -> list[str]:
+    """``## Instruction SFT``: eval loss per epoch, the per-dataset counts and the sample generations, when the
+    run has them (an SFT section is optional: a continued-pretraining run has none, and says nothing)."""
+    if not (sft.get("eval_loss") or sft.get("counts") or sft.get("generations")):
+        return []
+    out = ["## Instruction SFT", ""]
+    if sft.get("eval_loss"):
+        out.extend(_md_table(["epoch", "eval loss"], [[e["epoch"], e["eval_loss"]] for e in sft["eval_loss"]]) + [""])
+    counts = sft.get("counts") or {}
+    if counts:
+        out.extend(_md_table(["dataset", *SFT_COUNT_COLUMNS],
+                             [[name, *(c.get(k, "-") for k in SFT_COUNT_COLUMNS)] for name, c in counts.items()])
+                   + [""])
+    for g in sft.get("generations") or []:
+        out.append(f"- {g['instruction']} → {g['output']}")
+    return out + [""]
+
+
 SECTIONS = (
     "Summary",
     "Training loss over tokens",
@@ -427,6 +449,7 @@ def build_report(run_dir: str, dest: Optional[str] = None) -> str:
     else:
         missing("no generation speed in report.json (`xlt evaluate speed`)")
 
+    out.extend(_sft_section(report.get("sft") or {}))
     path = os.path.join(dest, REPORT_MD)
     atomic_write_text(path, "\n".join(out))
     os.chmod(path, 0o644)
