@@ -32,6 +32,7 @@ from typing import Any, Optional
 import torch
 
 from xlt.config import XltError
+from xlt.train.optim_wrap import DelegatingOptimizer
 
 COUNT_KEY = "xlt_new_rows_step"  # new rows' Adam step count, in the optimizer state of each embedding matrix
 SUPPORTED_OPTIM = ("adamw_torch", "adamw_torch_fused")
@@ -141,7 +142,7 @@ def _local_rows(p: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return rows[(rows >= lo) & (rows < lo + n)] - lo
 
 
-class NewRowsOptimizer(torch.optim.Optimizer):
+class NewRowsOptimizer(DelegatingOptimizer):
     """Wrap a torch AdamW so the new rows step as their own group, and the rest may be frozen for a warm-up.
 
     Guarantees (see the module docstring for why they are exact):
@@ -154,7 +155,7 @@ class NewRowsOptimizer(torch.optim.Optimizer):
     * an unarmed ``step()`` (e.g. torch's distributed-checkpoint helper creating the state before loading it)
       passes straight through to the inner optimizer.
 
-    Like ``SkipStepOptimizer`` it shares the inner optimizer's ``state``, ``param_groups`` and ``defaults``, so
+    Like ``SkipStepOptimizer`` (``DelegatingOptimizer``) it shares the inner optimizer's ``state``, ``param_groups`` and ``defaults``, so
     LR schedulers and checkpoints see the real optimizer; the new rows' step count is part of that state.
     """
 
@@ -175,51 +176,6 @@ class NewRowsOptimizer(torch.optim.Optimizer):
         self.group_of = {p: g for g in optimizer.param_groups for p in g["params"] if p in self.rows}
         self._armed = False
         self._announced = False
-
-    # -- delegation (as SkipStepOptimizer) ------------------------------------------------------
-    @property
-    def state(self):  # noqa: ANN201
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, state):  # noqa: ANN001
-        self.optimizer.state = state
-
-    @property
-    def param_groups(self):  # noqa: ANN201
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, groups):  # noqa: ANN001
-        self.optimizer.param_groups = groups
-
-    @property
-    def defaults(self):  # noqa: ANN201
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, defaults):  # noqa: ANN001
-        self.optimizer.defaults = defaults
-
-    def add_param_group(self, param_group: dict) -> None:
-        self.optimizer.add_param_group(param_group)
-
-    def state_dict(self) -> dict:
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.optimizer.load_state_dict(state_dict)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "optimizer":
-            raise AttributeError(name)
-        return getattr(self.optimizer, name)
-
-    def __repr__(self) -> str:
-        return f"NewRowsOptimizer({self.optimizer!r})"
 
     # -- the step ------------------------------------------------------------------------------
     def arm(self) -> None:

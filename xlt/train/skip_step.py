@@ -31,6 +31,7 @@ import torch
 from transformers import TrainerCallback
 
 from xlt.config import XltError
+from xlt.train.optim_wrap import DelegatingOptimizer
 
 
 def _log(msg: str) -> None:
@@ -281,11 +282,11 @@ def _grads_nonfinite(params: list[torch.Tensor], device: torch.device) -> torch.
     return torch.stack(flags).any() if flags else torch.zeros((), dtype=torch.bool, device=device)
 
 
-class SkipStepOptimizer(torch.optim.Optimizer):
+class SkipStepOptimizer(DelegatingOptimizer):
     """Wrap a torch optimizer so that ``step`` asks the guard first and does nothing for a skipped step.
 
-    Like accelerate's ``AcceleratedOptimizer`` it shares the inner optimizer's ``state``, ``param_groups``
-    and ``defaults`` (no copy), so checkpoints, LR schedulers and gradient scalers see the real optimizer.
+    Shares the inner optimizer's state (``DelegatingOptimizer``), so checkpoints, LR schedulers and gradient
+    scalers see the real optimizer.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, guard: SkipStepGuard) -> None:  # noqa: D107
@@ -293,50 +294,6 @@ class SkipStepOptimizer(torch.optim.Optimizer):
         self.optimizer = optimizer
         self.guard = guard
         self.last_verdict: Optional[StepVerdict] = None
-
-    @property
-    def state(self):  # noqa: ANN201
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, state):  # noqa: ANN001
-        self.optimizer.state = state
-
-    @property
-    def param_groups(self):  # noqa: ANN201
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, groups):  # noqa: ANN001
-        self.optimizer.param_groups = groups
-
-    @property
-    def defaults(self):  # noqa: ANN201
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, defaults):  # noqa: ANN001
-        self.optimizer.defaults = defaults
-
-    def add_param_group(self, param_group: dict) -> None:
-        self.optimizer.add_param_group(param_group)
-
-    def state_dict(self) -> dict:
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.optimizer.load_state_dict(state_dict)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def __getattr__(self, name: str) -> Any:  # train()/eval() of schedule-free optimizers, etc.
-        if name == "optimizer":
-            raise AttributeError(name)
-        return getattr(self.optimizer, name)
-
-    def __repr__(self) -> str:
-        return f"SkipStepOptimizer({self.optimizer!r})"
 
     def step(self, closure: Optional[Callable[[], float]] = None) -> Any:
         """All ranks: reduce, decide, then step the inner optimizer or leave weights and state untouched.
