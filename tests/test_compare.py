@@ -242,3 +242,16 @@ def test_finished_arms_are_not_rerun_and_json_prints_the_list(compared, monkeypa
     assert xlt.cli.main(["compare", "--config", path, "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(json.dumps(rows))
+
+
+@pytest.mark.parametrize("mode", [None, "extend"])
+def test_demo_default_keeps_the_tokenizer_the_measurement_favours(mode):
+    """make demo's default follows make compare's measurement (the original tokenizer makes unseen Japanese better
+    at demo compute, the extension worse): the cpt stage gets --tokenizer_mode none unless the user asks."""
+    import subprocess
+
+    cmd = ["make", "-n", "--no-print-directory", "demo"] + ([f"DEMO_TOKENIZER_MODE={mode}"] if mode else [])
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    cpt = [line for line in out.stdout.splitlines() if "recipes/cpt.py" in line or "--tokenizer_mode" in line]
+    assert any(f"--tokenizer_mode {mode or 'none'}" in line for line in cpt), out.stdout

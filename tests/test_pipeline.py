@@ -110,6 +110,8 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_model_dir):
     common = ["--tokenizer_mode", "none", "--train_tokens", "4096", "--save_steps", "2"]
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     assert run_recipe("cpt", cpt_args(tiny_model_dir, full, *common)) == 0
+    with open(os.path.join(full, "report.json"), encoding="utf-8") as f:  # the table can say the tokenizer was kept
+        assert json.load(f)["tokenizer"] == {"mode": "none", "new_tokens": 0}
     # The interrupted run: same settings, stopped by hand after its step-2 checkpoint.
     from transformers import TrainerCallback
 

@@ -161,3 +161,21 @@ def test_sft_section_shows_eval_loss_per_epoch_counts_and_generations(tmp_path):
     sft = text[text.index("## Instruction SFT"):]
     assert "| 1 | 4.52 |" in sft and "| 2 | 4.33 |" in sft
     assert "| chatterbot-ja | 568 | 115 | 13 | 0 | 440 |" in sft and "- 日本の首都は？ → 東京です。" in sft
+
+
+def test_a_run_that_kept_its_tokenizer_says_so_in_the_table_and_report(tmp_path):
+    """make demo's default (tokenizer_mode none): the table and REPORT.md say the original tokenizer was kept and
+    where the extension is measured, instead of an empty base/extended table or 'not measured'."""
+    from xlt.report import format_table
+
+    run = synthetic_run(tmp_path)
+    path = os.path.join(run, "report.json")
+    report = json.load(open(path, encoding="utf-8"))
+    report["tokenizer"] = {"mode": "none", "new_tokens": 0}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(report, f)
+    table = format_table(report)
+    assert "tokenizer_mode none" in table and "make compare" in table and "extended" not in table
+    text = open(build_report(run), encoding="utf-8").read()
+    assert "tokenizer was kept (`tokenizer_mode: none`)" in text and "no tokenizer section" not in text
+    assert "6.5" in format_table(report)  # the rest of the table is unchanged

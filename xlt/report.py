@@ -15,7 +15,11 @@ def format_table(report: dict[str, Any]) -> str:
     """A plain-text table of the headline figures of ``report.json``."""
     lines = []
     tok = report.get("tokenizer")
-    if tok:
+    if tok and tok.get("mode") == "none":
+        lines.append(f"{'tokenizer':<24}the base model's own (tokenizer_mode none; whether extending it pays at this "
+                     f"compute: make compare)")
+        lines.append("")
+    elif tok:
         lines.append(f"{'tokenizer':<24}{'base':>10}{'extended':>10}")
         for lang in ("ja", "en"):
             cpt = tok.get(f"{lang}_chars_per_token", {})
@@ -412,6 +416,9 @@ def build_report(run_dir: str, dest: Optional[str] = None) -> str:
         _plot_tokenizer(tok, os.path.join(plots, "tokenizer.png"))
         image("tokenizer.png", "characters per token, base vs extended tokenizer")
         out.extend([f"New tokens: {tok.get('new_tokens', 'n/a')}.", ""])
+    elif tok and tok.get("mode") == "none":
+        out.extend(["The base model's own tokenizer was kept (`tokenizer_mode: none`). Whether extending it pays "
+                    "at this compute is what `xlt compare` / `make compare` measures.", ""])
     else:
         missing("report.json has no tokenizer section")
 

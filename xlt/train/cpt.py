@@ -597,8 +597,11 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
         section["cpt"]["kd"] = {"weight": kd.weight, "steps": kd.steps, "temperature": kd.temperature,
                                 "teacher_tokens": kd_state["teacher_tokens"], "teacher_params": kd_state["teacher_params"],
                                 "vocabulary_match": "identity" if kd.identity else "expand_new_ids"}
-    if tok_report is not None:
+    if tok_report is None:
+        section["tokenizer"] = {"mode": "none", "new_tokens": 0}
+    else:
         section["tokenizer"] = {
+            "mode": tok_args.tokenizer_mode,
             "ja_chars_per_token": tok_report["chars_per_token"]["ja"],
             "en_chars_per_token": tok_report["chars_per_token"]["en"],
             "new_tokens": tok_report["new_tokens"],
