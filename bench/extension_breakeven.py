@@ -122,18 +122,22 @@ def train(model, rows: list[list[int]], minutes: float, lr: float, batch: int, w
 
 
 def extended_model(args, stream: list[str]):
-    """SmolLM2 with ``args.new_tokens`` Japanese merges learned on the stream's Japanese documents."""
+    """SmolLM2 with ``args.new_tokens`` Japanese merges learned on the stream's Japanese documents, its new rows
+    initialised exactly as the tokenizer stage does (``init_new_rows``: ``--init``, ``--output-init``,
+    ``--untie``, ``--distill-steps``). Returns (model, tokenizer, new tokens, init summary)."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
+    from xlt.config import TokenizerArguments
     from xlt.models import load_model, load_tokenizer
-    from xlt.tokenizer.embeddings import padded_size, resize_and_init
-    from xlt.tokenizer.extend import extend_tokenizer_json
+    from xlt.tokenizer.embeddings import padded_size
+    from xlt.tokenizer.extend import extend_tokenizer_json, init_new_rows
     from xlt.tokenizer.merges import japanese_share, read_tokenizer_json
 
     base_tok = load_tokenizer(args.model)
     base_tj = read_tokenizer_json(args.model)
-    ext = extend_tokenizer_json(base_tj, [d for d in stream if japanese_share([d]) > 0.2], args.new_tokens)
+    ja_docs = [d for d in stream if japanese_share([d]) > 0.2]
+    ext = extend_tokenizer_json(base_tj, ja_docs, args.new_tokens)
     tok = PreTrainedTokenizerFast(tokenizer_object=ext.tokenizer(), bos_token=base_tok.bos_token,
                                   eos_token=base_tok.eos_token, pad_token=base_tok.pad_token)
     model = load_model(args.model, torch_dtype="float32")
@@ -141,8 +145,13 @@ def extended_model(args, stream: list[str]):
     old = Tokenizer.from_str(json.dumps(base_tj))
     new = ext.tokenizer()
     pieces = {i: [t.id for t in old.model.tokenize(new.id_to_token(i))] for i in ext.new_ids}
-    resize_and_init(model, padded_size(max(ext.new_ids) + 1, 64), {i: i for i in range(rows)}, pieces, method=args.init)
-    return model, tok, len(ext.new_ids)
+    tok_args = TokenizerArguments(tokenizer_mode="extend", embedding_init=args.init, output_embedding_init=args.output_init,
+                                  untie_embeddings=args.untie,
+                                  **({"distill_steps": args.distill_steps} if args.distill_steps is not None else {}))
+    summary = init_new_rows(model, tok_args, padded_size(max(ext.new_ids) + 1, 64), {i: i for i in range(rows)},
+                            pieces, old, new, ext.tokenizer_json, ext.family, ja_docs,
+                            skip_merges=len(base_tj["model"]["merges"]))
+    return model, tok, len(ext.new_ids), summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,7 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--minutes", type=float, default=7.0, help="Training wall time of each run.")
     ap.add_argument("--new-tokens", type=int, default=4000)
-    ap.add_argument("--init", default="subword_mean")
+    ap.add_argument("--init", default="subword_mean", help="embedding_init of the new rows (as the tokenizer stage).")
+    ap.add_argument("--output-init", default="same", help="output_embedding_init (untied head; see --untie).")
+    ap.add_argument("--untie", action="store_true", help="untie_embeddings: untie SmolLM2's head first.")
+    ap.add_argument("--distill-steps", type=int, default=None, help="--init distill: steps (default: the recipe key's).")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4)
@@ -183,17 +195,19 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         if name == "base":
             model, tok, n_new = load_model(args.model, torch_dtype="float32"), load_tokenizer(args.model), 0
+            init = {}
         else:
-            model, tok, n_new = extended_model(args, stream)
+            model, tok, n_new, init = extended_model(args, stream)
         setup = time.time() - t0
         before = bpc(model, tok)
         rows = pack(tok, stream, args.seq_len)
-        minutes, warm = args.minutes, {}
+        # Equal wall time: what the initialisation spent running the model (distill) comes out of the training time.
+        minutes, warm = args.minutes - init.get("distill_seconds", 0.0) / 60, {}
         first_new = len(load_tokenizer(args.model)) if name != "base" else None
         if name == "extended+warmup":  # the same total wall time, split between the two stages
             warm = warm_new_rows(model, rows, args.warmup_fraction * args.minutes * 60, args.warmup_lr, args.batch,
                                  first_new)
-            minutes = args.minutes * (1 - args.warmup_fraction)
+            minutes -= args.warmup_fraction * args.minutes
         if warm:  # stage 2 continues the stream where stage 1 stopped
             k = warm["warmup_steps"] * args.batch % len(rows)
             rows = rows[k:] + rows[:k]
@@ -201,10 +215,11 @@ def main(argv: list[str] | None = None) -> int:
                      new_rows_lr_mult=args.new_rows_lr_mult)
         info.update(warm)
         after = bpc(model, tok)
-        runs[name] = {"new_tokens": n_new, "bpc_before": before, "bpc_after": after, "stream_rows": len(rows),
+        runs[name] = {"new_tokens": n_new, "init": {k: v for k, v in init.items() if not isinstance(v, dict)}, "bpc_before": before, "bpc_after": after, "stream_rows": len(rows),
                       "stream_tokens": len(rows) * args.seq_len, "setup_seconds": round(setup, 1), **info}
         del model
-    result = {"model": args.model, "minutes": args.minutes, "init": args.init, "lr": args.lr,
+    result = {"model": args.model, "minutes": args.minutes, "init": args.init, "output_init": args.output_init,
+              "untie": args.untie, "lr": args.lr,
               "new_rows_lr_mult": args.new_rows_lr_mult,
               "seq_len": args.seq_len, "batch": args.batch, "runs": runs}
     if args.json:
