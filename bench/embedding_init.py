@@ -32,6 +32,8 @@ ARMS = {
     "untied_distill": ("distill", "same", True),  # distilled input rows, subword-mean output rows
     "untied_first_subtoken": ("subword_mean", "first_subtoken", True),
     "untied_char_weighted_mean": ("subword_mean", "char_weighted_mean", True),
+    "untied_calibrated": ("subword_mean", "calibrated_first_subtoken", True),
+    "untied_distill_calibrated": ("distill", "calibrated_first_subtoken", True),
 }
 
 
@@ -123,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         if "distill_loss_first" in summary:
             row.update({k: summary[k] for k in ("distill_steps", "distill_loss_first", "distill_loss_last",
                                                  "distill_seconds")})
+        if "calibration_tokens" in summary:
+            row.update({k: summary[k] for k in ("calibration_tokens", "calibration_rows_seen",
+                                                 "calibration_direction_fit", "calibration_seconds")})
         row["seconds"] = round(time.time() - t0, 1)
         results.append(row)
         if not args.json:

@@ -62,7 +62,7 @@ class ModelArguments:
 # Tokenizer extension / swap
 # ---------------------------------------------------------------------------------------------
 EMBEDDING_INITS = ("subword_mean", "merge_tree", "mean", "random", "distill")
-OUTPUT_EMBEDDING_INITS = ("same", "first_subtoken", "char_weighted_mean")
+OUTPUT_EMBEDDING_INITS = ("same", "first_subtoken", "char_weighted_mean", "calibrated_first_subtoken")
 
 
 @dataclass
@@ -102,7 +102,10 @@ class TokenizerArguments:
         default="same",
         metadata={"help": "New rows of an untied output head: 'same' (as embedding_init), 'first_subtoken' (the "
                   "output row of the token's first piece, as EEVE) or 'char_weighted_mean' (the mean of its "
-                  "pieces' output rows weighted by their lengths in characters). Other than 'same' needs an untied "
+                  "pieces' output rows weighted by their lengths in characters) or 'calibrated_first_subtoken' (the "
+                  "first piece's row plus a bias worth the base model's mean log-probability of the other pieces after "
+                  "it, measured on the tokenizer corpus; its forward passes are charged as init_flops). Other than "
+                  "'same' needs an untied "
                   "model: untie_embeddings: true for a tied one (SmolLM2)."},
     )
     untie_embeddings: bool = field(

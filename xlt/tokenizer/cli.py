@@ -26,7 +26,8 @@ def add_tokenizer_commands(subparsers) -> None:  # noqa: ANN001 - argparse's pri
     e.add_argument("--init", default="subword_mean",
                    help="New rows: subword_mean (default), merge_tree, mean, random or distill.")
     e.add_argument("--output-init", default="same",
-                   help="New rows of an untied head: same (default), first_subtoken or char_weighted_mean.")
+                   help="New rows of an untied head: same (default), first_subtoken, char_weighted_mean or "
+                        "calibrated_first_subtoken.")
     e.add_argument("--untie", action="store_true", help="Untie a tied model first (the head gets its own copy).")
     e.add_argument("--distill-steps", type=int, default=TokenizerArguments.distill_steps,
                    help="--init distill: Adam steps over the new input rows.")

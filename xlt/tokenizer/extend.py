@@ -356,7 +356,7 @@ def init_new_rows(model, tok_args: TokenizerArguments, new_size: int, keep: dict
     """Resize ``model`` and initialise its new rows as ``tok_args`` says (embedding_init,
     output_embedding_init, untie_embeddings; distill_steps for distill). Returns the summary, with
     ``init_flops`` (0 unless the method runs the model)."""
-    from xlt.tokenizer.embeddings import distill_new_rows, resize_and_init
+    from xlt.tokenizer.embeddings import continuation_stats, distill_new_rows, resize_and_init
     from xlt.tokenizer.merges import token_bytes
 
     method = tok_args.embedding_init
@@ -364,11 +364,19 @@ def init_new_rows(model, tok_args: TokenizerArguments, new_size: int, keep: dict
     piece_bytes = None
     if tok_args.output_embedding_init == "char_weighted_mean":
         piece_bytes = {i: [token_bytes(base.id_to_token(p), family) for p in ps] for i, ps in pieces.items()}
+    new_ids = sorted(i for i in pieces if i not in keep)
+    calibration = None
+    if tok_args.output_embedding_init == "calibrated_first_subtoken":  # measured on the base model, before resizing
+        calibration = continuation_stats(model, texts, new_tok, pieces, new_ids)
     summary = resize_and_init(model, new_size, keep, pieces, method=method, output_method=tok_args.output_embedding_init,
-                              untie_first=tok_args.untie_embeddings, merges=merges, piece_bytes=piece_bytes)
+                              untie_first=tok_args.untie_embeddings, merges=merges, piece_bytes=piece_bytes,
+                              calibration=calibration)
+    if calibration is not None:
+        summary.update({k: v for k, v in calibration.items() if k not in ("logprob", "direction")})
     if method == "distill":
-        new_ids = sorted(i for i in pieces if i not in keep)
+        flops = summary.get("init_flops", 0)
         summary.update(distill_new_rows(model, texts, new_tok, pieces, new_ids, steps=tok_args.distill_steps))
+        summary["init_flops"] = summary.get("init_flops", 0) + flops
     return summary
 
 
