@@ -23,8 +23,8 @@ ARGS ?=
 MC_DATA ?=
 # The demo's tokenizer: none (the measurement below), or extend (the recipe's 1,024 merges). At demo compute the
 # extension makes Japanese text from outside the training sources worse (ja_wiki 6.56 -> 7.41 bits/char after the
-# extended demo CPT) while the same recipe with the original tokenizer makes it better (6.91 -> 6.16 at half the
-# tokens, make compare's base arm): see README "Comparing choices at equal compute".
+# extended demo CPT) while the same recipe with the original tokenizer makes it better (6.56 -> 5.67), and at equal
+# compute it does not pay either: see README "Comparing choices at equal compute" (make compare).
 DEMO_TOKENIZER_MODE ?= none
 HELDOUT ?= $(wildcard ../shared/data/ja_wiki_paragraphs.jsonl)
 RUN_DIR = $(or $(OUTPUT_DIR),runs/smollm2-135m-ja)
