@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                      new_rows_lr_mult=args.new_rows_lr_mult)
         info.update(warm)
         after = bpc(model, tok)
-        runs[name] = {"new_tokens": n_new, "init": {k: v for k, v in init.items() if not isinstance(v, dict)}, "bpc_before": before, "bpc_after": after, "stream_rows": len(rows),
+        runs[name] = {"new_tokens": n_new, "init": {k: v for k, v in init.items() if not isinstance(v, dict)},
+                      "bpc_before": before, "bpc_after": after, "stream_rows": len(rows),
                       "stream_tokens": len(rows) * args.seq_len, "setup_seconds": round(setup, 1), **info}
         del model
     result = {"model": args.model, "minutes": args.minutes, "init": args.init, "output_init": args.output_init,

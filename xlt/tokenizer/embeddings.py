@@ -516,13 +516,10 @@ def continuation_stats(model: Any, texts: Sequence[str], new_tok: Any, pieces: d
                 same = by_len.get(len(pieces[i]))
                 logprob[i] = sum(same) / len(same) if same else overall
     fit = None
-    if read:
-        proj = []
-        for ids in windows[:4]:
-            out = model(input_ids=torch.tensor([ids]), output_hidden_states=True, use_cache=False)
-            proj.append(out.hidden_states[-1][0].double() @ direction)
-        p = torch.cat(proj)
-        fit = {"mean": round(float(p.mean()), 4), "std": round(float(p.std()), 4) if p.numel() > 1 else 0.0}
+    if read:  # h . u over every position read, from the sums the fit already has (no second forward)
+        mean = float(ht1 @ direction) / read
+        var = max(0.0, float(direction @ hth @ direction) / read - mean * mean)
+        fit = {"mean": round(mean, 4), "std": round(math.sqrt(var), 4)}
     return {"logprob": logprob, "direction": direction.float(), "calibration_tokens": read,
             "calibration_occurrences": sum(counts.values()), "calibration_rows_seen": len(counts),
             "calibration_direction_fit": fit, "init_flops": float(2 * n_params * read),

@@ -374,9 +374,9 @@ def init_new_rows(model, tok_args: TokenizerArguments, new_size: int, keep: dict
     if calibration is not None:
         summary.update({k: v for k, v in calibration.items() if k not in ("logprob", "direction")})
     if method == "distill":
-        flops = summary.get("init_flops", 0)
-        summary.update(distill_new_rows(model, texts, new_tok, pieces, new_ids, steps=tok_args.distill_steps))
-        summary["init_flops"] = summary.get("init_flops", 0) + flops
+        distilled = distill_new_rows(model, texts, new_tok, pieces, new_ids, steps=tok_args.distill_steps)
+        distilled["init_flops"] += summary.get("init_flops", 0)  # both the calibration's and the distillation's
+        summary.update(distilled)
     return summary
 
 
