@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_llama
+from conftest import REPO, tiny_llama
 from xlt.data.packing import RowBuilder
 from xlt.data.stream import LANG_KEY
 
@@ -279,3 +279,48 @@ def test_auto_attention_is_the_fastest_exact_kernel_for_packed_rows(cuda, have, 
     attn = resolve_attn_implementation("auto", cuda=cuda, importable=lambda pkg: pkg in have)
     assert attn == expected
     assert packed_layout(attn) == ("varlen" if expected == "flash_attention_2" else "position_ids")
+
+
+def test_a_cpt_run_on_the_flash_path_trains_as_the_sdpa_run(tmp_path, tiny_model_dir, torch_flash, monkeypatch):
+    """The whole CPT stage (stream, accelerate's dataloader, the Trainer, batch 4) on the flash stand-in follows
+    the same losses as on sdpa, both per-document; report.json names the layout each used."""
+    import json
+    import os
+
+    import xlt.train.cpt as cpt
+    from xlt.cli import run_recipe
+
+    def losses(out: str) -> tuple[list[float], dict]:
+        with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
+            report = json.load(f)
+        state = os.path.join(out, f"checkpoint-{report['cpt']['steps']}", "trainer_state.json")
+        with open(state, encoding="utf-8") as f:
+            return [h["loss"] for h in json.load(f)["log_history"] if "loss" in h], report["cpt"]
+
+    def cpt_args(out: str) -> list[str]:
+        return ["--config", str(REPO / "recipes/smollm2-135m-ja/cpt.yaml"), "--model", tiny_model_dir,
+                "--output_dir", out, "--tokenizer_mode", "none", "--train_tokens", "3072", "--save_steps", "3",
+                "--logging_steps", "1", "--eval_max_docs", "8", "--attn_implementation", "auto"]
+
+    sdpa = str(tmp_path / "sdpa")
+    assert run_recipe("cpt", cpt_args(sdpa)) == 0
+    torch_flash("flash_attention_2")
+    real_runtime, real_load = cpt.check_model_runtime, cpt.load_model
+
+    def flash_runtime(model_args):
+        return real_runtime(model_args)[0], "flash_attention_2"
+
+    def load_flash(spec, dtype, attn, trust_remote_code=False):
+        model = real_load(spec, dtype, "eager", trust_remote_code)
+        model.config._attn_implementation = attn
+        return model
+
+    monkeypatch.setattr(cpt, "check_model_runtime", flash_runtime)
+    monkeypatch.setattr(cpt, "load_model", load_flash)
+    flash = str(tmp_path / "flash")
+    assert run_recipe("cpt", cpt_args(flash)) == 0
+    (ls, rs), (lf, rf) = losses(sdpa), losses(flash)
+    assert len(lf) == len(ls) > 1 and lf == pytest.approx(ls, abs=1e-5), (ls, lf)
+    assert KERNEL_CALLS and set(KERNEL_CALLS) == {"varlen"}
+    assert (rs["attn_implementation"], rs["packed_layout"]) == ("sdpa", "position_ids")
+    assert (rf["attn_implementation"], rf["packed_layout"]) == ("flash_attention_2", "varlen")
