@@ -324,3 +324,40 @@ def test_a_cpt_run_on_the_flash_path_trains_as_the_sdpa_run(tmp_path, tiny_model
     assert KERNEL_CALLS and set(KERNEL_CALLS) == {"varlen"}
     assert (rs["attn_implementation"], rs["packed_layout"]) == ("sdpa", "position_ids")
     assert (rf["attn_implementation"], rf["packed_layout"]) == ("flash_attention_2", "varlen")
+
+
+def test_sft_packing_is_one_varlen_row_and_per_example_on_the_flash_path(tmp_path, tiny_model_dir,
+                                                                          embedded_tokenizer, torch_flash):
+    """SFT needs no change: TRL's padding-free collator (packing: true) flattens the per-device batch of packed
+    rows into one row with ``cu_seq_lens``, so flash attention keeps examples apart at any batch size."""
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig
+
+    from xlt.train.sft import IGNORE, build_sft_trainer
+
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for n in (9, 7, 12, 5, 10, 6):
+        ids = torch.randint(10, 1000, (n,), generator=gen).tolist()
+        rows.append({"input_ids": ids, "labels": [IGNORE] * 3 + ids[3:]})
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_length=16, use_cpu=True,
+                     report_to="none", bf16=False, packing=True, shuffle_dataset=False)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager").eval()
+    trainer = build_sft_trainer(model, embedded_tokenizer, args, rows, [])
+    batch = next(iter(trainer.get_train_dataloader()))
+    cu = batch["cu_seq_lens_q"].tolist()
+    assert batch["input_ids"].shape[0] == 1 and cu[-1] == batch["input_ids"].shape[1] > args.max_length
+    sums, count = torch.zeros((), dtype=torch.float64), 0
+    by_ids = {tuple(r["input_ids"]): r for r in rows}
+    with torch.no_grad():
+        for a, b in zip(cu[:-1], cu[1:], strict=True):
+            row = by_ids[tuple(batch["input_ids"][0, a:b].tolist())]  # each segment is one whole example
+            labels = torch.tensor(row["labels"])
+            logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1]
+            sums += torch.nn.functional.cross_entropy(logits, labels[1:], ignore_index=IGNORE, reduction="sum")
+            count += int((labels[1:] != IGNORE).sum())
+        torch_flash("flash_attention_2")
+        model.config._attn_implementation = "flash_attention_2"
+        loss = model(**batch).loss
+    assert KERNEL_CALLS == ["varlen"] * model.config.num_hidden_layers
+    torch.testing.assert_close(loss.double(), sums / count, atol=2e-6, rtol=1e-6)
