@@ -3,8 +3,8 @@
 A row is ``seq_len`` slots, every slot a document token: nothing is padded, truncated or dropped.
 A document that does not fit continues in the next row (or the next warmup sub-row). Each piece
 of a document is a *segment*; ``position_ids`` restart at 0 at every segment, which is what
-transformers' packed-sequence masking (sdpa / eager, no attention mask, no cache) and flash-attn
-varlen use to keep attention inside a segment. The label of a segment's first token is -100: it
+transformers' packed-sequence masking (sdpa / eager / flex, no attention mask, no cache) and flash-attn
+varlen (from one flattened row, xlt/data/collate.py) use to keep attention inside a segment. The label of a segment's first token is -100: it
 would otherwise be "predicted" from the previous, unrelated segment.
 
 Sequence-length warmup in "reshape" mode cuts every row into sub-rows of the current warmup length

@@ -9,7 +9,9 @@ a bounded history, because the DataLoader and accelerate fetch rows ahead of the
 
 Use with ``dataloader_num_workers=0`` (tokenisation is batched in Rust; workers would each hold a
 copy of the stream and its history), ``use_cache=False`` on the model (with a cache, transformers
-does not build the packed mask and documents attend to each other) and no attention mask.
+does not build the packed mask and documents attend to each other) and no attention mask. On the flash
+attention path each process flattens its rows into one varlen row before the forward pass
+(xlt/data/collate.py), since transformers builds no per-document mask for flash kernels.
 """
 
 from __future__ import annotations

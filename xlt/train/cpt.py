@@ -215,6 +215,7 @@ def _make_trainer_class():
         xlt_replicas_in_sync: Optional[bool] = None
         xlt_new_rows = None  # (NewRowsSettings, new row ids): the new rows' own AdamW treatment (xlt/train/new_rows.py)
         xlt_kd = None  # Distiller: the distillation term from the base model early in training (xlt/train/kd.py)
+        xlt_collator = None  # PackedRowsCollator: the batch layout the attention kernel keeps per-document
         _xlt_kd_acc = None  # [summed KL, scored positions] since the last log (kd_loss)
         _xlt_new_rows_opt = None
         _xlt_last_log: Optional[tuple[float, int]] = None
@@ -241,6 +242,12 @@ def _make_trainer_class():
             if self._guard_on() and not isinstance(opt, SkipStepOptimizer):
                 self.optimizer = opt = SkipStepOptimizer(opt, self.xlt_guard)
             return opt
+
+        def _prepare_inputs(self, inputs):
+            # Each process's own rows, after accelerate's dispatch: flattened here on the flash path (see
+            # xlt/data/collate.py), before compute_loss and the forward pass see them.
+            inputs = super()._prepare_inputs(inputs)
+            return self.xlt_collator.for_model(inputs) if self.xlt_collator is not None else inputs
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             if self._xlt_new_rows_opt is not None:
@@ -450,16 +457,17 @@ def build_cpt_trainer(model: Any, tokenizer: Any, training_args: Any, stream: An
     """The Trainer of continued pretraining, wired as ``run_cpt`` runs it: skip-step guard, xlt state in every
     checkpoint, token accounting / tokens/s / sequence length in the logs, progress postfix. The stream
     restores its own position, so the Trainer must not skip batches on resume (``ignore_data_skip``)."""
-    from transformers import default_data_collator
-
+    from xlt.data.collate import PackedRowsCollator
     from xlt.train.callbacks import OnTrainBegin, ProgressPostfix, XltStateCallback
 
     training_args.ignore_data_skip = True
     training_args.remove_unused_columns = False  # keep the per-token language; compute_loss takes it out
     state_writer, postfix = XltStateCallback(stream, plan.rows_per_step, guard), ProgressPostfix()
+    collator = PackedRowsCollator(getattr(model.config, "_attn_implementation", None))  # the kernel it runs
     trainer = _make_trainer_class()(model=model, args=training_args, train_dataset=stream,
-                                    data_collator=default_data_collator, processing_class=tokenizer,
+                                    data_collator=collator, processing_class=tokenizer,
                                     callbacks=[state_writer, postfix, *(callbacks or [])])
+    trainer.xlt_collator = collator
     postfix.handler = trainer.callback_handler
     trainer.add_callback(OnTrainBegin(trainer.on_train_begin_xlt))
     trainer.xlt_guard, trainer.xlt_stream, trainer.xlt_rows_per_step = guard, stream, plan.rows_per_step
@@ -584,6 +592,7 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
             "replicas_in_sync": in_sync,
             "master_weights_dtype": master_dtype,
             "attn_implementation": attn,
+            "packed_layout": trainer.xlt_collator.layout,
             "activation_checkpointing": checkpointing,
             "mode": "lora" if lora is not None else "full",
             "accounting": accounting,

@@ -129,21 +129,26 @@ def resolve_attn_implementation(name: Optional[str], cuda: Optional[bool] = None
                                 importable=lambda pkg: importlib.util.find_spec(pkg) is not None) -> str:
     """The attention implementation to load the model with, checked before any work.
 
-    ``auto``: flash_attention_2 on a CUDA GPU when flash-attn imports, else sdpa. A flash implementation
-    asked for by name needs its package and a GPU: refused with one line otherwise. ``cuda`` overrides the
-    detection (the preflight check describes hardware it is not running on).
+    ``auto`` picks the fastest kernel that keeps packed documents apart: on a CUDA GPU flash_attention_2 when
+    flash-attn imports (batches go in the flattened varlen layout, xlt/data/collate.py), else flex_attention
+    when triton imports (transformers builds a document block mask from the packed position ids; sdpa would
+    need a dense (B, 1, S, S) mask, which rules out its flash kernel), else sdpa; sdpa on a CPU. A flash
+    implementation asked for by name needs its package and a GPU: refused with one line otherwise. ``cuda``
+    overrides the detection (the preflight check describes hardware it is not running on).
     """
     name = name or "sdpa"
     if name not in ATTN_CHOICES:
         raise XltError(f"attn_implementation={name!r}: expected one of {', '.join(ATTN_CHOICES)}")
     cuda = _cuda_available() if cuda is None else cuda
     if name == "auto":
-        return "flash_attention_2" if cuda and importable("flash_attn") else "sdpa"
+        if not cuda:
+            return "sdpa"
+        return "flash_attention_2" if importable("flash_attn") else "flex_attention" if importable("triton") else "sdpa"
     if name in _FLASH_PACKAGES:
         pkg = _FLASH_PACKAGES[name]
         if not importable(pkg):
             raise XltError(f"attn_implementation={name} needs the {pkg} package, which is not installed "
-                           "(pip install 'xlt[gpu]'), or use attn_implementation: auto (falls back to sdpa)")
+                           "(pip install 'xlt[gpu]'), or use attn_implementation: auto (falls back to flex_attention or sdpa)")
         if not cuda:
             raise XltError(f"attn_implementation={name} needs a CUDA GPU; use auto or sdpa on this machine")
     return name
