@@ -162,3 +162,15 @@ def test_gpu_fsdp2_configs_get_the_same_reduction_settings(monkeypatch):
         assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
         grad_acc = GradientAccumulationPlugin(**args.accelerator_config.gradient_accumulation_kwargs)
         assert grad_acc.sync_each_batch and plugin.fsdp_version == 2
+
+
+def test_cpu_fsdp_with_one_process_is_one_line_before_any_model_loads(tmp_path, tiny_model_dir, monkeypatch,
+                                                                       no_model_loading, capsys):
+    from xlt.cli import run_recipe
+
+    for name, value in (("ACCELERATE_USE_FSDP", "true"), ("FSDP_VERSION", "2"), ("WORLD_SIZE", "1")):
+        monkeypatch.setenv(name, value)  # accelerate launch --num_processes 1 --config_file cpu_fsdp2.yaml
+    rc = run_recipe("cpt", ["--config", CPT, "--model", tiny_model_dir, "--output_dir", str(tmp_path / "run"),
+                            "--tokenizer_mode", "none", "--train_tokens", "2048"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "FSDP on the CPU needs 2 or more processes" in err[0], err

@@ -32,7 +32,7 @@ from xlt.train.checkpoint import (
     rotate_complete_checkpoints,
 )
 from xlt.train.distributed import check_replicas, file_equals_json, is_main_process, save_final_model, wait_for
-from xlt.train.fsdp import setup_fsdp, sharding_check
+from xlt.train.fsdp import check_fsdp_launch, setup_fsdp, sharding_check
 from xlt.train.lock import run_lock
 from xlt.train.lora import LoraSettings
 from xlt.train.runtime import (
@@ -414,6 +414,7 @@ def run_cpt(model_args: ModelArguments, tok_args: TokenizerArguments, data_args:
 
     new_rows = new_rows_settings(cpt_args, tok_args.tokenizer_mode, training_args, plan.max_steps, lora is not None)
     launcher = Launcher.from_env()
+    check_fsdp_launch(training_args, launcher)
     from xlt.train.kd import kd_settings
 
     kd = kd_settings(cpt_args, tok_args.tokenizer_mode, plan.max_steps, lora is not None, launcher.kind)

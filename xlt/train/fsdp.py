@@ -64,6 +64,13 @@ def _enable_fsdp_state_on_cpu() -> None:
                        f"runs {state.num_processes} as {state.distributed_type.value}")
 
 
+def check_fsdp_launch(training_args: Any, launcher: Launcher) -> None:
+    """Before any work: FSDP on the CPU shards over a gloo process group of 2 or more processes."""
+    if launcher.kind == "fsdp" and launcher.world_size < 2 and on_cpu(training_args, launcher):
+        raise XltError(f"FSDP on the CPU needs 2 or more processes (num_processes: 2, as in "
+                       f"accelerate_configs/cpu_fsdp2.yaml); this launch starts {launcher.world_size}")
+
+
 def setup_fsdp(training_args: Any, launcher: Launcher) -> Optional[str]:
     """Prepare an FSDP launch before the Trainer is built; returns what was set (for the log) or None.
 

@@ -25,7 +25,7 @@ from xlt.io import atomic_write_json, update_report
 from xlt.models import check_model_spec, load_model, load_tokenizer, resolve_model, resolve_revision
 from xlt.train.checkpoint import claim_output_dir, fingerprint, last_trainer_checkpoint
 from xlt.train.distributed import check_replicas, save_final_model
-from xlt.train.fsdp import setup_fsdp, sharding_check
+from xlt.train.fsdp import check_fsdp_launch, setup_fsdp, sharding_check
 from xlt.train.lock import run_lock
 from xlt.train.runtime import (
     Launcher,
@@ -291,6 +291,7 @@ def run_sft(sft_args: SftArguments, training_args: Any, learning_rate_given: Opt
     master = master_weights_dtype(sft_args.master_weights_dtype, sft_args.torch_dtype)
     attn = resolve_attn_implementation(sft_args.attn_implementation)
     launcher = Launcher.from_env()
+    check_fsdp_launch(training_args, launcher)
     settings = fingerprint(sft_args, {k: getattr(training_args, k, None) for k in _RUN_KEYS})
     with run_lock(run_dir, "sft"):
         return _run_sft_locked(sft_args, training_args, model_spec, settings, master, attn, launcher, t0, lora, lr)
