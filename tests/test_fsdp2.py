@@ -35,10 +35,14 @@ def report(out: str) -> dict:
         return json.load(f)
 
 
-def test_cpu_fsdp2_launch_trains_dtensor_shards_and_saves_a_reloadable_model(tmp_path, tiny_model_dir):
-    """accelerate 1.16 alone runs this launch as MULTI_CPU data parallel (no shard anywhere, report "fsdp")."""
-    out = str(tmp_path / "run")
-    proc = launch("cpu_fsdp2.yaml", 29571, str(REPO / "recipes/cpt.py"),
+def test_cpu_fsdp2_launch_trains_dtensor_shards_skips_together_and_saves_a_reloadable_model(tmp_path, tiny_model_dir):
+    """accelerate 1.16 alone runs this launch as MULTI_CPU data parallel (no shard anywhere, report "fsdp").
+
+    Through tests/skip_step_launch.py: rank 1 alone sees a NaN loss at step 2, and the skip-step guard (which
+    wraps the optimizer before accelerate swaps in the shards) skips it on both ranks, leaving each rank's
+    weight shards and Adam state bit-identical."""
+    out, dump = str(tmp_path / "run"), tmp_path / "dump"
+    proc = launch("cpu_fsdp2.yaml", 29571, str(REPO / "tests/skip_step_launch.py"), str(dump), "2:nan",
                   "--config", CPT, "--model", tiny_model_dir, "--output_dir", out, "--tokenizer_mode", "none",
                   "--train_tokens", "4096", "--per_device_train_batch_size", "2", "--save_steps", "2",
                   "--logging_steps", "1", "--eval_max_docs", "8")
@@ -47,7 +51,22 @@ def test_cpu_fsdp2_launch_trains_dtensor_shards_and_saves_a_reloadable_model(tmp
     cpt = report(out)["cpt"]
     assert cpt["launcher"] == "fsdp2" and cpt["world_size"] == 2 and cpt["sharded_parameters"] == 20
     assert cpt["steps"] == 4 and cpt["replicas_in_sync"] is None  # nothing replicated: every parameter sharded
+    assert cpt["skipped_steps"] == 1 and "step 2 skipped: non-finite loss" in proc.stdout
     assert os.path.isdir(os.path.join(out, "checkpoint-4", "pytorch_model_fsdp_0"))  # FSDP's sharded checkpoint
+    snaps = {(w, r): torch.load(dump / f"{w}_step2_rank{r}.pt", weights_only=False)
+             for w in ("before", "after") for r in (0, 1)}
+    for r in (0, 1):
+        params, after = snaps["before", r]["params"], snaps["after", r]["params"]
+        assert all(type(p).__name__ == "DTensor" for p in params.values())
+        assert all(torch.equal(p._local_tensor, after[n]._local_tensor) for n, p in params.items())
+        opt_b, opt_a = snaps["before", r]["optimizer"], snaps["after", r]["optimizer"]
+        assert opt_b.keys() == opt_a.keys() and len(opt_b) == 20
+        for k, st in opt_b.items():
+            for name, v in st.items():
+                v, w = (getattr(x, "_local_tensor", x) for x in (v, opt_a[k][name]))
+                assert torch.equal(v, w), (k, name)
+    emb = "model.embed_tokens.weight"  # each rank holds its own half of the rows
+    assert not torch.equal(snaps["after", 0]["params"][emb]._local_tensor, snaps["after", 1]["params"][emb]._local_tensor)
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
