@@ -28,9 +28,10 @@ LOSS_IMPLEMENTATIONS = ("auto", "chunked", "liger", "model")
 IGNORE_INDEX = -100
 # Logit elements per chunk (positions x vocabulary): 2**26 fp32 elements = 256 MiB per chunk-sized buffer.
 CHUNK_ELEMENTS = 1 << 26
-# Chunk-sized buffers alive at the peak of a chunk's backward: the compute-dtype logits, their fp32 copy, the
-# softmax and the gradient of the logits (fp32 each). `xlt check` sizes the loss's memory with it.
-CHUNK_LIVE_FP32_BUFFERS = 4
+# fp32 bytes per logit element alive at the peak of the loss: the log-softmax output (saved for backward), the
+# gradient reaching it and the gradient it passes on (3 x 4 bytes in backward; forward holds the compute-dtype logits,
+# their fp32 copy and the log-softmax output, no more). `xlt check` sizes the loss's memory with it.
+FP32_BYTES_PER_LOGIT = 12
 
 
 def liger_available() -> bool:
@@ -150,3 +151,19 @@ def logits_language_sums(logits: torch.Tensor, labels: torch.Tensor, langs: torc
         targets = shift_targets(labels).to(logits.device)
         ce = per_token_ce(logits, lambda x: x, targets, logits.shape[-1], chunk_elements)
         return language_sums(ce, targets, shift_langs(langs), n_langs)
+
+
+def loss_buffer_bytes(impl: str, positions: int, vocab: int, hidden: int, compute_bytes: int,
+                      chunk_elements: int = CHUNK_ELEMENTS) -> int:
+    """Peak bytes of the loss beyond the model (per process): the logits and their gradients, whole under
+    ``model``, one chunk under ``chunked`` (plus the chunk's V x H head gradient before autograd adds it up), one
+    liger chunk (its fp32 logits and gradient, its fp32 gradient of the head, the gradient of the hidden states)."""
+    if impl == "model":
+        return positions * vocab * FP32_BYTES_PER_LOGIT
+    if impl == "chunked":
+        rows = min(positions, chunk_positions(vocab, chunk_elements))
+        return rows * vocab * FP32_BYTES_PER_LOGIT + vocab * hidden * compute_bytes
+    if impl == "liger":  # liger-kernel's chunking: next_power_of_2(ceil(positions / ceil(V / H))) positions
+        rows = min(positions, 1 << max(0, (-(-positions // -(-vocab // hidden)) - 1).bit_length()))
+        return rows * vocab * 8 + vocab * hidden * 4 + positions * hidden * 4
+    raise ValueError(impl)
