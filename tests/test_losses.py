@@ -59,6 +59,34 @@ def test_chunked_loss_and_gradients_equal_the_models_own(tie, num_items):
         torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
+@pytest.mark.parametrize("tie,new_rows", [(False, "trainable_tokens"), (True, "trainable_tokens"),
+                                          (False, "modules_to_save")])
+def test_chunked_loss_through_a_peft_model(tie, new_rows):
+    """LoRA with trainable new rows: the head the forward calls is peft's wrapper; the chunked loss calls the same
+    one, so the loss and the trainable gradients (LoRA B, the new rows) equal the model's own."""
+    from xlt.train.lora import LoraSettings, apply_lora
+    from xlt.train.losses import forward_hidden, output_head
+
+    model = apply_lora(tiny_llama(V, tie=tie, hidden=32), LoraSettings(use_lora=True, lora_r=4, lora_new_rows=new_rows),
+                       list(range(V - 8, V)))
+    ids, labels, _ = _batch()
+    ids[:, 5:9] = torch.arange(V - 4, V)  # the new rows are read and predicted
+    labels[:, 5:9] = ids[:, 5:9]
+    ref = model(input_ids=ids, labels=labels).loss
+    ref.backward()
+    want = _grads(model)
+    model.zero_grad()
+    loss, _ = chunked_causal_lm_loss(forward_hidden(model, {"input_ids": ids}), output_head(model), labels, V,
+                                     chunk_elements=SMALL_CHUNK)
+    loss.backward()
+    got = _grads(model)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    assert set(got) == set(want) and any("lora_B" in n for n in got)
+    assert any("token_adapter" in n or "modules_to_save" in n for n in got), sorted(got)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_flattened_varlen_row_gives_the_models_loss():
     """A (1, sum S) row (the flash path's layout, -100 at each segment start): the model's own loss of that row."""
     model = tiny_llama(V, hidden=32)
@@ -162,3 +190,53 @@ def test_cpt_run_with_the_chunked_loss_ends_with_the_model_paths_weights(tmp_pat
     for x, y in zip(logs_a, logs_b):
         for key in ("loss", "loss_ja", "loss_en"):
             assert y[key] == pytest.approx(x[key], abs=2e-4), key
+
+
+def _fsdp2_worker(rank: int, world: int, port: int, tie: bool, results) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from xlt.train.losses import forward_hidden, output_head
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        ids, labels, _ = _batch()  # the same batch on both ranks: FSDP2's averaged gradients are the batch's
+        reference = tiny_llama(V, tie=tie, hidden=32)
+        reference(input_ids=ids, labels=labels).loss.backward()
+        model = tiny_llama(V, tie=tie, hidden=32)  # the same seed: the same weights
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)  # the root: embeddings, final norm, head
+        loss, _ = chunked_causal_lm_loss(forward_hidden(model, {"input_ids": ids}), output_head(model), labels, V,
+                                         chunk_elements=SMALL_CHUNK)
+        loss.backward()
+        worst = 0.0
+        for (name, p), (ref_name, q) in zip(model.named_parameters(), reference.named_parameters()):
+            assert name == ref_name
+            full = p.grad.full_tensor()
+            worst = max(worst, float((full - q.grad).abs().max() / (q.grad.abs().max() + 1e-12)))
+        results[rank] = (float(loss), float(reference(input_ids=ids, labels=labels).loss), worst)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_chunked_loss_under_fsdp2_equals_the_unsharded_models(tie):
+    """fully_shard per layer + root over 2 gloo processes: the hidden states come out of the root's forward, the
+    head is called per chunk after it (and again in backward); the sharded gradients, gathered, equal the unsharded
+    model's own."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_fsdp2_worker, args=(2, port, tie, results), nprocs=2, join=True)
+    for rank in (0, 1):
+        loss, ref, worst = results[rank]
+        assert loss == pytest.approx(ref, rel=1e-5)
+        assert worst < 1e-4, (rank, worst)

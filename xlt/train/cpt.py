@@ -326,15 +326,19 @@ def _make_trainer_class():
             The wrapped model runs as usual (DDP / FSDP2 hooks fire, the hidden states are one of its outputs) with
             ``logits_to_keep`` an empty index: the head projects no position. The head is then called per chunk.
             """
-            from xlt.train.losses import chunked_causal_lm_loss, liger_causal_lm_loss, per_token_ce, shift_targets
+            from xlt.train.losses import (
+                chunked_causal_lm_loss,
+                forward_hidden,
+                liger_causal_lm_loss,
+                output_head,
+                per_token_ce,
+                shift_targets,
+            )
 
             labels, shift = inputs["labels"], inputs.get("shift_labels")
-            rest = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
-            keep = torch.empty(0, dtype=torch.long, device=labels.device)
-            hidden = model(**rest, logits_to_keep=keep, output_hidden_states=True).hidden_states[-1]
-            unwrapped = self.accelerator.unwrap_model(model)
-            base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
-            head, vocab = base.get_output_embeddings(), int(base.get_output_embeddings().weight.shape[0])
+            hidden = forward_hidden(model, {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")})
+            head = output_head(self.accelerator.unwrap_model(model))
+            vocab = int(head.weight.shape[0])
             items = num_items_in_batch if self.model_accepts_loss_kwargs else None
             if self.xlt_loss_implementation == "liger" and type(head) is torch.nn.Linear and head.bias is None:
                 loss = liger_causal_lm_loss(hidden, head.weight.to(hidden.dtype), labels, items, shift)

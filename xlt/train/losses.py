@@ -74,6 +74,22 @@ def shift_langs(langs: torch.Tensor) -> torch.Tensor:
     return F.pad(langs, (0, 1), value=-1)[..., 1:].reshape(-1)
 
 
+def forward_hidden(model: Any, inputs: dict) -> torch.Tensor:
+    """The last hidden states (after the final norm) from the model's own forward, with ``logits_to_keep`` an empty
+    index so the head projects no position. The (wrapped) model is called as a whole: DDP's and FSDP2's hooks run
+    as usual and the hidden states are one of its outputs (FSDP2 registers its pre-backward hook on them)."""
+    device = next(v.device for v in inputs.values() if torch.is_tensor(v))
+    keep = torch.empty(0, dtype=torch.long, device=device)
+    return model(**inputs, logits_to_keep=keep, output_hidden_states=True).hidden_states[-1]
+
+
+def output_head(unwrapped: Any) -> torch.nn.Module:
+    """The output projection as the model's forward calls it: a peft wrapper (trainable tokens, modules_to_save,
+    LoRA) when there is one, the embedding's module when tied."""
+    base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+    return base.get_output_embeddings()
+
+
 def _chunk_ce(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = head(hidden)  # the compute dtype (autocast / FSDP's param dtype), as the model's own forward
     return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
