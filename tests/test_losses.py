@@ -177,11 +177,12 @@ def test_cpt_run_with_the_chunked_loss_ends_with_the_model_paths_weights(tmp_pat
         out = str(tmp_path / impl)
         calls.clear()
         assert run_recipe("cpt", cpt_args(tiny_model_dir, out, "--loss_implementation", impl,
+                                          "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
                                           "--loss_by_language_steps", "2", "--logging_steps", "2")) == 0
         report = json.loads(open(os.path.join(out, "report.json"), encoding="utf-8").read())
         assert report["cpt"]["loss_implementation"] == impl
         state = json.loads(open(os.path.join(out, "checkpoint-6", "trainer_state.json"), encoding="utf-8").read())
-        assert len(calls) == (0 if impl == "model" else 6)  # every micro-batch of the 6 steps
+        assert len(calls) == (0 if impl == "model" else 12)  # every micro-batch of the 6 steps
         runs[impl] = (weights(os.path.join(out, "cpt")), [h for h in state["log_history"] if "loss" in h])
     (a, logs_a), (b, logs_b) = runs["model"], runs["chunked"]
     for k in a:
