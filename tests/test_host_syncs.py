@@ -22,7 +22,7 @@ from conftest import REPO
 
 XLT_DIR = str(REPO / "xlt") + os.sep
 READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero", "masked_select",
-         "argwhere", "nonzero_static", "unique", "__len__"}
+         "argwhere", "nonzero_static", "unique"}
 
 
 def _bool_index(args) -> bool:
