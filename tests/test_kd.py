@@ -194,6 +194,7 @@ def test_kd_in_a_real_run_window_loss_flops_and_resume(tmp_path, tiny_model_dir,
         cpt_module._make_trainer_class = original
     log = capsys.readouterr().out
     assert "distillation from the base model: weight 2, temperature 1, first 2 of 4 steps" in log
+    assert "loss chunked (the distillation window's steps: model, from the logits)" in log
     steps = record["steps"]
     assert sorted({s for s, *_ in steps}) == [0, 1, 2, 3]
     for step, loss, lm, _ in steps:

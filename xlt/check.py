@@ -262,31 +262,70 @@ def size_model(config: Any, vocab: int, lora: Any = None, new_rows: int = 0) -> 
 # Memory estimate
 # ---------------------------------------------------------------------------------------------------------
 MEMORY_NOTE = (
-    "estimate per GPU, in GiB: weights in the master dtype + gradients (master dtype, trainable only) + AdamW's 2 "
-    "fp32 states (trainable only), divided by the processes that shard them (FSDP / ZeRO-3: all; ZeRO-2: gradients "
-    "+ optimizer; ZeRO-1: optimizer; DDP: none); + the compute-dtype copies (FSDP: all-gathered units; DDP: "
-    "autocast's bf16 weight cache); + activations at per_device_train_batch_size x sequence length (per layer "
-    "~34*s*b*h bytes in bf16 without checkpointing, ~2*s*b*h with full checkpointing plus one layer recomputed; "
-    "Korthikanti et al. 2022, flash/sdpa attention: no s^2 term); + fp32 logits b*s*V*4; + a fixed "
-    f"{CUDA_OVERHEAD_GIB:g} GiB for CUDA/NCCL. Fragmentation and temporary buffers vary: keep a margin."
+    "estimate per GPU, in GiB, per component of what the run allocates: weights in the master dtype, sharded "
+    "gradients (master dtype, trainable only) and AdamW's 2 fp32 states (trainable only), each divided by the "
+    "processes that shard it (FSDP / ZeRO-3: all; ZeRO-2: gradients + optimizer; ZeRO-1: optimizer; DDP: none); "
+    "the compute-dtype weight copies (FSDP: the all-gathered units; DDP: autocast's bf16 cache); the unsharded "
+    "compute-dtype gradients alive in backward (FSDP2 as xlt runs it, reduce-scattering every micro-batch: the "
+    "root unit's (embeddings, head) until the end of backward plus two blocks in flight) and the fp32 reduce "
+    "buffers (FSDP2: the largest unit cast to fp32; DDP: its gradient buckets); activations at "
+    "per_device_train_batch_size x sequence length (per layer ~34*s*b*h bytes in bf16 without checkpointing, "
+    "~2*s*b*h with full checkpointing plus one layer recomputed; Korthikanti et al. 2022, flash/sdpa attention: no "
+    "s^2 term); the loss's logits (loss_implementation model: b*s*V x 12 bytes, the fp32 log-softmax and its "
+    "gradients; chunked: one chunk of positions and the chunk's head gradient; liger: one liger chunk); + a fixed "
+    f"{CUDA_OVERHEAD_GIB:g} GiB for CUDA/NCCL. Fragmentation varies: keep a margin."
 )
 
 
+def _shards(plan: LaunchPlan, world: int, gpus_per_machine: int) -> tuple[int, int, int]:
+    """How many processes share the weights, the gradients and the optimizer states."""
+    kind = plan.launcher.kind
+    if kind == "fsdp" and not plan.fsdp_no_shard:
+        n = gpus_per_machine if plan.fsdp_hybrid else world
+        return n, n, n
+    if kind == "deepspeed":
+        stage = plan.zero_stage or 0
+        return (world if stage >= 3 else 1), (world if stage >= 2 else 1), (world if stage >= 1 else 1)
+    return 1, 1, 1
+
+
+def _gradient_buffers(size: ModelSize, plan: LaunchPlan, trainable: int, master_bytes: int, compute_bytes: int,
+                      sharded: bool) -> dict[str, float]:
+    """Gradients beyond the sharded accumulators: FSDP2's unsharded compute-dtype gradients in backward and its
+    fp32 reduce-scatter input (xlt reduce-scatters every micro-batch in fp32: xlt/train/fsdp.py); DDP's buckets."""
+    kind = plan.launcher.kind
+    if kind == "fsdp" and sharded:
+        units = trainable if size.lora_trainable is not None else size.embedding + 2 * size.layer
+        largest = trainable if size.lora_trainable is not None else max(size.embedding, 2 * size.layer)
+        return {"unsharded_gradients": units * compute_bytes, "reduce_buffers": largest * 4}
+    if kind == "ddp":
+        return {"reduce_buffers": trainable * master_bytes}  # DDP's buckets (gradient_as_bucket_view off)
+    return {}
+
+
 def estimate_memory(size: ModelSize, plan: LaunchPlan, world: int, gpus_per_machine: int, master: str,
-                    compute: str, batch: int, seq_len: int, checkpointing: bool, on_gpu: bool = True) -> dict[str, float]:
-    """The breakdown of :data:`MEMORY_NOTE` (GiB per GPU, or per process on a CPU) and its ``total``."""
+                    compute: str, batch: int, seq_len: int, checkpointing: bool, on_gpu: bool = True,
+                    loss: str = "model") -> dict[str, float]:
+    """The components of :data:`MEMORY_NOTE` (GiB per GPU, or per process on a CPU) and their ``total``."""
+    out = memory_bytes(size, plan, world, gpus_per_machine, master, compute, batch, seq_len, checkpointing, loss)
+    gib = {k: round(v / GIB, 2) for k, v in out.items()}
+    overhead = CUDA_OVERHEAD_GIB if on_gpu else 0.0
+    if on_gpu:
+        gib["cuda_overhead"] = overhead
+    gib["total"] = round(sum(out.values()) / GIB + overhead, 2)
+    return gib
+
+
+def memory_bytes(size: ModelSize, plan: LaunchPlan, world: int, gpus_per_machine: int, master: str, compute: str,
+                 batch: int, seq_len: int, checkpointing: bool, loss: str = "model") -> dict[str, float]:
+    """The components of :data:`MEMORY_NOTE` in bytes per process (without the CUDA allowance)."""
+    from xlt.train.losses import loss_buffer_bytes
+
     kind = plan.launcher.kind
     master_bytes = 4 if master == "float32" else 2
     compute_bytes = {"bf16": 2, "fp16": 2}.get(compute, master_bytes)
     trainable = size.params if size.lora_trainable is None else size.lora_trainable
-    shard_w = shard_g = shard_o = 1
-    if kind == "fsdp" and not plan.fsdp_no_shard:
-        shard_w = shard_g = shard_o = gpus_per_machine if plan.fsdp_hybrid else world
-    elif kind == "deepspeed":
-        stage = plan.zero_stage or 0
-        shard_o = world if stage >= 1 else 1
-        shard_g = world if stage >= 2 else 1
-        shard_w = world if stage >= 3 else 1
+    shard_w, shard_g, shard_o = _shards(plan, world, gpus_per_machine)
     out = {
         "weights": size.params * master_bytes / shard_w * (0 if plan.offload_params else 1),
         "gradients": trainable * master_bytes / shard_g,
@@ -299,18 +338,44 @@ def estimate_memory(size: ModelSize, plan: LaunchPlan, world: int, gpus_per_mach
         out["gathered_weights"] = gathered * compute_bytes
     elif kind in ("single", "ddp") and compute_bytes < master_bytes:
         out["autocast_weight_copies"] = size.params * compute_bytes  # held from forward until backward frees them
-    # Activations: Korthikanti et al. 2022, sbh(34 + 5as/h) bytes per layer in 16-bit; flash/sdpa attention
-    # stores no s x s scores, which drops the 5as/h term. Full checkpointing keeps each layer's 16-bit input
-    # (2sbh) and recomputes one layer at a time during backward.
+    out.update(_gradient_buffers(size, plan, trainable, master_bytes, compute_bytes, shard_g > 1))
+    out["activations"] = activation_bytes(size, batch, seq_len, compute_bytes, checkpointing)
+    out["logits"] = loss_buffer_bytes(loss, batch * seq_len, size.vocab, size.hidden, compute_bytes)
+    return out
+
+
+def activation_bytes(size: ModelSize, batch: int, seq_len: int, compute_bytes: int, checkpointing: bool) -> float:
+    """Korthikanti et al. 2022: sbh(34 + 5as/h) bytes per layer in 16-bit; flash/sdpa attention stores no s x s
+    scores, which drops the 5as/h term. Full checkpointing keeps each layer's input (2sbh) and recomputes one layer
+    at a time during backward."""
     sbh = seq_len * batch * size.hidden * compute_bytes / 2
-    out["activations"] = (size.layers * 2 * sbh + 34 * sbh) if checkpointing else size.layers * 34 * sbh
-    out["logits_fp32"] = batch * seq_len * size.vocab * 4
-    gib = {k: round(v / GIB, 2) for k, v in out.items()}
-    overhead = CUDA_OVERHEAD_GIB if on_gpu else 0.0
-    if on_gpu:
-        gib["cuda_overhead"] = overhead
-    gib["total"] = round(sum(out.values()) / GIB + overhead, 2)
-    return gib
+    return (size.layers * 2 * sbh + 34 * sbh) if checkpointing else size.layers * 34 * sbh
+
+
+def memory_savings(size: ModelSize, plan: LaunchPlan, batch: int, seq_len: int, compute: str, master: str,
+                   checkpointing: bool, loss: str, stage: str) -> list[str]:
+    """Which components a key (or xlt's FSDP2 setting) removes, in GiB per GPU."""
+    from xlt.train.losses import loss_buffer_bytes
+
+    compute_bytes = {"bf16": 2, "fp16": 2}.get(compute, 4 if master == "float32" else 2)
+    logits = {k: loss_buffer_bytes(k, batch * seq_len, size.vocab, size.hidden, compute_bytes) / GIB
+              for k in ("model", "chunked")}
+    if stage != "cpt":
+        lines = [f"logits: {logits['model']:.2f} GiB (TRL's loss from the full logits)"]
+    elif loss == "model":
+        lines = [f"logits: {logits['model']:.2f} GiB -> {logits['chunked']:.2f} GiB with loss_implementation chunked"]
+    else:
+        lines = [f"logits: {logits['model']:.2f} GiB -> {logits[loss] if loss in logits else logits['chunked']:.2f} "
+                 f"GiB with loss_implementation {loss} (model: the full fp32 logits)"]
+    if not checkpointing:
+        on, off = (activation_bytes(size, batch, seq_len, compute_bytes, c) / GIB for c in (True, False))
+        lines.append(f"activations: {off:.2f} GiB -> {on:.2f} GiB with activation_checkpointing true")
+    if plan.launcher.kind == "fsdp" and not plan.fsdp_no_shard and size.lora_trainable is None:
+        every = (size.embedding + 2 * size.layer) * compute_bytes / GIB
+        held = size.params * compute_bytes / GIB
+        lines.append(f"unsharded_gradients: {held:.2f} GiB (accelerate's no_sync over gradient_accumulation_steps) "
+                     f"-> {every:.2f} GiB with xlt's reduce-scatter every micro-batch")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -488,7 +553,7 @@ def _check_cpt(chk: Check, parsed: tuple, offline: bool) -> dict[str, Any]:
                             "set: train_tokens decides max_steps; remove one")
     return {"model": model_args.model, "revision": model_args.model_revision, "model_args": model_args,
             "tok_args": tok_args, "lora": lora if lora.use_lora else None, "seq_len": data_args.seq_len,
-            "trust_remote_code": model_args.trust_remote_code}
+            "trust_remote_code": model_args.trust_remote_code, "loss_implementation": cpt_args.loss_implementation}
 
 
 def _sft_model(chk: Check, sft_args: Any, training_args: Any, recipe_path: str) -> tuple[Optional[str], Any]:
@@ -563,7 +628,7 @@ def run_check(recipe: str, accelerate_config: Optional[str] = None, offline: boo
                               "launcher": None, "world_size": None, "tokens_per_step": None, "max_steps": None,
                               "master_weights_dtype": None, "attn_implementation": None,
                               "activation_checkpointing": None, "memory_per_gpu_gb": None,
-                              "memory_breakdown_gb": None, "memory_note": MEMORY_NOTE}
+                              "memory_breakdown_gb": None, "memory_savings": [], "memory_note": MEMORY_NOTE}
     parsed = chk.attempt(parse, stage, recipe, overrides)
     training_args = parsed[-1] if parsed else None
     cuda_run = hw.gpus > 0 and not recipe_use_cpu and not (plan is not None and plan.launcher.use_cpu)
@@ -618,12 +683,19 @@ def run_check(recipe: str, accelerate_config: Optional[str] = None, offline: boo
         plan.launcher, env={})
     report["activation_checkpointing"] = ckpt
     # Memory.
-    _memory(chk, report, info, plan, hw, world, master, training_args, ckpt != "off", offline, cuda_run)
+    loss = "model"  # SFT: TRL's loss from the full logits
+    if stage == "cpt":
+        from xlt.train.losses import resolve_loss_implementation
+
+        loss = chk.attempt(resolve_loss_implementation, info["loss_implementation"], cuda=cuda_run,
+                           importable=lambda: importable("liger_kernel")) or "model"
+        report["loss_implementation"] = loss
+    _memory(chk, report, info, plan, hw, world, master, training_args, ckpt != "off", offline, cuda_run, loss)
     return _finish(report)
 
 
 def _memory(chk: Check, report: dict, info: dict, plan: LaunchPlan, hw: Hardware, world: int, master: Optional[str],
-            training_args: Any, checkpointing: bool, offline: bool, on_gpu: bool) -> None:
+            training_args: Any, checkpointing: bool, offline: bool, on_gpu: bool, loss: str = "model") -> None:
     if info["model"] is None:
         return
     config, where = model_config(info["model"], offline, info["revision"], info["trust_remote_code"])
@@ -642,8 +714,10 @@ def _memory(chk: Check, report: dict, info: dict, plan: LaunchPlan, hw: Hardware
     compute = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else (master or "float32")
     mem = estimate_memory(size, plan, world, max(hw.gpus, 1), master or "float32", compute,
                           training_args.per_device_train_batch_size, info["seq_len"], checkpointing,
-                          on_gpu=on_gpu)
-    report.update(memory_per_gpu_gb=mem["total"], memory_breakdown_gb=mem,
+                          on_gpu=on_gpu, loss=loss)
+    savings = memory_savings(size, plan, training_args.per_device_train_batch_size, info["seq_len"], compute,
+                             master or "float32", checkpointing, loss, report["stage"])
+    report.update(memory_per_gpu_gb=mem["total"], memory_breakdown_gb=mem, memory_savings=savings,
                   model_size={"params": size.params, "vocab": size.vocab, "hidden": size.hidden,
                               "layers": size.layers, "lora_trainable": size.lora_trainable, "config_from": where})
     if hw.gpu_memory_gb is None:
@@ -682,6 +756,7 @@ def format_report(r: dict) -> str:
     lines = [f"{k:<16}{v}" for k, v in rows]
     if r["memory_breakdown_gb"]:
         lines += [f"  {k:<22}{v:>8.2f}" for k, v in r["memory_breakdown_gb"].items() if k != "total"]
+    lines += [f"  {s}" for s in r.get("memory_savings") or []]
     if r.get("steps_note"):
         lines.append(f"steps: {r['steps_note']}")
     for title in ("notes", "skipped", "problems"):

@@ -284,6 +284,14 @@ class CptArguments:
     kd_temperature: float = field(
         default=1.0, metadata={"help": "Softmax temperature T of both distributions in the distillation term (> 0)."}
     )
+    loss_implementation: str = field(
+        default="auto",
+        metadata={"help": "How the LM loss is computed (xlt/train/losses.py): 'chunked' (pure torch, from the last "
+                  "hidden states a chunk of positions at a time: never the whole fp32 logits), 'liger' "
+                  "(liger-kernel's fused linear cross-entropy, CUDA), 'model' (the model's own loss from full "
+                  "logits), 'auto' (liger on a CUDA GPU when liger-kernel imports, else chunked). Steps carrying "
+                  "the distillation term use the logits path."},
+    )
 
     def __post_init__(self) -> None:
         """The spike-guard and new-row keys, checked at parse time (before any model loads)."""
@@ -299,6 +307,8 @@ class CptArguments:
             raise XltError(f"kd_fraction={self.kd_fraction}: expected 0 < x <= 1")
         if not (isinstance(self.kd_temperature, (int, float)) and 0 < self.kd_temperature < math.inf):
             raise XltError(f"kd_temperature={self.kd_temperature}: expected a number > 0")
+        if self.loss_implementation not in ("auto", "chunked", "liger", "model"):
+            raise XltError(f"loss_implementation={self.loss_implementation!r}: expected auto, chunked, liger or model")
         if self.spike_factor != 0 and not self.spike_factor > 1:
             raise XltError(f"spike_factor={self.spike_factor}: expected 0 (off) or a factor > 1")
         if not self.skip_step_sigma >= 0:

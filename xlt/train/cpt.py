@@ -84,6 +84,16 @@ def check_model_runtime(model_args: Any) -> tuple[str, str]:
     return master, resolve_attn_implementation(model_args.attn_implementation)
 
 
+def cpt_loss_implementation(cpt_args: CptArguments, training_args: Any) -> str:
+    """``loss_implementation`` resolved for this run's device (xlt/train/losses.py)."""
+    import torch
+
+    from xlt.train.losses import resolve_loss_implementation
+
+    cuda = torch.cuda.is_available() and not getattr(training_args, "use_cpu", False)
+    return resolve_loss_implementation(cpt_args.loss_implementation, cuda=cuda)
+
+
 def tokenizer_corpus(tok_args: TokenizerArguments, sources: list[Source]) -> list[str]:
     """Japanese training text for new merges, capped at ``tokenizer_max_chars`` (held-out docs excluded)."""
     corpus_sources = load_sources(tok_args.tokenizer_corpus, "tokenizer_corpus") if tok_args.tokenizer_corpus else \
@@ -161,30 +171,15 @@ def run_tokenizer_stage(model_args: ModelArguments, tok_args: TokenizerArguments
 
 
 def loss_by_language(logits: Any, labels: Any, langs: Any, n_langs: int) -> tuple[Any, Any]:
-    """Per-language sums of next-token cross-entropy and token counts of one batch (no gradient).
+    """Per-language sums of next-token cross-entropy and token counts of one batch (no gradient, no host sync).
 
     Position t predicts ``labels[t + 1]`` (the causal shift the model's own loss uses); the target's language
-    decides the bucket; ignored labels (-100, each segment's first token) count nowhere. Chunked over the
-    sequence so a 128K vocabulary does not materialise the fp32 logits of a whole row at once.
+    decides the bucket; ignored labels (-100, each segment's first token) count nowhere. The fp32 upcast runs a
+    chunk of positions at a time (xlt/train/losses.py), the buckets are one one-hot reduction.
     """
-    import torch
+    from xlt.train.losses import logits_language_sums
 
-    with torch.no_grad():
-        logits, labels, langs = logits[:, :-1], labels[:, 1:], langs[:, 1:].to(labels.device)
-        sums = torch.zeros(n_langs, dtype=torch.float64, device=logits.device)
-        counts = torch.zeros(n_langs, dtype=torch.float64, device=logits.device)
-        chunk = 256
-        for a in range(0, labels.shape[1], chunk):
-            lg = logits[:, a:a + chunk].float()
-            lb, lang = labels[:, a:a + chunk], langs[:, a:a + chunk]
-            ce = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=-100,
-                                                   reduction="none").reshape(lb.shape)
-            valid = lb != -100
-            for i in range(n_langs):
-                m = valid & (lang == i)
-                sums[i] += ce[m].double().sum()
-                counts[i] += m.sum()
-    return sums, counts
+    return logits_language_sums(logits, labels, langs, n_langs)
 
 
 def total_trained(trained: dict) -> int:
@@ -221,6 +216,7 @@ def _make_trainer_class():
         _xlt_new_rows_opt = None
         _xlt_last_log: Optional[tuple[float, int]] = None
         _xlt_lang_loss: Optional[list] = None
+        xlt_loss_implementation = "model"  # chunked / liger / model (resolve_loss_implementation)
 
         def _guard_on(self) -> bool:
             return self.xlt_guard is not None and self.xlt_guard.enabled
@@ -296,9 +292,10 @@ def _make_trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             # The stream sends each token's language; the model must not see it. On the micro-batches of every
-            # xlt_loss_by_language_steps-th step only, the per-token losses (from the logits the forward pass made
-            # anyway) are summed by language and reported at the next log: the other steps pay nothing.
-            # The distillation term (xlt/train/kd.py) rides on the same logits during its window of steps.
+            # xlt_loss_by_language_steps-th step only, the per-token losses are summed by language and reported at
+            # the next log: the other steps pay nothing. The LM loss comes from the last hidden states without the
+            # full logits (xlt_loss_implementation chunked / liger, xlt/train/losses.py) except on the steps that
+            # carry the distillation term (xlt/train/kd.py), which needs the student's logits, and under "model".
             langs = inputs.pop(LANG_KEY, None)
             every = self.xlt_loss_by_language_steps
             measure = langs is not None and every > 0 and (self.state.global_step + 1) % every == 0
@@ -306,6 +303,12 @@ def _make_trainer_class():
             if kd and not self.xlt_kd.settings.active_at(self.state.global_step):
                 self.xlt_kd.release()  # the window is over (global_step: the same on every process)
                 kd = False
+            if (self.xlt_loss_implementation in ("chunked", "liger") and not kd and not return_outputs
+                    and "labels" in inputs and self.label_smoother is None and self.compute_loss_func is None):
+                loss, by_lang = self._xlt_hidden_loss(model, inputs, num_items_in_batch, langs if measure else None)
+                if by_lang is not None:
+                    self._xlt_add_lang_loss(*by_lang)
+                return loss
             if not measure and not kd:
                 return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)
@@ -315,12 +318,52 @@ def _make_trainer_class():
             if kd:
                 loss = loss + self._xlt_kd_term(logits, inputs, num_items_in_batch)
             if measure and logits is not None:
-                sums, counts = loss_by_language(logits, inputs["labels"], langs, len(LANGS))
-                if self._xlt_lang_loss is None:
-                    self._xlt_lang_loss = [torch.zeros_like(sums), torch.zeros_like(counts)]
-                self._xlt_lang_loss[0] += sums
-                self._xlt_lang_loss[1] += counts
+                self._xlt_add_lang_loss(*loss_by_language(logits, inputs["labels"], langs, len(LANGS)))
             return (loss, outputs) if return_outputs else loss
+
+        def _xlt_add_lang_loss(self, sums, counts) -> None:
+            if self._xlt_lang_loss is None:
+                self._xlt_lang_loss = [torch.zeros_like(sums), torch.zeros_like(counts)]
+            self._xlt_lang_loss[0] += sums
+            self._xlt_lang_loss[1] += counts
+
+        def _xlt_hidden_loss(self, model, inputs, num_items_in_batch, langs):
+            """The LM loss from the last hidden states, normalised as the Trainer's compute_loss normalises the
+            model's loss, and (with ``langs``) the per-language sums of the same tokens.
+
+            The wrapped model runs as usual (DDP / FSDP2 hooks fire, the hidden states are one of its outputs) with
+            ``logits_to_keep`` an empty index: the head projects no position. The head is then called per chunk.
+            """
+            from xlt.train.losses import (
+                chunked_causal_lm_loss,
+                forward_hidden,
+                liger_causal_lm_loss,
+                output_head,
+                per_token_ce,
+                shift_targets,
+            )
+
+            labels, shift = inputs["labels"], inputs.get("shift_labels")
+            hidden = forward_hidden(model, {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")})
+            head = output_head(self.accelerator.unwrap_model(model))
+            vocab = int(head.weight.shape[0])
+            items = num_items_in_batch if self.model_accepts_loss_kwargs else None
+            if self.xlt_loss_implementation == "liger" and type(head) is torch.nn.Linear and head.bias is None:
+                loss = liger_causal_lm_loss(hidden, head.weight.to(hidden.dtype), labels, items, shift)
+                by_lang = None
+                if langs is not None:  # one extra no-grad projection on the measured steps only
+                    from xlt.train.losses import language_sums, shift_langs
+
+                    with torch.no_grad():
+                        targets = shift_targets(labels, shift).to(hidden.device)
+                        ce = per_token_ce(hidden.detach(), head, targets, vocab)
+                        by_lang = language_sums(ce, targets, shift_langs(langs), len(LANGS))
+            else:  # chunked, or liger on a head it cannot take (a peft wrapper, a bias)
+                loss, by_lang = chunked_causal_lm_loss(hidden, head, labels, vocab, items, shift, langs, len(LANGS))
+            if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and items is not None:
+                scale = self.accelerator.num_processes // self.get_tp_size()  # as Trainer.compute_loss scales
+                loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
+            return loss, by_lang
 
         def _xlt_kd_term(self, logits, inputs, num_items_in_batch):
             """``kd_weight`` x the micro-batch's distillation term, normalised as the Trainer normalises the LM loss
@@ -357,10 +400,10 @@ def _make_trainer_class():
             both = torch.cat(self._xlt_lang_loss)
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.all_reduce(both)
-            n = len(LANGS)
+            values, n = both.tolist(), len(LANGS)  # the log's one host sync
             for i, lang in enumerate(LANGS):
-                if both[n + i] > 0:
-                    logs[f"loss_{lang}"] = round(float(both[i] / both[n + i]), 4)
+                if values[n + i] > 0:
+                    logs[f"loss_{lang}"] = round(values[i] / values[n + i], 4)
             self._xlt_lang_loss = None
 
         def _get_grad_norm(self, model, grad_norm=None):
@@ -425,14 +468,16 @@ def run_cpt(model_args: ModelArguments, tok_args: TokenizerArguments, data_args:
     from xlt.train.kd import kd_settings
 
     kd = kd_settings(cpt_args, tok_args.tokenizer_mode, plan.max_steps, lora is not None, launcher.kind)
+    loss_impl = cpt_loss_implementation(cpt_args, training_args)
     training_args.max_steps = plan.max_steps
     settings = fingerprint(model_args, tok_args, data_args, cpt_args, lora or {},
                            {k: getattr(training_args, k, None) for k in _RUN_KEYS},
-                           exclude=("resume", "eval_max_docs", "max_consecutive_skips", "loss_by_language_steps"))
+                           exclude=("resume", "eval_max_docs", "max_consecutive_skips", "loss_by_language_steps",
+                                    "loss_implementation"))
     _log(plan.describe())
     with run_lock(output_dir, "cpt"):
         return _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, sources, eval_sources,
-                               plan, settings, master_dtype, attn, launcher, t0, lora, new_rows, kd)
+                               plan, settings, master_dtype, attn, launcher, t0, lora, new_rows, kd, loss_impl)
 
 
 def check_lora_model(model_args: ModelArguments, lora: LoraSettings) -> None:
@@ -455,7 +500,7 @@ def new_row_ids(model: Any, base_spec: str, trust_remote_code: bool = False) -> 
 def build_cpt_trainer(model: Any, tokenizer: Any, training_args: Any, stream: Any, data_args: DataArguments,
                       plan: StepPlan, guard: Any, callbacks: Optional[list] = None,
                       loss_by_language_steps: int = 10, new_rows: Optional[tuple] = None,
-                      distiller: Any = None) -> Any:
+                      distiller: Any = None, loss_implementation: str = "model") -> Any:
     """The Trainer of continued pretraining, wired as ``run_cpt`` runs it: skip-step guard, xlt state in every
     checkpoint, token accounting / tokens/s / sequence length in the logs, progress postfix. The stream
     restores its own position, so the Trainer must not skip batches on resume (``ignore_data_skip``)."""
@@ -477,11 +522,13 @@ def build_cpt_trainer(model: Any, tokenizer: Any, training_args: Any, stream: An
     trainer.xlt_data_args, trainer.xlt_loss_by_language_steps = data_args, loss_by_language_steps
     trainer.xlt_new_rows = new_rows  # (NewRowsSettings, ids) or None
     trainer.xlt_kd = distiller  # xlt.train.kd.Distiller or None
+    trainer.xlt_loss_implementation = loss_implementation  # chunked / liger / model (resolved)
     return trainer
 
 
 def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, sources, eval_sources, plan,
-                    settings, master_dtype, attn, launcher, t0, lora=None, new_rows=None, kd=None) -> dict:
+                    settings, master_dtype, attn, launcher, t0, lora=None, new_rows=None, kd=None,
+                    loss_impl="model") -> dict:
     output_dir = training_args.output_dir
     eval_texts = heldout_texts(sources, eval_sources, cpt_args.eval_max_docs)
     # The main process claims the directory and writes the held-out split first; the others then find it.
@@ -518,7 +565,9 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
     checkpointing = own_activation_checkpointing(training_args, launcher)
     _log(f"launcher {launcher.describe()}; master weights {master_dtype}, compute "
          f"{'bf16' if training_args.bf16 else 'fp16' if training_args.fp16 else master_dtype}; attention {attn}; "
-         f"activation checkpointing {checkpointing}")
+         f"activation checkpointing {checkpointing}; loss {loss_impl}"
+         + (" (the distillation window's steps: model, from the logits)" if kd is not None and loss_impl != "model"
+            else ""))
 
     # -- phase: data ----------------------------------------------------------------------------
     from xlt.data.stream import build_pretrain_stream
@@ -562,7 +611,7 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
                                 callbacks=[sharding] if sharding is not None else None,
                                 loss_by_language_steps=cpt_args.loss_by_language_steps,
                                 new_rows=new_rows_opt if new_rows_opt and new_rows_opt[0].active and new_rows_opt[1] else None,
-                                distiller=distiller)
+                                distiller=distiller, loss_implementation=loss_impl)
     result = trainer.train(resume_from_checkpoint=resume_from)
     if guard.stop_requested:  # the guard saved a checkpoint and stopped the run: end with one line (exit 2)
         trainer.accelerator.wait_for_everyone()
@@ -601,6 +650,7 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
             "attn_implementation": attn,
             "packed_layout": trainer.xlt_collator.layout,
             "activation_checkpointing": checkpointing,
+            "loss_implementation": loss_impl,
             "mode": "lora" if lora is not None else "full",
             "accounting": accounting,
             "cleaning": getattr(stream, "cleaning_report", {}),
@@ -612,6 +662,8 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
         section["cpt"]["new_rows"] = new_rows_opt[0].report(len(new_rows_opt[1]))
     if kd_state is not None:
         section["cpt"]["distill_flops"] = kd_state["distill_flops"]
+        if loss_impl != "model":
+            section["cpt"]["loss_implementation_kd_steps"] = "model"
         section["cpt"]["kd"] = {"weight": kd.weight, "steps": kd.steps, "temperature": kd.temperature,
                                 "teacher_tokens": kd_state["teacher_tokens"], "teacher_params": kd_state["teacher_params"],
                                 "vocabulary_match": "identity" if kd.identity else "expand_new_ids"}
