@@ -359,12 +359,13 @@ def detect_stage(recipe: dict, overrides: Sequence[str]) -> str:
     return "sft" if "sft_datasets" in recipe or _override(overrides, "sft_datasets") is not None else "cpt"
 
 
-def parse(stage: str, recipe_path: str, overrides: Sequence[str]) -> tuple[Any, ...]:
+def parse(stage: str, recipe_path: str, overrides: Sequence[str], precision: Optional[str] = None) -> tuple[Any, ...]:
     """The stage's dataclasses, parsed as ``xlt cpt`` / ``xlt sft`` parse them (xlt/cli.py).
 
     ``use_cpu`` is forced for the parse only: TrainingArguments' ``__post_init__`` sets up *this* machine's
     device (a CUDA context on a GPU machine; a refusal of bf16 on a CPU one), while the check describes the
     target hardware. The recipe's own ``use_cpu`` is read separately and judged against that hardware.
+    ``precision``: what a recipe that leaves out bf16 / fp16 gets on the target hardware ('bf16' / 'fp32').
     """
     from xlt.config import (
         CptArguments,
@@ -382,10 +383,10 @@ def parse(stage: str, recipe_path: str, overrides: Sequence[str]) -> tuple[Any, 
         from xlt.train.lora import LoraSettings
 
         return parse_recipe([ModelArguments, TokenizerArguments, DataArguments, CptArguments, LoraSettings,
-                             TrainingArguments], argv)
+                             TrainingArguments], argv, precision=precision)
     from trl import SFTConfig
 
-    return parse_recipe([SftArguments, SFTConfig], argv)
+    return parse_recipe([SftArguments, SFTConfig], argv, precision=precision)
 
 
 def _check_packages(chk: Check, training_args: Any, plan: Optional[LaunchPlan], lora: Any) -> None:
@@ -564,9 +565,15 @@ def run_check(recipe: str, accelerate_config: Optional[str] = None, offline: boo
                               "master_weights_dtype": None, "attn_implementation": None,
                               "activation_checkpointing": None, "memory_per_gpu_gb": None,
                               "memory_breakdown_gb": None, "memory_note": MEMORY_NOTE}
-    parsed = chk.attempt(parse, stage, recipe, overrides)
-    training_args = parsed[-1] if parsed else None
     cuda_run = hw.gpus > 0 and not recipe_use_cpu and not (plan is not None and plan.launcher.use_cpu)
+    parsed = chk.attempt(parse, stage, recipe, overrides, "bf16" if cuda_run else "fp32")
+    training_args = parsed[-1] if parsed else None
+    if training_args is not None:
+        from xlt.train.runtime import precision_of
+
+        decided = precision_of(training_args)
+        where = f"{hw.gpus} GPU(s) {hw.source}" if cuda_run else "cpu"
+        report["precision"] = decided["precision"] + (f" (auto: {where})" if decided["source"] != "recipe" else "")
     if plan is not None:
         world = hw.gpus * plan.num_machines if cuda_run else plan.launcher.world_size
         report.update(launcher=plan.launcher.describe(), launcher_source=plan.source, world_size=world)
@@ -675,6 +682,7 @@ def format_report(r: dict) -> str:
         ("master weights", r["master_weights_dtype"] or "-"),
         ("attention", r["attn_implementation"] or "-"),
         ("checkpointing", r["activation_checkpointing"] or "-"),
+        ("precision", r.get("precision") or "-"),
         ("tokens/step", f"{r['tokens_per_step']:,}" if r["tokens_per_step"] else "-"),
         ("max_steps", f"{r['max_steps']:,}" if r["max_steps"] else "-"),
         ("memory/GPU", f"{r['memory_per_gpu_gb']:.1f} GiB (estimate)" if r["memory_per_gpu_gb"] else "-"),

@@ -377,7 +377,8 @@ class SftArguments:
                             lora_new_rows=self.lora_new_rows)
 
 
-def parse_recipe(dataclass_types: Sequence[type], argv: Optional[Sequence[str]] = None) -> tuple[Any, ...]:
+def parse_recipe(dataclass_types: Sequence[type], argv: Optional[Sequence[str]] = None,
+                 device_free: bool = False, precision: Optional[str] = None) -> tuple[Any, ...]:
     """Parse ``--config FILE`` plus command-line overrides into the given dataclasses.
 
     TrlParser does the merging (YAML gives defaults, the command line wins) and rejects unknown keys;
@@ -385,12 +386,19 @@ def parse_recipe(dataclass_types: Sequence[type], argv: Optional[Sequence[str]] 
     checked against its annotation and range (``xlt.validate``): the YAML ones before TrlParser
     builds the dataclasses (argparse does not convert non-string defaults, and TrainingArguments'
     ``__post_init__`` would meet a bad value first), all of them after; the output directory too.
+
+    Precision (TrainingArguments / SFTConfig among the types): a recipe that sets neither ``bf16`` nor
+    ``fp16`` gets the precision of the device it runs on (``xlt.train.runtime.resolve_precision``), or
+    ``precision`` ('bf16' / 'fp32') when the caller decides for other hardware (``xlt check``); the
+    decision is ``training_args.xlt_precision``. ``device_free``: the arguments are built for a command that
+    reads the tokenizer only (no training), with ``use_cpu`` forced so that no device check runs.
     """
     from trl import TrlParser
 
     from xlt import validate
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    mapping: dict = {}
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
@@ -398,7 +406,11 @@ def parse_recipe(dataclass_types: Sequence[type], argv: Optional[Sequence[str]] 
         path = argv[i + 1]
         if not os.path.isfile(path):
             raise XltError(f"recipe file not found: {path}")
-        validate.check_recipe_mapping(_check_yaml(path), dataclass_types)
+        mapping = _check_yaml(path)
+        validate.check_recipe_mapping(mapping, dataclass_types)
+    decision = None
+    if any(hasattr(t, "bf16") and hasattr(t, "use_cpu") for t in dataclass_types):
+        argv, decision = _settle_precision(argv, mapping, device_free, precision)
     parser = TrlParser(tuple(dataclass_types))
 
     def error(message: str) -> None:  # argparse would print the whole usage and exit
@@ -417,7 +429,38 @@ def parse_recipe(dataclass_types: Sequence[type], argv: Optional[Sequence[str]] 
             raise XltError(f"unknown option(s) {', '.join(keys) or msg}") from None
         raise XltError(msg.splitlines()[0]) from None
     validate.check_parsed(parsed)
+    if decision is not None:
+        parsed[-1].xlt_precision = decision
     return parsed
+
+
+def recipe_value(argv: Sequence[str], mapping: dict, key: str, default: Any = None) -> Any:
+    """The value ``key`` is given on the command line (the last one wins) or else in the recipe mapping.
+
+    Parsed dataclasses cannot tell a key left out from one set to its default; this can.
+    """
+    found = mapping.get(key, default)
+    for i, a in enumerate(argv):
+        if a == f"--{key}" and i + 1 < len(argv):
+            found = argv[i + 1]
+        elif a.startswith(f"--{key}="):
+            found = a.split("=", 1)[1]
+    return found
+
+
+def _settle_precision(argv: list[str], mapping: dict, device_free: bool,
+                      precision: Optional[str]) -> tuple[list[str], Optional[dict]]:
+    """``argv`` with the precision made explicit, and the decision ({'precision', 'source'}) or None."""
+    from xlt.train.runtime import resolve_precision
+
+    if device_free:
+        return argv + ["--use_cpu", "true"], None
+    given = {k: recipe_value(argv, mapping, k) for k in ("bf16", "fp16")}
+    use_cpu = recipe_value(argv, mapping, "use_cpu", False)
+    decision = resolve_precision(given, use_cpu, precision)
+    if decision["source"] != "recipe":
+        argv = argv + ["--bf16", str(decision["precision"] == "bf16").lower(), "--fp16", "false"]
+    return argv, decision
 
 
 def _check_yaml(path: str) -> dict:

@@ -38,6 +38,7 @@ from xlt.train.runtime import (
     Launcher,
     master_weights_dtype,
     own_activation_checkpointing,
+    precision_of,
     resolve_attn_implementation,
     warn_pure_bf16,
 )
@@ -506,9 +507,10 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
         new_rows_opt = (new_rows, ids)
         _log(new_rows.describe(len(ids), plan.max_steps))
     checkpointing = own_activation_checkpointing(training_args, launcher)
+    precision = precision_of(training_args)
     _log(f"launcher {launcher.describe()}; master weights {master_dtype}, compute "
-         f"{'bf16' if training_args.bf16 else 'fp16' if training_args.fp16 else master_dtype}; attention {attn}; "
-         f"activation checkpointing {checkpointing}")
+         f"{'bf16' if training_args.bf16 else 'fp16' if training_args.fp16 else master_dtype}; precision "
+         f"{precision['precision']} ({precision['source']}); attention {attn}; activation checkpointing {checkpointing}")
 
     # -- phase: data ----------------------------------------------------------------------------
     from xlt.data.stream import build_pretrain_stream
@@ -585,6 +587,8 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
             "master_weights_dtype": master_dtype,
             "attn_implementation": attn,
             "activation_checkpointing": checkpointing,
+            "precision": precision["precision"],
+            "precision_source": precision["source"],
             "mode": "lora" if lora is not None else "full",
             "accounting": accounting,
             "cleaning": getattr(stream, "cleaning_report", {}),

@@ -30,6 +30,7 @@ from xlt.train.runtime import (
     Launcher,
     master_weights_dtype,
     own_activation_checkpointing,
+    precision_of,
     resolve_attn_implementation,
     warn_pure_bf16,
 )
@@ -338,7 +339,9 @@ def _run_sft_locked(sft_args: SftArguments, training_args: Any, model_spec: str,
         _log(f"LoRA r={lora.lora_r} alpha={lora.lora_alpha} on {lora.lora_target_modules}; {trainable:,} trainable "
              f"parameters")
     checkpointing = own_activation_checkpointing(training_args, launcher)
-    _log(f"launcher {launcher.describe()}; master weights {master}; attention {attn}; "
+    precision = precision_of(training_args)
+    _log(f"launcher {launcher.describe()}; master weights {master}; precision {precision['precision']} "
+         f"({precision['source']}); attention {attn}; "
          f"activation checkpointing {checkpointing}; learning rate {lr:g} ({'lora' if lora else 'full'})")
 
     # -- phase: train ---------------------------------------------------------------------------
@@ -362,7 +365,8 @@ def _run_sft_locked(sft_args: SftArguments, training_args: Any, model_spec: str,
                        "seconds": round(time.time() - t0, 1), "prompt_format": sft_args.prompt_format,
                        "chat_template": sft_args.chat_template, "world_size": launcher.world_size,
                        "replicas_in_sync": in_sync, "master_weights_dtype": master, "attn_implementation": attn,
-                       "activation_checkpointing": checkpointing}}
+                       "activation_checkpointing": checkpointing, "precision": precision["precision"],
+                       "precision_source": precision["source"]}}
     if trainer.is_world_process_zero():
         for g in generations:
             _log(f"{g['instruction']} → {g['output']}")
