@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from xlt.errors import XltError  # noqa: F401 (the historical import path: xlt.config.XltError)
 
@@ -55,6 +55,12 @@ class ModelArguments:
                   "with `bf16: true` the forward/backward runs in bf16 (autocast, or FSDP2's mixed-precision "
                   "policy). 'bfloat16': pure-bf16 training, asked for by name (most small updates round to "
                   "nothing at LR 1e-5; a warning is printed)."},
+    )
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto",
+        metadata={"help": "Dtype of the final model's tensors (and config.json's dtype). 'auto': the base model's "
+                  "config dtype (bfloat16 for hub models; float32 for the embedded SmolLM2, materialised from GGUF "
+                  "in fp32; float32 when the config names none); 'float32' keeps the fp32 master weights."},
     )
 
 
@@ -331,6 +337,9 @@ class SftArguments:
     torch_dtype: str = field(default="auto", metadata={"help": "See ModelArguments.torch_dtype."})
     attn_implementation: Optional[str] = field(default=None, metadata={"help": "See ModelArguments.attn_implementation."})
     master_weights_dtype: str = field(default="float32", metadata={"help": "See ModelArguments.master_weights_dtype."})
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata={"help": "See ModelArguments.save_dtype ('auto': the dtype of the model SFT starts "
+                                  "from, e.g. the cpt/ folder)."})
     # trust_remote_code comes from SFTConfig (default False).
     eval_fraction: float = field(
         default=0.0,

@@ -31,7 +31,14 @@ from xlt.train.checkpoint import (
     last_complete_checkpoint,
     rotate_complete_checkpoints,
 )
-from xlt.train.distributed import check_replicas, file_equals_json, is_main_process, save_final_model, wait_for
+from xlt.train.distributed import (
+    base_save_dtype,
+    check_replicas,
+    file_equals_json,
+    is_main_process,
+    save_final_model,
+    wait_for,
+)
 from xlt.train.lock import run_lock
 from xlt.train.lora import LoraSettings
 from xlt.train.runtime import (
@@ -420,7 +427,8 @@ def run_cpt(model_args: ModelArguments, tok_args: TokenizerArguments, data_args:
     training_args.max_steps = plan.max_steps
     settings = fingerprint(model_args, tok_args, data_args, cpt_args, lora or {},
                            {k: getattr(training_args, k, None) for k in _RUN_KEYS},
-                           exclude=("resume", "eval_max_docs", "max_consecutive_skips", "loss_by_language_steps"))
+                           exclude=("resume", "eval_max_docs", "max_consecutive_skips", "loss_by_language_steps",
+                                    "save_dtype"))
     _log(plan.describe())
     with run_lock(output_dir, "cpt"):
         return _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, sources, eval_sources,
@@ -483,6 +491,7 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
             if not os.path.isfile(path):
                 atomic_write_jsonl(path, [{"text": d} for d in docs])
     model_args.model = resolve_revision(model_args.model, model_args.model_revision)
+    save_dtype = base_save_dtype(model_args.save_dtype, model_args.model, model_args.trust_remote_code)
 
     # -- phase: tokenizer: built by the main process; the others wait for it without a barrier timeout ---------
     model_dir, tok_report = prepare_model_dir(model_args, tok_args, sources, eval_texts, output_dir,
@@ -564,7 +573,7 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
     # -- phase: save (every rank: the weights are gathered when sharded) -----------------------------
     in_sync = check_replicas(trainer.model_wrapped, trainer.accelerator, trainer.state.global_step)
     final_dir = os.path.join(output_dir, "cpt")
-    save_final_model(trainer.model_wrapped, tokenizer, final_dir, trainer.accelerator)
+    save_final_model(trainer.model_wrapped, tokenizer, final_dir, trainer.accelerator, dtype=save_dtype)
 
     # -- phase: report --------------------------------------------------------------------------
     rows = trainer.state.global_step * plan.rows_per_step
@@ -589,6 +598,7 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
             "activation_checkpointing": checkpointing,
             "precision": precision["precision"],
             "precision_source": precision["source"],
+            "save_dtype": save_dtype,
             "mode": "lora" if lora is not None else "full",
             "accounting": accounting,
             "cleaning": getattr(stream, "cleaning_report", {}),
@@ -613,5 +623,5 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
         }
     if trainer.is_world_process_zero():
         update_report(output_dir, section)
-    _log(f"done: {trainer.state.global_step} steps in {seconds:.0f}s; model in {final_dir}")
+    _log(f"done: {trainer.state.global_step} steps in {seconds:.0f}s; model in {final_dir} ({save_dtype})")
     return section

@@ -24,7 +24,7 @@ from xlt.data.sft import check_sft_specs, load_sft_data
 from xlt.io import atomic_write_json, update_report
 from xlt.models import check_model_spec, load_model, load_tokenizer, resolve_model, resolve_revision
 from xlt.train.checkpoint import claim_output_dir, fingerprint, last_trainer_checkpoint
-from xlt.train.distributed import check_replicas, save_final_model
+from xlt.train.distributed import base_save_dtype, check_replicas, save_final_model
 from xlt.train.lock import run_lock
 from xlt.train.runtime import (
     Launcher,
@@ -291,7 +291,7 @@ def run_sft(sft_args: SftArguments, training_args: Any, learning_rate_given: Opt
     master = master_weights_dtype(sft_args.master_weights_dtype, sft_args.torch_dtype)
     attn = resolve_attn_implementation(sft_args.attn_implementation)
     launcher = Launcher.from_env()
-    settings = fingerprint(sft_args, {k: getattr(training_args, k, None) for k in _RUN_KEYS})
+    settings = fingerprint(sft_args, {k: getattr(training_args, k, None) for k in _RUN_KEYS}, exclude=("save_dtype",))
     with run_lock(run_dir, "sft"):
         return _run_sft_locked(sft_args, training_args, model_spec, settings, master, attn, launcher, t0, lora, lr)
 
@@ -309,6 +309,7 @@ def _run_sft_locked(sft_args: SftArguments, training_args: Any, model_spec: str,
 
     # -- phase: tokenizer + data (before the model loads: data errors cost no model load) -----------
     model_spec = resolve_revision(model_spec, sft_args.model_revision)
+    save_dtype = base_save_dtype(sft_args.save_dtype, model_spec, training_args.trust_remote_code)
     tokenizer = load_tokenizer(model_spec, trust_remote_code=training_args.trust_remote_code)
     warn_pure_bf16(master)
     model, new_ids = None, []
@@ -352,7 +353,7 @@ def _run_sft_locked(sft_args: SftArguments, training_args: Any, model_spec: str,
 
     # -- phase: save + generate + report (every rank: the weights are gathered when sharded) ----------
     in_sync = check_replicas(trainer.model_wrapped, trainer.accelerator, trainer.state.global_step)
-    save_final_model(trainer.model_wrapped, tokenizer, final_dir, trainer.accelerator)
+    save_final_model(trainer.model_wrapped, tokenizer, final_dir, trainer.accelerator, dtype=save_dtype)
     stop_ids = stop_token_ids(sft_args, tokenizer)
     generations = sample_generations(trainer, tokenizer, sft_args, stop_ids)
     section = {"sft": {"model": model_spec, "model_dir": final_dir, "examples": len(train_rows) + len(eval_rows),
@@ -366,7 +367,7 @@ def _run_sft_locked(sft_args: SftArguments, training_args: Any, model_spec: str,
                        "chat_template": sft_args.chat_template, "world_size": launcher.world_size,
                        "replicas_in_sync": in_sync, "master_weights_dtype": master, "attn_implementation": attn,
                        "activation_checkpointing": checkpointing, "precision": precision["precision"],
-                       "precision_source": precision["source"]}}
+                       "precision_source": precision["source"], "save_dtype": save_dtype}}
     if trainer.is_world_process_zero():
         for g in generations:
             _log(f"{g['instruction']} → {g['output']}")
