@@ -62,6 +62,24 @@ class ModelArguments:
                   "config dtype (bfloat16 for hub models; float32 for the embedded SmolLM2, materialised from GGUF "
                   "in fp32; float32 when the config names none); 'float32' keeps the fp32 master weights."},
     )
+    compile_blocks: bool = field(
+        default=False,
+        metadata={"help": "torch.compile each transformer block (accelerate's regional compilation: one block's "
+                  "compile serves every layer; under FSDP2 in place, before sharding). Inductor backend unless "
+                  "torch_compile_backend says otherwise; on a CPU it needs a C++ compiler (checked)."},
+    )
+    activation_checkpointing_every: int = field(
+        default=0,
+        metadata={"help": "Selective activation checkpointing: checkpoint decoder layers 0, k, 2k, ... (k >= 1; 1 = "
+                  "every layer; 0: off, activation_checkpointing decides). Same mechanism under DDP, one process "
+                  "and FSDP2 (transformers' per-layer switch); replaces activation_checkpointing when set."},
+    )
+    float8: bool = field(
+        default=False,
+        metadata={"help": "float8 training of the block linears through torchao (dynamic tensorwise scaling; the "
+                  "output head stays bf16). Opt-in; needs torchao and an H100-class GPU (compute capability >= "
+                  "8.9): refused in one line by xlt check and before the model loads otherwise."},
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,6 +358,10 @@ class SftArguments:
     save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
         default="auto", metadata={"help": "See ModelArguments.save_dtype ('auto': the dtype of the model SFT starts "
                                   "from, e.g. the cpt/ folder)."})
+    compile_blocks: bool = field(default=False, metadata={"help": "See ModelArguments.compile_blocks."})
+    activation_checkpointing_every: int = field(
+        default=0, metadata={"help": "See ModelArguments.activation_checkpointing_every."})
+    float8: bool = field(default=False, metadata={"help": "See ModelArguments.float8."})
     # trust_remote_code comes from SFTConfig (default False).
     eval_fraction: float = field(
         default=0.0,

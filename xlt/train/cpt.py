@@ -43,10 +43,14 @@ from xlt.train.lock import run_lock
 from xlt.train.lora import LoraSettings
 from xlt.train.runtime import (
     Launcher,
+    apply_throughput_keys,
+    check_throughput_keys,
+    cuda_capability,
     master_weights_dtype,
     own_activation_checkpointing,
     precision_of,
     resolve_attn_implementation,
+    trains_on_cuda,
     warn_pure_bf16,
 )
 
@@ -417,6 +421,8 @@ def run_cpt(model_args: ModelArguments, tok_args: TokenizerArguments, data_args:
     master_dtype, attn = check_model_runtime(model_args)
     if lora is not None:
         check_lora_model(model_args, lora)
+    check_throughput_keys(model_args, trains_on_cuda(training_args), capability=cuda_capability(),
+                          lora=lora is not None)
     from xlt.train.new_rows import new_rows_settings
 
     new_rows = new_rows_settings(cpt_args, tok_args.tokenizer_mode, training_args, plan.max_steps, lora is not None)
@@ -428,7 +434,7 @@ def run_cpt(model_args: ModelArguments, tok_args: TokenizerArguments, data_args:
     settings = fingerprint(model_args, tok_args, data_args, cpt_args, lora or {},
                            {k: getattr(training_args, k, None) for k in _RUN_KEYS},
                            exclude=("resume", "eval_max_docs", "max_consecutive_skips", "loss_by_language_steps",
-                                    "save_dtype"))
+                                    "save_dtype", "compile_blocks", "activation_checkpointing_every"))
     _log(plan.describe())
     with run_lock(output_dir, "cpt"):
         return _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, sources, eval_sources,
@@ -515,7 +521,10 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
         ids = new_row_ids(model, model_args.model, model_args.trust_remote_code)
         new_rows_opt = (new_rows, ids)
         _log(new_rows.describe(len(ids), plan.max_steps))
+    throughput = apply_throughput_keys(model, model_args, training_args, launcher)
     checkpointing = own_activation_checkpointing(training_args, launcher)
+    if throughput["checkpointed_layers"] is not None:
+        checkpointing = f"every {model_args.activation_checkpointing_every}"
     precision = precision_of(training_args)
     _log(f"launcher {launcher.describe()}; master weights {master_dtype}, compute "
          f"{'bf16' if training_args.bf16 else 'fp16' if training_args.fp16 else master_dtype}; precision "
@@ -599,6 +608,7 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
             "precision": precision["precision"],
             "precision_source": precision["source"],
             "save_dtype": save_dtype,
+            "throughput": throughput,
             "mode": "lora" if lora is not None else "full",
             "accounting": accounting,
             "cleaning": getattr(stream, "cleaning_report", {}),

@@ -51,7 +51,7 @@ def gather_full_state_dict(model: Any, accelerator: Any = None) -> dict:
     """
     if _is_deepspeed(accelerator):
         return accelerator.get_state_dict(model)
-    module = accelerator.unwrap_model(model) if accelerator is not None else model
+    module = accelerator.unwrap_model(model, keep_torch_compile=False) if accelerator is not None else model
     if any(_is_sharded(p) for p in module.parameters()):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -74,7 +74,7 @@ def save_final_model(model: Any, tokenizer: Any, final_dir: str, accelerator: An
     """
     state_dict = gather_full_state_dict(model, accelerator)
     if is_main_process():
-        module = accelerator.unwrap_model(model) if accelerator is not None else model
+        module = accelerator.unwrap_model(model, keep_torch_compile=False) if accelerator is not None else model
         peft_config = getattr(module, "peft_config", None)
         if peft_config:
             from xlt.train.lora import merged_state_dict, save_merged
@@ -172,7 +172,7 @@ def replicas_in_sync(model: Any, accelerator: Any = None) -> Optional[bool]:
     dist = _dist()
     if dist is None or dist.get_world_size() == 1 or _is_deepspeed(accelerator):
         return None
-    module = accelerator.unwrap_model(model) if accelerator is not None else model
+    module = accelerator.unwrap_model(model, keep_torch_compile=False) if accelerator is not None else model
     replicated = [p for p in module.parameters() if not _is_sharded(p)]
     if not replicated:
         return None

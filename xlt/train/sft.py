@@ -28,10 +28,14 @@ from xlt.train.distributed import base_save_dtype, check_replicas, save_final_mo
 from xlt.train.lock import run_lock
 from xlt.train.runtime import (
     Launcher,
+    apply_throughput_keys,
+    check_throughput_keys,
+    cuda_capability,
     master_weights_dtype,
     own_activation_checkpointing,
     precision_of,
     resolve_attn_implementation,
+    trains_on_cuda,
     warn_pure_bf16,
 )
 
@@ -290,8 +294,10 @@ def run_sft(sft_args: SftArguments, training_args: Any, learning_rate_given: Opt
     lr = resolve_learning_rate(training_args, lora is not None, learning_rate_given)
     master = master_weights_dtype(sft_args.master_weights_dtype, sft_args.torch_dtype)
     attn = resolve_attn_implementation(sft_args.attn_implementation)
+    check_throughput_keys(sft_args, trains_on_cuda(training_args), capability=cuda_capability(), lora=lora is not None)
     launcher = Launcher.from_env()
-    settings = fingerprint(sft_args, {k: getattr(training_args, k, None) for k in _RUN_KEYS}, exclude=("save_dtype",))
+    settings = fingerprint(sft_args, {k: getattr(training_args, k, None) for k in _RUN_KEYS},
+                           exclude=("save_dtype", "compile_blocks", "activation_checkpointing_every"))
     with run_lock(run_dir, "sft"):
         return _run_sft_locked(sft_args, training_args, model_spec, settings, master, attn, launcher, t0, lora, lr)
 
@@ -339,7 +345,10 @@ def _run_sft_locked(sft_args: SftArguments, training_args: Any, model_spec: str,
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         _log(f"LoRA r={lora.lora_r} alpha={lora.lora_alpha} on {lora.lora_target_modules}; {trainable:,} trainable "
              f"parameters")
+    throughput = apply_throughput_keys(model, sft_args, training_args, launcher)
     checkpointing = own_activation_checkpointing(training_args, launcher)
+    if throughput["checkpointed_layers"] is not None:
+        checkpointing = f"every {sft_args.activation_checkpointing_every}"
     precision = precision_of(training_args)
     _log(f"launcher {launcher.describe()}; master weights {master}; precision {precision['precision']} "
          f"({precision['source']}); attention {attn}; "
@@ -367,7 +376,8 @@ def _run_sft_locked(sft_args: SftArguments, training_args: Any, model_spec: str,
                        "chat_template": sft_args.chat_template, "world_size": launcher.world_size,
                        "replicas_in_sync": in_sync, "master_weights_dtype": master, "attn_implementation": attn,
                        "activation_checkpointing": checkpointing, "precision": precision["precision"],
-                       "precision_source": precision["source"], "save_dtype": save_dtype}}
+                       "precision_source": precision["source"], "save_dtype": save_dtype,
+                       "throughput": throughput}}
     if trainer.is_world_process_zero():
         for g in generations:
             _log(f"{g['instruction']} → {g['output']}")
