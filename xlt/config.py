@@ -461,7 +461,9 @@ def parse_recipe(dataclass_types: Sequence[type], argv: Optional[Sequence[str]] 
         raise XltError(msg.splitlines()[0]) from None
     validate.check_parsed(parsed)
     if decision is not None:
-        parsed[-1].xlt_precision = decision
+        for args in parsed:
+            if hasattr(args, "bf16") and hasattr(args, "use_cpu"):
+                args.xlt_precision = decision
     return parsed
 
 
