@@ -170,7 +170,56 @@ def launch_plan(path: Optional[str], hardware: Hardware) -> LaunchPlan:
         plan.fsdp_hybrid = strategy.startswith("HYBRID") or strategy in ("4", "5")
         plan.fsdp_keeps_gathered = (strategy in ("SHARD_GRAD_OP", "2")
                                     or str(fsdp.get("fsdp_reshard_after_forward", True)).lower() == "false")
+        plan.fsdp_hybrid = plan.fsdp_hybrid or hsdp_mesh(cfg)[0] > 1
     return plan
+
+
+def hsdp_mesh(cfg: dict) -> tuple[int, int]:
+    """(dp_replicate_size, dp_shard_size) of an accelerate config's ``parallelism_config`` ((1, 0) without one:
+    FSDP then shards over every process)."""
+    pc = cfg.get("parallelism_config") or {}
+    return (int(pc.get("parallelism_config_dp_replicate_size", 1) or 1),
+            int(pc.get("parallelism_config_dp_shard_size", 0) or 0))
+
+
+def _check_hsdp(chk: Check, plan: LaunchPlan) -> Optional[str]:
+    """HSDP (shard within a machine, replicate across machines): the accelerate config's mesh against its
+    processes and machines; returns the mesh as text, or None when the config asks for none."""
+    if not plan.from_file:
+        return None
+    cfg = _yaml_mapping(plan.source)
+    if not cfg.get("parallelism_config"):
+        return None
+    replicate, shard = hsdp_mesh(cfg)
+    launcher, src = plan.launcher, plan.source
+    if launcher.kind != "fsdp" or launcher.fsdp_version != 2:
+        chk.problems.append(f"accelerate config {src}: parallelism_config (HSDP) needs FSDP2 (distributed_type: FSDP, "
+                            "fsdp_version: 2)")
+        return None
+    n, machines = launcher.world_size, plan.num_machines
+    per_machine = n // machines if n % machines == 0 else None
+    if replicate * shard != n:
+        chk.problems.append(f"accelerate config {src}: parallelism_config dp_replicate_size {replicate} x "
+                            f"dp_shard_size {shard} = {replicate * shard} does not match num_processes {n} (HSDP: "
+                            f"dp_replicate_size {machines} = num_machines, dp_shard_size {per_machine} = processes "
+                            "per machine)")
+    elif replicate > 1 and shard != per_machine:
+        chk.problems.append(f"accelerate config {src}: parallelism_config dp_shard_size {shard} is not the "
+                            f"{per_machine} processes of one machine: shards would span machines (set "
+                            f"dp_replicate_size {machines}, dp_shard_size {per_machine})")
+    return f"dp_replicate {replicate} x dp_shard {shard}"
+
+
+def _check_throughput(chk: Check, report: dict, margs: Any, cuda_run: bool, lora: bool) -> None:
+    """The throughput keys (compile_blocks, activation_checkpointing_every, float8) against the target."""
+    from xlt.train.runtime import check_throughput_keys
+
+    chk.attempt(check_throughput_keys, margs, cuda_run, importable=importable, lora=lora)
+    report["throughput"] = {"compile_blocks": bool(getattr(margs, "compile_blocks", False)),
+                            "activation_checkpointing_every": getattr(margs, "activation_checkpointing_every", 0),
+                            "float8": bool(getattr(margs, "float8", False))}
+    if report["throughput"]["float8"] and cuda_run:
+        chk.skipped.append("float8: the GPU's compute capability (>= 8.9) is checked at launch")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -424,12 +473,13 @@ def detect_stage(recipe: dict, overrides: Sequence[str]) -> str:
     return "sft" if "sft_datasets" in recipe or _override(overrides, "sft_datasets") is not None else "cpt"
 
 
-def parse(stage: str, recipe_path: str, overrides: Sequence[str]) -> tuple[Any, ...]:
+def parse(stage: str, recipe_path: str, overrides: Sequence[str], precision: Optional[str] = None) -> tuple[Any, ...]:
     """The stage's dataclasses, parsed as ``xlt cpt`` / ``xlt sft`` parse them (xlt/cli.py).
 
     ``use_cpu`` is forced for the parse only: TrainingArguments' ``__post_init__`` sets up *this* machine's
     device (a CUDA context on a GPU machine; a refusal of bf16 on a CPU one), while the check describes the
     target hardware. The recipe's own ``use_cpu`` is read separately and judged against that hardware.
+    ``precision``: what a recipe that leaves out bf16 / fp16 gets on the target hardware ('bf16' / 'fp32').
     """
     from xlt.config import (
         CptArguments,
@@ -447,10 +497,10 @@ def parse(stage: str, recipe_path: str, overrides: Sequence[str]) -> tuple[Any, 
         from xlt.train.lora import LoraSettings
 
         return parse_recipe([ModelArguments, TokenizerArguments, DataArguments, CptArguments, LoraSettings,
-                             TrainingArguments], argv)
+                             TrainingArguments], argv, precision=precision)
     from trl import SFTConfig
 
-    return parse_recipe([SftArguments, SFTConfig], argv)
+    return parse_recipe([SftArguments, SFTConfig], argv, precision=precision)
 
 
 def _check_packages(chk: Check, training_args: Any, plan: Optional[LaunchPlan], lora: Any) -> None:
@@ -629,13 +679,20 @@ def run_check(recipe: str, accelerate_config: Optional[str] = None, offline: boo
                               "master_weights_dtype": None, "attn_implementation": None,
                               "activation_checkpointing": None, "memory_per_gpu_gb": None,
                               "memory_breakdown_gb": None, "memory_savings": [], "memory_note": MEMORY_NOTE}
-    parsed = chk.attempt(parse, stage, recipe, overrides)
-    training_args = parsed[-1] if parsed else None
     cuda_run = hw.gpus > 0 and not recipe_use_cpu and not (plan is not None and plan.launcher.use_cpu)
+    parsed = chk.attempt(parse, stage, recipe, overrides, "bf16" if cuda_run else "fp32")
+    training_args = parsed[-1] if parsed else None
+    if training_args is not None:
+        from xlt.train.runtime import precision_of
+
+        decided = precision_of(training_args)
+        where = f"{hw.gpus} GPU(s) {hw.source}" if cuda_run else "cpu"
+        report["precision"] = decided["precision"] + (f" (auto: {where})" if decided["source"] != "recipe" else "")
     if plan is not None:
         world = hw.gpus * plan.num_machines if cuda_run else plan.launcher.world_size
         report.update(launcher=plan.launcher.describe(), launcher_source=plan.source, world_size=world)
         _check_launcher(chk, plan, hw, training_args, recipe_use_cpu)
+        report["mesh"] = _check_hsdp(chk, plan)
     if parsed is None:
         return _finish(report)
     info = _check_cpt(chk, parsed, offline) if stage == "cpt" else _check_sft(chk, parsed, offline, recipe)
@@ -643,6 +700,7 @@ def run_check(recipe: str, accelerate_config: Optional[str] = None, offline: boo
     master = chk.attempt(master_weights_dtype, margs.master_weights_dtype, margs.torch_dtype)
     attn = chk.attempt(resolve_attn_implementation, margs.attn_implementation, cuda=cuda_run, importable=importable)
     report.update(master_weights_dtype=master, attn_implementation=attn)
+    _check_throughput(chk, report, margs, cuda_run, info["lora"] is not None or bool(getattr(margs, "use_lora", False)))
     _check_packages(chk, training_args, plan, info["lora"])
     if stage == "cpt" and plan is not None and plan.launcher.kind == "deepspeed":
         from xlt.train.skip_step import SkipStepGuard, check_backend
@@ -682,6 +740,8 @@ def run_check(recipe: str, accelerate_config: Optional[str] = None, offline: boo
         SimpleNamespace(activation_checkpointing=bool(getattr(training_args, "activation_checkpointing", False))),
         plan.launcher, env={})
     report["activation_checkpointing"] = ckpt
+    if getattr(info["model_args"], "activation_checkpointing_every", 0):
+        report["activation_checkpointing"] = ckpt = f"every {info['model_args'].activation_checkpointing_every}"
     # Memory.
     loss = "model"  # SFT: TRL's loss from the full logits
     if stage == "cpt":
@@ -749,6 +809,8 @@ def format_report(r: dict) -> str:
         ("master weights", r["master_weights_dtype"] or "-"),
         ("attention", r["attn_implementation"] or "-"),
         ("checkpointing", r["activation_checkpointing"] or "-"),
+        ("precision", r.get("precision") or "-"),
+        ("mesh", r.get("mesh") or "-"),
         ("tokens/step", f"{r['tokens_per_step']:,}" if r["tokens_per_step"] else "-"),
         ("max_steps", f"{r['max_steps']:,}" if r["max_steps"] else "-"),
         ("memory/GPU", f"{r['memory_per_gpu_gb']:.1f} GiB (estimate)" if r["memory_per_gpu_gb"] else "-"),

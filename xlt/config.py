@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from xlt.errors import XltError  # noqa: F401 (the historical import path: xlt.config.XltError)
 
@@ -55,6 +55,30 @@ class ModelArguments:
                   "with `bf16: true` the forward/backward runs in bf16 (autocast, or FSDP2's mixed-precision "
                   "policy). 'bfloat16': pure-bf16 training, asked for by name (most small updates round to "
                   "nothing at LR 1e-5; a warning is printed)."},
+    )
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto",
+        metadata={"help": "Dtype of the final model's tensors (and config.json's dtype). 'auto': the base model's "
+                  "config dtype (bfloat16 for hub models; float32 for the embedded SmolLM2, materialised from GGUF "
+                  "in fp32; float32 when the config names none); 'float32' keeps the fp32 master weights."},
+    )
+    compile_blocks: bool = field(
+        default=False,
+        metadata={"help": "torch.compile each transformer block (accelerate's regional compilation: one block's "
+                  "compile serves every layer; under FSDP2 in place, before sharding). Inductor backend unless "
+                  "torch_compile_backend says otherwise; on a CPU it needs a C++ compiler (checked)."},
+    )
+    activation_checkpointing_every: int = field(
+        default=0,
+        metadata={"help": "Selective activation checkpointing: checkpoint decoder layers 0, k, 2k, ... (k >= 1; 1 = "
+                  "every layer; 0: off, activation_checkpointing decides). Same mechanism under DDP, one process "
+                  "and FSDP2 (transformers' per-layer switch); replaces activation_checkpointing when set."},
+    )
+    float8: bool = field(
+        default=False,
+        metadata={"help": "float8 training of the block linears through torchao (dynamic tensorwise scaling; the "
+                  "output head stays bf16). Opt-in; needs torchao and an H100-class GPU (compute capability >= "
+                  "8.9): refused in one line by xlt check and before the model loads otherwise."},
     )
 
 
@@ -341,6 +365,13 @@ class SftArguments:
     torch_dtype: str = field(default="auto", metadata={"help": "See ModelArguments.torch_dtype."})
     attn_implementation: Optional[str] = field(default=None, metadata={"help": "See ModelArguments.attn_implementation."})
     master_weights_dtype: str = field(default="float32", metadata={"help": "See ModelArguments.master_weights_dtype."})
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata={"help": "See ModelArguments.save_dtype ('auto': the dtype of the model SFT starts "
+                                  "from, e.g. the cpt/ folder)."})
+    compile_blocks: bool = field(default=False, metadata={"help": "See ModelArguments.compile_blocks."})
+    activation_checkpointing_every: int = field(
+        default=0, metadata={"help": "See ModelArguments.activation_checkpointing_every."})
+    float8: bool = field(default=False, metadata={"help": "See ModelArguments.float8."})
     # trust_remote_code comes from SFTConfig (default False).
     eval_fraction: float = field(
         default=0.0,
@@ -387,7 +418,8 @@ class SftArguments:
                             lora_new_rows=self.lora_new_rows)
 
 
-def parse_recipe(dataclass_types: Sequence[type], argv: Optional[Sequence[str]] = None) -> tuple[Any, ...]:
+def parse_recipe(dataclass_types: Sequence[type], argv: Optional[Sequence[str]] = None,
+                 device_free: bool = False, precision: Optional[str] = None) -> tuple[Any, ...]:
     """Parse ``--config FILE`` plus command-line overrides into the given dataclasses.
 
     TrlParser does the merging (YAML gives defaults, the command line wins) and rejects unknown keys;
@@ -395,12 +427,19 @@ def parse_recipe(dataclass_types: Sequence[type], argv: Optional[Sequence[str]] 
     checked against its annotation and range (``xlt.validate``): the YAML ones before TrlParser
     builds the dataclasses (argparse does not convert non-string defaults, and TrainingArguments'
     ``__post_init__`` would meet a bad value first), all of them after; the output directory too.
+
+    Precision (TrainingArguments / SFTConfig among the types): a recipe that sets neither ``bf16`` nor
+    ``fp16`` gets the precision of the device it runs on (``xlt.train.runtime.resolve_precision``), or
+    ``precision`` ('bf16' / 'fp32') when the caller decides for other hardware (``xlt check``); the
+    decision is ``training_args.xlt_precision``. ``device_free``: the arguments are built for a command that
+    reads the tokenizer only (no training), with ``use_cpu`` forced so that no device check runs.
     """
     from trl import TrlParser
 
     from xlt import validate
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    mapping: dict = {}
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
@@ -408,7 +447,11 @@ def parse_recipe(dataclass_types: Sequence[type], argv: Optional[Sequence[str]] 
         path = argv[i + 1]
         if not os.path.isfile(path):
             raise XltError(f"recipe file not found: {path}")
-        validate.check_recipe_mapping(_check_yaml(path), dataclass_types)
+        mapping = _check_yaml(path)
+        validate.check_recipe_mapping(mapping, dataclass_types)
+    decision = None
+    if any(hasattr(t, "bf16") and hasattr(t, "use_cpu") for t in dataclass_types):
+        argv, decision = _settle_precision(argv, mapping, device_free, precision)
     parser = TrlParser(tuple(dataclass_types))
 
     def error(message: str) -> None:  # argparse would print the whole usage and exit
@@ -427,7 +470,40 @@ def parse_recipe(dataclass_types: Sequence[type], argv: Optional[Sequence[str]] 
             raise XltError(f"unknown option(s) {', '.join(keys) or msg}") from None
         raise XltError(msg.splitlines()[0]) from None
     validate.check_parsed(parsed)
+    if decision is not None:
+        for args in parsed:
+            if hasattr(args, "bf16") and hasattr(args, "use_cpu"):
+                args.xlt_precision = decision
     return parsed
+
+
+def recipe_value(argv: Sequence[str], mapping: dict, key: str, default: Any = None) -> Any:
+    """The value ``key`` is given on the command line (the last one wins) or else in the recipe mapping.
+
+    Parsed dataclasses cannot tell a key left out from one set to its default; this can.
+    """
+    found = mapping.get(key, default)
+    for i, a in enumerate(argv):
+        if a == f"--{key}" and i + 1 < len(argv):
+            found = argv[i + 1]
+        elif a.startswith(f"--{key}="):
+            found = a.split("=", 1)[1]
+    return found
+
+
+def _settle_precision(argv: list[str], mapping: dict, device_free: bool,
+                      precision: Optional[str]) -> tuple[list[str], Optional[dict]]:
+    """``argv`` with the precision made explicit, and the decision ({'precision', 'source'}) or None."""
+    from xlt.train.runtime import resolve_precision
+
+    if device_free:
+        return argv + ["--use_cpu", "true"], None
+    given = {k: recipe_value(argv, mapping, k) for k in ("bf16", "fp16")}
+    use_cpu = recipe_value(argv, mapping, "use_cpu", False)
+    decision = resolve_precision(given, use_cpu, precision)
+    if decision["source"] != "recipe":
+        argv = argv + ["--bf16", str(decision["precision"] == "bf16").lower(), "--fp16", "false"]
+    return argv, decision
 
 
 def _check_yaml(path: str) -> dict:

@@ -93,7 +93,7 @@ def _preview_command(ns: argparse.Namespace) -> int:
 
     model_args, tok_args, data_args, cpt_args, training_args = parse_recipe(
         [ModelArguments, TokenizerArguments, DataArguments, CptArguments, transformers.TrainingArguments],
-        ["--config", ns.config])
+        ["--config", ns.config], device_free=True)  # the stream and tokenizer only: no device check
     plan = plan_steps(data_args, cpt_args, training_args, world_size=1)
     steps = plan.max_steps if ns.steps is None else ns.steps
     if steps <= 0:

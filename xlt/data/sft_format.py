@@ -369,7 +369,7 @@ def _recipe(argv: Sequence[str]) -> tuple[Any, Any]:
 
         types.append(LoraSettings)
     types.append(SFTConfig)
-    parsed = parse_recipe(types, list(argv))
+    parsed = parse_recipe(types, list(argv), device_free=True)  # the tokenizer only: no device check
     return parsed[0], parsed[-1]
 
 

@@ -31,15 +31,27 @@ from xlt.train.checkpoint import (
     last_complete_checkpoint,
     rotate_complete_checkpoints,
 )
-from xlt.train.distributed import check_replicas, file_equals_json, is_main_process, save_final_model, wait_for
+from xlt.train.distributed import (
+    base_save_dtype,
+    check_replicas,
+    file_equals_json,
+    is_main_process,
+    save_final_model,
+    wait_for,
+)
 from xlt.train.fsdp import check_fsdp_launch, setup_fsdp, sharding_check
 from xlt.train.lock import run_lock
 from xlt.train.lora import LoraSettings
 from xlt.train.runtime import (
     Launcher,
+    apply_throughput_keys,
+    check_throughput_keys,
+    cuda_capability,
     master_weights_dtype,
     own_activation_checkpointing,
+    precision_of,
     resolve_attn_implementation,
+    trains_on_cuda,
     warn_pure_bf16,
 )
 
@@ -460,6 +472,8 @@ def run_cpt(model_args: ModelArguments, tok_args: TokenizerArguments, data_args:
     master_dtype, attn = check_model_runtime(model_args)
     if lora is not None:
         check_lora_model(model_args, lora)
+    check_throughput_keys(model_args, trains_on_cuda(training_args), capability=cuda_capability(),
+                          lora=lora is not None)
     from xlt.train.new_rows import new_rows_settings
 
     new_rows = new_rows_settings(cpt_args, tok_args.tokenizer_mode, training_args, plan.max_steps, lora is not None)
@@ -473,7 +487,8 @@ def run_cpt(model_args: ModelArguments, tok_args: TokenizerArguments, data_args:
     settings = fingerprint(model_args, tok_args, data_args, cpt_args, lora or {},
                            {k: getattr(training_args, k, None) for k in _RUN_KEYS},
                            exclude=("resume", "eval_max_docs", "max_consecutive_skips", "loss_by_language_steps",
-                                    "loss_implementation"))
+                                    "loss_implementation", "save_dtype", "compile_blocks",
+                                    "activation_checkpointing_every"))
     _log(plan.describe())
     with run_lock(output_dir, "cpt"):
         return _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, sources, eval_sources,
@@ -539,6 +554,7 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
             if not os.path.isfile(path):
                 atomic_write_jsonl(path, [{"text": d} for d in docs])
     model_args.model = resolve_revision(model_args.model, model_args.model_revision)
+    save_dtype = base_save_dtype(model_args.save_dtype, model_args.model, model_args.trust_remote_code)
 
     # -- phase: tokenizer: built by the main process; the others wait for it without a barrier timeout ---------
     model_dir, tok_report = prepare_model_dir(model_args, tok_args, sources, eval_texts, output_dir,
@@ -562,10 +578,15 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
         ids = new_row_ids(model, model_args.model, model_args.trust_remote_code)
         new_rows_opt = (new_rows, ids)
         _log(new_rows.describe(len(ids), plan.max_steps))
+    throughput = apply_throughput_keys(model, model_args, training_args, launcher)
     checkpointing = own_activation_checkpointing(training_args, launcher)
+    if throughput["checkpointed_layers"] is not None:
+        checkpointing = f"every {model_args.activation_checkpointing_every}"
+    precision = precision_of(training_args)
     _log(f"launcher {launcher.describe()}; master weights {master_dtype}, compute "
-         f"{'bf16' if training_args.bf16 else 'fp16' if training_args.fp16 else master_dtype}; attention {attn}; "
-         f"activation checkpointing {checkpointing}; loss {loss_impl}"
+         f"{'bf16' if training_args.bf16 else 'fp16' if training_args.fp16 else master_dtype}; precision "
+         f"{precision['precision']} ({precision['source']}); attention {attn}; activation checkpointing {checkpointing}; "
+         f"loss {loss_impl}"
          + (" (the distillation window's steps: model, from the logits)" if kd is not None and loss_impl != "model"
             else ""))
 
@@ -626,7 +647,7 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
     # -- phase: save (every rank: the weights are gathered when sharded) -----------------------------
     in_sync = check_replicas(trainer.model_wrapped, trainer.accelerator, trainer.state.global_step)
     final_dir = os.path.join(output_dir, "cpt")
-    save_final_model(trainer.model_wrapped, tokenizer, final_dir, trainer.accelerator)
+    save_final_model(trainer.model_wrapped, tokenizer, final_dir, trainer.accelerator, dtype=save_dtype)
 
     # -- phase: report --------------------------------------------------------------------------
     rows = trainer.state.global_step * plan.rows_per_step
@@ -651,6 +672,10 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
             "packed_layout": trainer.xlt_collator.layout,
             "activation_checkpointing": checkpointing,
             "loss_implementation": loss_impl,
+            "precision": precision["precision"],
+            "precision_source": precision["source"],
+            "save_dtype": save_dtype,
+            "throughput": throughput,
             "mode": "lora" if lora is not None else "full",
             "accounting": accounting,
             "cleaning": getattr(stream, "cleaning_report", {}),
@@ -679,5 +704,5 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
         }
     if trainer.is_world_process_zero():
         update_report(output_dir, section)
-    _log(f"done: {trainer.state.global_step} steps in {seconds:.0f}s; model in {final_dir}")
+    _log(f"done: {trainer.state.global_step} steps in {seconds:.0f}s; model in {final_dir} ({save_dtype})")
     return section

@@ -51,7 +51,7 @@ def gather_full_state_dict(model: Any, accelerator: Any = None) -> dict:
     """
     if _is_deepspeed(accelerator):
         return accelerator.get_state_dict(model)
-    module = accelerator.unwrap_model(model) if accelerator is not None else model
+    module = accelerator.unwrap_model(model, keep_torch_compile=False) if accelerator is not None else model
     if any(_is_sharded(p) for p in module.parameters()):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -78,34 +78,91 @@ def _retie(module: Any, state_dict: dict) -> dict:
     return state_dict
 
 
-def save_final_model(model: Any, tokenizer: Any, final_dir: str, accelerator: Any = None) -> None:
+def save_final_model(model: Any, tokenizer: Any, final_dir: str, accelerator: Any = None,
+                     dtype: Optional[str] = None) -> None:
     """Write the final model as a plain safetensors folder that the Auto classes load; call on EVERY rank.
 
     The weights are gathered through :func:`gather_full_state_dict` (a rank-0-only ``save_pretrained`` of a
     sharded model fails, or writes one shard); the main process writes a temporary folder and swaps it in,
     so ``final_dir`` is never half written. A LoRA (peft) model is saved merged: adapters folded into the
-    base weights (from the gathered state dict, since sharded modules cannot merge in place).
+    base weights (from the gathered state dict, since sharded modules cannot merge in place). ``dtype``
+    ('bfloat16', 'float32', ...; None: as trained): the floating tensors are cast to it after merging, and
+    config.json's ``dtype`` says it.
     """
     state_dict = gather_full_state_dict(model, accelerator)
     if is_main_process():
-        module = accelerator.unwrap_model(model) if accelerator is not None else model
+        module = accelerator.unwrap_model(model, keep_torch_compile=False) if accelerator is not None else model
         peft_config = getattr(module, "peft_config", None)
         if peft_config:
             from xlt.train.lora import merged_state_dict, save_merged
 
             base = module.get_base_model()
-            save_merged(base.config, merged_state_dict(state_dict, peft_config["default"]), tokenizer, final_dir)
+            merged = cast_state_dict(merged_state_dict(state_dict, peft_config["default"]), dtype)
+            save_merged(base.config, merged, tokenizer, final_dir)
             barrier()
             return
+        state_dict = cast_state_dict(state_dict, dtype)
 
         def save(tmp: str) -> None:
             module.config.use_cache = True
             module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            if dtype is not None:  # save_pretrained writes the dtype of the module's parameters, not of state_dict
+                trained = module.config.dtype
+                module.config.dtype = dtype
+                module.config.save_pretrained(tmp)
+                module.config.dtype = trained
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
 
         atomic_save_dir(save, final_dir)
     barrier()
+
+
+SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_save_dtype(choice: str, base_config: Any) -> str:
+    """The dtype the final model is saved in: ``save_dtype``, 'auto' being the base model's config dtype.
+
+    A config that names no dtype (or one that is not a float type) gives float32: the weights as trained.
+    """
+    if choice not in SAVE_DTYPES:
+        raise XltError(f"save_dtype={choice!r}: expected one of {', '.join(SAVE_DTYPES)}")
+    if choice != "auto":
+        return choice
+    found = getattr(base_config, "dtype", None) or getattr(base_config, "torch_dtype", None)
+    name = str(found).removeprefix("torch.") if found is not None else "float32"
+    return name if name in SAVE_DTYPES else "float32"
+
+
+def base_save_dtype(choice: str, spec: str, trust_remote_code: bool = False) -> str:
+    """:func:`resolve_save_dtype` against the config of the model a stage starts from (config only, no weights)."""
+    if choice != "auto":
+        return resolve_save_dtype(choice, None)
+    from transformers import AutoConfig
+
+    from xlt.models import resolve_model
+
+    return resolve_save_dtype(choice, AutoConfig.from_pretrained(resolve_model(spec), trust_remote_code=trust_remote_code))
+
+
+def cast_state_dict(state_dict: dict, dtype: Optional[str]) -> dict:
+    """``state_dict`` with its floating tensors in ``dtype`` (None: unchanged). Each entry is replaced as it is
+    cast, so the full-precision copy of a gathered tensor is freed as it goes; tensors shared by several keys
+    (tied embeddings) stay shared."""
+    if dtype is None:
+        return state_dict
+    import torch
+
+    target = getattr(torch, dtype)
+    cast: dict[tuple, Any] = {}
+    for key, t in state_dict.items():
+        if torch.is_tensor(t) and t.is_floating_point() and t.dtype != target:
+            view = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+            if view not in cast:
+                cast[view] = t.to(target)
+            state_dict[key] = cast[view]
+    return state_dict
 
 
 def _checksum(tensor: Any) -> Any:
@@ -132,7 +189,7 @@ def replicas_in_sync(model: Any, accelerator: Any = None) -> Optional[bool]:
     dist = _dist()
     if dist is None or dist.get_world_size() == 1 or _is_deepspeed(accelerator):
         return None
-    module = accelerator.unwrap_model(model) if accelerator is not None else model
+    module = accelerator.unwrap_model(model, keep_torch_compile=False) if accelerator is not None else model
     replicated = [p for p in module.parameters() if not _is_sharded(p)]
     if not replicated:
         return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -180,3 +181,175 @@ def own_activation_checkpointing(training_args: Any, launcher: Launcher, env: Op
             training_args.gradient_checkpointing = False  # the deprecated alias must agree
         return "fsdp" if want else "off"
     return "trainer" if want else "off"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Precision a recipe leaves unset: the device decides
+# ---------------------------------------------------------------------------------------------------------
+def _cuda_bf16() -> tuple[bool, str]:
+    """(whether CUDA is here and computes in bf16, the device's name)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "cpu"
+    return bool(torch.cuda.is_bf16_supported()), f"cuda ({torch.cuda.get_device_name()})"
+
+
+def resolve_precision(given: Mapping[str, Any], use_cpu: Any, precision: Optional[str] = None,
+                      env: Optional[Mapping[str, str]] = None, device=_cuda_bf16) -> dict:
+    """The compute precision of a run: {'precision': 'bf16' | 'fp16' | 'fp32', 'source': how it was decided}.
+
+    A recipe that sets ``bf16`` or ``fp16`` (``given``: the values it gives, None when left out) keeps them
+    (source 'recipe'; bf16 on a CPU with ``use_cpu`` runs as CPU autocast, as before). Left out, it follows
+    the device: bf16 on a CUDA GPU that computes in it, else fp32 (source 'auto: <device>'), instead of
+    TrainingArguments' fixed False or SFTConfig's fixed True (which stops a CPU machine). Every process of a
+    launch sees the same kind of device, so every rank decides alike. ``precision``: the caller's decision
+    for hardware it is not running on (``xlt check``).
+    """
+    env = os.environ if env is None else env
+    if given.get("fp16") is not None and _truthy(given["fp16"]):
+        return {"precision": "fp16", "source": "recipe"}
+    if given.get("bf16") is not None:
+        return {"precision": "bf16" if _truthy(given["bf16"]) else "fp32", "source": "recipe"}
+    if given.get("fp16") is not None:
+        return {"precision": "fp32", "source": "recipe"}
+    if precision is not None:
+        return {"precision": precision, "source": "auto: checked hardware"}
+    if _truthy(use_cpu) or _truthy(env.get("ACCELERATE_USE_CPU", "false")):
+        return {"precision": "fp32", "source": "auto: cpu (use_cpu)"}
+    bf16, name = device()
+    return {"precision": "bf16" if bf16 else "fp32", "source": f"auto: {name}"}
+
+
+def precision_of(training_args: Any) -> dict:
+    """The precision decision ``parse_recipe`` recorded, or the flags' own for arguments built elsewhere."""
+    decided = getattr(training_args, "xlt_precision", None)
+    if decided:
+        return dict(decided)
+    flag = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32"
+    return {"precision": flag, "source": "recipe"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Throughput keys: per-block compile, selective activation checkpointing, float8
+# ---------------------------------------------------------------------------------------------------------
+FLOAT8_MIN_CAPABILITY = (8, 9)  # float8 tensor cores: Ada / Hopper and newer
+
+
+def check_throughput_keys(args: Any, cuda: bool, importable=lambda pkg: importlib.util.find_spec(pkg) is not None,
+                          capability: Optional[tuple[int, int]] = None, lora: bool = False) -> None:
+    """One-line ``XltError`` for a throughput key this run cannot honour, before any model loads.
+
+    ``args``: ModelArguments or SftArguments. ``cuda``: the run (or the checked target) trains on CUDA GPUs;
+    ``capability``: their compute capability when known (None: not known here, e.g. ``xlt check --gpus N``).
+    """
+    every = getattr(args, "activation_checkpointing_every", 0)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise XltError(f"activation_checkpointing_every={every!r}: expected an integer >= 0 (0: off; k: layers 0, "
+                       "k, 2k, ... are checkpointed)")
+    if getattr(args, "compile_blocks", False) and not cuda and not shutil.which(os.environ.get("CXX", "g++")):
+        raise XltError("compile_blocks: true on the CPU needs a C++ compiler for torch.compile's inductor backend "
+                       "(g++, or $CXX); install one or set compile_blocks: false")
+    if getattr(args, "float8", False):
+        if lora:
+            raise XltError("float8: true with LoRA is not supported (float8 converts the frozen base linears); set "
+                           "float8: false or train all weights")
+        if not importable("torchao"):
+            raise XltError("float8: true needs the torchao package, which is not installed (pip install torchao), "
+                           "or set float8: false")
+        if not cuda:
+            raise XltError("float8: true needs an H100-class CUDA GPU (compute capability >= 8.9); this run has "
+                           "none (set float8: false)")
+        if capability is not None and tuple(capability) < FLOAT8_MIN_CAPABILITY:
+            raise XltError(f"float8: true needs compute capability >= 8.9 (H100-class); this GPU has "
+                           f"{capability[0]}.{capability[1]} (set float8: false)")
+
+
+def cuda_capability() -> Optional[tuple[int, int]]:
+    """The compute capability of this process's CUDA GPU, or None without one."""
+    import torch
+
+    return tuple(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None
+
+
+def compile_blocks(training_args: Any, env: Optional[dict] = None) -> bool:
+    """``compile_blocks: true``: torch.compile each transformer block (accelerate's regional compilation).
+
+    The Trainer hands ``torch_compile`` to accelerate's TorchDynamoPlugin, which reads
+    ``use_regional_compilation`` from the environment: accelerate then compiles the repeated blocks one by one
+    (compile_regions; in place under FSDP2, after activation checkpointing and before sharding) instead of the
+    whole model, so one compiled block serves every layer and the cold start is one block's compile.
+    """
+    env = os.environ if env is None else env
+    training_args.torch_compile = True
+    training_args.torch_compile_backend = training_args.torch_compile_backend or "inductor"
+    env["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] = "true"
+    return True
+
+
+def checkpoint_every(model: Any, every: int, training_args: Any, launcher: Launcher,
+                     env: Optional[dict] = None) -> list[int]:
+    """``activation_checkpointing_every: k``: checkpoint decoder layers 0, k, 2k, ...; returns their indices.
+
+    One mechanism under every launcher: transformers' per-layer switch, ``activation_checkpointing_enable(
+    every_n_layers=k)`` (``GradientCheckpointingLayer`` checkpoints its ``forward``, so FSDP2's hooks stay
+    outside the checkpoint and a recompute under FSDP2 gathers nothing twice). The Trainer's and FSDP's own
+    all-layer checkpointing are turned off so that neither re-enables every layer.
+    """
+    env = os.environ if env is None else env
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise XltError(f"activation_checkpointing_every={every}: {type(model).__name__} has no checkpointable "
+                       "decoder layers (transformers' GradientCheckpointingLayer)")
+    model.activation_checkpointing_enable(every_n_layers=every)
+    training_args.activation_checkpointing = False
+    if hasattr(training_args, "gradient_checkpointing"):
+        training_args.gradient_checkpointing = False
+    if launcher.kind == "fsdp":
+        env["FSDP_ACTIVATION_CHECKPOINTING"] = "false"
+    return [i for i, layer in enumerate(layers) if layer.gradient_checkpointing]
+
+
+def float8_linears(model: Any) -> int:
+    """``float8: true``: torchao's float8 training (dynamic tensorwise scaling) on the block linears.
+
+    The output head and any linear whose dimensions are not multiples of 16 (float8 matmul's constraint) stay
+    in bf16, as torchtitan does. Call after the model loads and before the Trainer wraps or shards it.
+    Returns how many linears were converted.
+    """
+    import torch
+    from torchao.float8 import convert_to_float8_training
+
+    head = model.get_output_embeddings()
+
+    def keep(module: Any, fqn: str) -> bool:
+        return (isinstance(module, torch.nn.Linear) and module is not head
+                and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+    before = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    convert_to_float8_training(model, module_filter_fn=keep)
+    return before - sum(type(m) is torch.nn.Linear for m in model.modules())
+
+
+def trains_on_cuda(training_args: Any, env: Optional[Mapping[str, str]] = None) -> bool:
+    """Whether this process trains on a CUDA GPU (not ``use_cpu`` in the recipe or the accelerate launch)."""
+    env = os.environ if env is None else env
+    if getattr(training_args, "use_cpu", False) or _truthy(env.get("ACCELERATE_USE_CPU", "false")):
+        return False
+    return _cuda_available()
+
+
+def apply_throughput_keys(model: Any, args: Any, training_args: Any, launcher: Launcher) -> dict:
+    """Apply the checked throughput keys to a loaded model and the training arguments; returns what was done
+    (report.json ``throughput``). Call before ``own_activation_checkpointing`` and before the Trainer."""
+    done: dict[str, Any] = {"compile_blocks": False, "checkpointed_layers": None, "float8_linears": 0}
+    if getattr(args, "float8", False):
+        done["float8_linears"] = float8_linears(model)
+    if getattr(args, "activation_checkpointing_every", 0):
+        done["checkpointed_layers"] = checkpoint_every(model, args.activation_checkpointing_every, training_args,
+                                                       launcher)
+    if getattr(args, "compile_blocks", False):
+        done["compile_blocks"] = compile_blocks(training_args)
+    return done

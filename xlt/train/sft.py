@@ -24,14 +24,19 @@ from xlt.data.sft import check_sft_specs, load_sft_data
 from xlt.io import atomic_write_json, update_report
 from xlt.models import check_model_spec, load_model, load_tokenizer, resolve_model, resolve_revision
 from xlt.train.checkpoint import claim_output_dir, fingerprint, last_trainer_checkpoint
-from xlt.train.distributed import check_replicas, save_final_model
+from xlt.train.distributed import base_save_dtype, check_replicas, save_final_model
 from xlt.train.fsdp import check_fsdp_launch, setup_fsdp, sharding_check
 from xlt.train.lock import run_lock
 from xlt.train.runtime import (
     Launcher,
+    apply_throughput_keys,
+    check_throughput_keys,
+    cuda_capability,
     master_weights_dtype,
     own_activation_checkpointing,
+    precision_of,
     resolve_attn_implementation,
+    trains_on_cuda,
     warn_pure_bf16,
 )
 
@@ -290,9 +295,11 @@ def run_sft(sft_args: SftArguments, training_args: Any, learning_rate_given: Opt
     lr = resolve_learning_rate(training_args, lora is not None, learning_rate_given)
     master = master_weights_dtype(sft_args.master_weights_dtype, sft_args.torch_dtype)
     attn = resolve_attn_implementation(sft_args.attn_implementation)
+    check_throughput_keys(sft_args, trains_on_cuda(training_args), capability=cuda_capability(), lora=lora is not None)
     launcher = Launcher.from_env()
     check_fsdp_launch(training_args, launcher)
-    settings = fingerprint(sft_args, {k: getattr(training_args, k, None) for k in _RUN_KEYS})
+    settings = fingerprint(sft_args, {k: getattr(training_args, k, None) for k in _RUN_KEYS},
+                           exclude=("save_dtype", "compile_blocks", "activation_checkpointing_every"))
     with run_lock(run_dir, "sft"):
         return _run_sft_locked(sft_args, training_args, model_spec, settings, master, attn, launcher, t0, lora, lr)
 
@@ -310,6 +317,7 @@ def _run_sft_locked(sft_args: SftArguments, training_args: Any, model_spec: str,
 
     # -- phase: tokenizer + data (before the model loads: data errors cost no model load) -----------
     model_spec = resolve_revision(model_spec, sft_args.model_revision)
+    save_dtype = base_save_dtype(sft_args.save_dtype, model_spec, training_args.trust_remote_code)
     tokenizer = load_tokenizer(model_spec, trust_remote_code=training_args.trust_remote_code)
     warn_pure_bf16(master)
     model, new_ids = None, []
@@ -339,8 +347,13 @@ def _run_sft_locked(sft_args: SftArguments, training_args: Any, model_spec: str,
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         _log(f"LoRA r={lora.lora_r} alpha={lora.lora_alpha} on {lora.lora_target_modules}; {trainable:,} trainable "
              f"parameters")
+    throughput = apply_throughput_keys(model, sft_args, training_args, launcher)
     checkpointing = own_activation_checkpointing(training_args, launcher)
-    _log(f"launcher {launcher.describe()}; master weights {master}; attention {attn}; "
+    if throughput["checkpointed_layers"] is not None:
+        checkpointing = f"every {sft_args.activation_checkpointing_every}"
+    precision = precision_of(training_args)
+    _log(f"launcher {launcher.describe()}; master weights {master}; precision {precision['precision']} "
+         f"({precision['source']}); attention {attn}; "
          f"activation checkpointing {checkpointing}; learning rate {lr:g} ({'lora' if lora else 'full'})")
 
     # -- phase: train ---------------------------------------------------------------------------
@@ -356,7 +369,7 @@ def _run_sft_locked(sft_args: SftArguments, training_args: Any, model_spec: str,
 
     # -- phase: save + generate + report (every rank: the weights are gathered when sharded) ----------
     in_sync = check_replicas(trainer.model_wrapped, trainer.accelerator, trainer.state.global_step)
-    save_final_model(trainer.model_wrapped, tokenizer, final_dir, trainer.accelerator)
+    save_final_model(trainer.model_wrapped, tokenizer, final_dir, trainer.accelerator, dtype=save_dtype)
     stop_ids = stop_token_ids(sft_args, tokenizer)
     generations = sample_generations(trainer, tokenizer, sft_args, stop_ids)
     section = {"sft": {"model": model_spec, "model_dir": final_dir, "examples": len(train_rows) + len(eval_rows),
@@ -369,7 +382,9 @@ def _run_sft_locked(sft_args: SftArguments, training_args: Any, model_spec: str,
                        "seconds": round(time.time() - t0, 1), "prompt_format": sft_args.prompt_format,
                        "chat_template": sft_args.chat_template, "world_size": launcher.world_size,
                        "replicas_in_sync": in_sync, "master_weights_dtype": master, "attn_implementation": attn,
-                       "activation_checkpointing": checkpointing}}
+                       "activation_checkpointing": checkpointing, "precision": precision["precision"],
+                       "precision_source": precision["source"], "save_dtype": save_dtype,
+                       "throughput": throughput}}
     if trainer.is_world_process_zero():
         for g in generations:
             _log(f"{g['instruction']} → {g['output']}")
