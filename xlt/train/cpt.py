@@ -538,7 +538,8 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
         done = int(state["global_step"]) if resume_from else 0
         compute = "bfloat16" if training_args.bf16 else "float16" if training_args.fp16 else master_dtype
         distiller = Distiller.build(kd, model_args.model, model_dir, int(model.get_input_embeddings().weight.shape[0]),
-                                    compute, attn, model_args.trust_remote_code, load_teacher=kd.active_at(done))
+                                    compute, attn, model_args.trust_remote_code, load_teacher=kd.active_at(done),
+                                    shard=launcher.kind == "fsdp")
         if resume_from:
             distiller.load(resume_from)
         _log(kd.describe(plan.max_steps) + f"; teacher {compute}, {distiller.n_teacher:,} effective parameters")
