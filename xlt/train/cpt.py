@@ -32,6 +32,7 @@ from xlt.train.checkpoint import (
     rotate_complete_checkpoints,
 )
 from xlt.train.distributed import check_replicas, file_equals_json, is_main_process, save_final_model, wait_for
+from xlt.train.fsdp import setup_fsdp, sharding_check
 from xlt.train.lock import run_lock
 from xlt.train.lora import LoraSettings
 from xlt.train.runtime import (
@@ -545,7 +546,12 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
         _log(kd.describe(plan.max_steps) + f"; teacher {compute}, {distiller.n_teacher:,} effective parameters")
 
     # -- phase: train ---------------------------------------------------------------------------
+    fsdp_setup = setup_fsdp(training_args, launcher)
+    sharding = sharding_check() if launcher.name == "fsdp2" else None
+    if fsdp_setup:
+        _log(fsdp_setup)
     trainer = build_cpt_trainer(model, tokenizer, training_args, stream, data_args, plan, guard,
+                                callbacks=[sharding] if sharding is not None else None,
                                 loss_by_language_steps=cpt_args.loss_by_language_steps,
                                 new_rows=new_rows_opt if new_rows_opt and new_rows_opt[0].active and new_rows_opt[1] else None,
                                 distiller=distiller)
@@ -581,7 +587,7 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
             "seconds": round(seconds, 1),
             "train_tokens_per_second": round(plan.tokens_per_step * trainer.state.global_step / max(seconds, 1e-9), 1),
             "world_size": launcher.world_size,
-            "launcher": launcher.kind,
+            "launcher": launcher.name,
             "replicas_in_sync": in_sync,
             "master_weights_dtype": master_dtype,
             "attn_implementation": attn,
@@ -591,6 +597,8 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
             "cleaning": getattr(stream, "cleaning_report", {}),
         },
     }
+    if sharding is not None:
+        section["cpt"]["sharded_parameters"] = sharding.summary["sharded"]
     if new_rows_opt is not None:
         section["cpt"]["new_rows"] = new_rows_opt[0].report(len(new_rows_opt[1]))
     if kd_state is not None:

@@ -85,6 +85,11 @@ class Launcher:
                    fsdp_activation_checkpointing=_truthy(fsdp.get("fsdp_activation_checkpointing", False)),
                    mixed_precision=str(cfg.get("mixed_precision", "no")), use_cpu=_truthy(cfg.get("use_cpu", False)))
 
+    @property
+    def name(self) -> str:
+        """The launcher as report.json names it: ``fsdp2`` for an FSDP version-2 launch, else the kind."""
+        return "fsdp2" if self.kind == "fsdp" and self.fsdp_version == 2 else self.kind
+
     def describe(self) -> str:
         extra = f" v{self.fsdp_version}" if self.kind == "fsdp" else ""
         return f"{self.kind}{extra} x{self.world_size}" + (" (cpu)" if self.use_cpu else "")

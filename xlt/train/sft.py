@@ -25,6 +25,7 @@ from xlt.io import atomic_write_json, update_report
 from xlt.models import check_model_spec, load_model, load_tokenizer, resolve_model, resolve_revision
 from xlt.train.checkpoint import claim_output_dir, fingerprint, last_trainer_checkpoint
 from xlt.train.distributed import check_replicas, save_final_model
+from xlt.train.fsdp import setup_fsdp, sharding_check
 from xlt.train.lock import run_lock
 from xlt.train.runtime import (
     Launcher,
@@ -188,7 +189,7 @@ def _eval_logger() -> Any:
 
 
 def build_sft_trainer(model: Any, tokenizer: Any, training_args: Any, train_rows: list[dict],
-                      eval_rows: list[dict]) -> Any:
+                      eval_rows: list[dict], callbacks: Optional[list] = None) -> Any:
     """TRL's SFTTrainer on tokenized rows; with held-out rows, evaluation at the end of every epoch."""
     import datasets
     from transformers.trainer_utils import IntervalStrategy
@@ -202,7 +203,7 @@ def build_sft_trainer(model: Any, tokenizer: Any, training_args: Any, train_rows
     else:
         training_args.eval_strategy = IntervalStrategy.NO
     return SFTTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=evals,
-                      processing_class=tokenizer, callbacks=[_eval_logger()])
+                      processing_class=tokenizer, callbacks=[_eval_logger(), *(callbacks or [])])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,7 +343,12 @@ def _run_sft_locked(sft_args: SftArguments, training_args: Any, model_spec: str,
          f"activation checkpointing {checkpointing}; learning rate {lr:g} ({'lora' if lora else 'full'})")
 
     # -- phase: train ---------------------------------------------------------------------------
-    trainer = build_sft_trainer(model, tokenizer, training_args, train_rows, eval_rows)
+    fsdp_setup = setup_fsdp(training_args, launcher)
+    if fsdp_setup:
+        _log(fsdp_setup)
+    sharding = sharding_check() if launcher.name == "fsdp2" else None
+    trainer = build_sft_trainer(model, tokenizer, training_args, train_rows, eval_rows,
+                                callbacks=[sharding] if sharding is not None else None)
     last = last_trainer_checkpoint(training_args.output_dir)
     result = trainer.train(resume_from_checkpoint=last)
     losses = eval_losses(trainer.state.log_history)
