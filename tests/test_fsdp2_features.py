@@ -42,3 +42,24 @@ def test_distillation_teacher_is_sharded_under_fsdp_and_gives_the_full_teachers_
         assert r["term"] == pytest.approx(r["ref"], rel=1e-6)
         assert r["student_grad"]
     assert results[0]["term"] != results[1]["term"]  # each process scored its own batch
+
+
+def test_lora_init_is_the_same_on_every_process_whatever_its_random_state():
+    """Under FSDP2 each process keeps its own shard of LoRA A as it drew it (no broadcast from rank 0, as DDP
+    does): the draw must come from the run's seed, not from the process's random state."""
+    import torch
+
+    from conftest import tiny_llama
+    from xlt.train.lora import LoraSettings, apply_lora
+
+    drawn = []
+    for process_state in (1, 2):  # two processes that consumed random numbers differently before
+        model = tiny_llama(96, tie=False)
+        torch.manual_seed(process_state)
+        torch.rand(process_state)
+        state = torch.get_rng_state()
+        model = apply_lora(model, LoraSettings(use_lora=True, lora_r=4), [90, 91], seed=42)
+        drawn.append({n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n})
+        assert torch.equal(torch.get_rng_state(), state), "the process's own random stream is left as it was"
+    assert drawn[0] and drawn[0].keys() == drawn[1].keys()
+    assert all(torch.equal(drawn[0][n], drawn[1][n]) for n in drawn[0])

@@ -497,7 +497,7 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
         from xlt.train.lora import apply_lora
 
         new_ids = new_row_ids(model, model_args.model, model_args.trust_remote_code) if tok_report else []
-        model = apply_lora(model, lora, new_ids)
+        model = apply_lora(model, lora, new_ids, seed=training_args.seed)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         _log(f"LoRA r={lora.lora_r} on {lora.lora_target_modules}; new rows: {len(new_ids)} via {lora.lora_new_rows}; "
              f"{trainable:,} trainable parameters")
