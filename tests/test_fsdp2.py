@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 from conftest import REPO
 
 CPT = str(REPO / "recipes/smollm2-135m-ja/cpt.yaml")
@@ -46,11 +48,93 @@ def test_cpu_fsdp2_launch_trains_dtensor_shards_and_saves_a_reloadable_model(tmp
     assert cpt["launcher"] == "fsdp2" and cpt["world_size"] == 2 and cpt["sharded_parameters"] == 20
     assert cpt["steps"] == 4 and cpt["replicas_in_sync"] is None  # nothing replicated: every parameter sharded
     assert os.path.isdir(os.path.join(out, "checkpoint-4", "pytorch_model_fsdp_0"))  # FSDP's sharded checkpoint
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
+    # The tied head is written once, as for an unsharded model (gathered, it is a second full copy).
+    saved = load_file(os.path.join(out, "cpt", "model.safetensors"))
+    assert saved.keys() == load_file(os.path.join(tiny_model_dir, "model.safetensors")).keys()
     model = AutoModelForCausalLM.from_pretrained(os.path.join(out, "cpt"))
     start = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     sd = model.state_dict()
     assert sd.keys() == start.keys()
     assert all(sd[k].shape == start[k].shape for k in sd)
     assert not all(sd[k].equal(start[k]) for k in sd)  # trained (the gathered save is the full, updated model)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The new-rows AdamW wrapper under FSDP2 (it is built before accelerate swaps in the sharded parameters)
+# ---------------------------------------------------------------------------------------------------------
+def test_new_rows_wrapper_steps_after_accelerates_fsdp2_parameter_swap(tmp_path):
+    """torchrun, no launcher: wrapper on a tiny untied Llama, fully_shard per layer + root, the optimizer's params
+    swapped as accelerate's prepare swaps them, one backward, step(). It raised KeyError: 'exp_avg'.
+
+    Tolerance 1e-5 against an unsharded reference (AdamW per group, whole batch): the sharded run averages two
+    half-batch gradients (another summation order, ~1 ulp); a first Adam step is lr * g / (|g| + eps), which an
+    ulp of g moves by far less than 1e-5 at the new rows' LR 0.1 unless |g| ~ eps, and measured it is 4.3e-6."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29572", str(REPO / "tests/fsdp_launch.py"), "new_rows_swap", str(tmp_path)],
+                          capture_output=True, text=True, env=sub_env(), cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        with open(tmp_path / f"swap-{rank}.json", encoding="utf-8") as f:
+            r = json.load(f)
+        assert r["step"] == "ok"
+        assert r["embedding_is_dtensor"] and r["local_rows"] == [48, 48]  # 96 rows sharded in halves
+        assert r["max_abs_diff"] < 1e-5
+
+
+NEW_ROWS = ("--tokenizer_mode", "extend", "--new_tokens", "64", "--train_tokens", "4096",
+            "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2", "--weight_decay", "0.1",
+            "--new_rows_lr_multiplier", "10", "--new_rows_warmup_fraction", "0.5", "--warmup_steps", "1",
+            "--save_steps", "100", "--logging_steps", "1", "--eval_max_docs", "8")
+
+
+def test_cpu_fsdp2_new_rows_run_equals_the_ddp_run(tmp_path, tiny_model_dir):
+    """Tokenizer extension, weight decay 0.1 (the wrapper is on), new rows at 10x LR with a new-rows-only
+    warm-up, 2 micro-batches per step: under cpu_fsdp2 the same final model as under cpu_multi (DDP).
+
+    Tolerance rtol 1e-4 / atol 1e-5 (fp32): DDP all-reduces and FSDP2 reduce-scatters the same gradients in
+    another order (ulps), which reach the weights only through Adam's normalised update; an Adam step moves a
+    weight by about its LR (1e-4 for the body, 1e-3 for the new rows), so a wrong row treatment (no multiplier,
+    decayed new rows, a body moved during the warm-up) is 10-100x outside the tolerance."""
+    fsdp, ddp = str(tmp_path / "fsdp"), str(tmp_path / "ddp")
+    args = ("--config", CPT, "--model", tiny_model_dir, *NEW_ROWS)
+    proc = launch("cpu_fsdp2.yaml", 29574, str(REPO / "recipes/cpt.py"), *args, "--output_dir", fsdp)
+    assert SHARDED_LINE in proc.stdout and "new-rows warm-up done after 2 steps" in proc.stdout
+    launch("cpu_multi.yaml", 29575, str(REPO / "recipes/cpt.py"), *args, "--output_dir", ddp)
+    a, b = report(fsdp)["cpt"], report(ddp)["cpt"]
+    assert (a["launcher"], b["launcher"]) == ("fsdp2", "ddp") and a["world_size"] == b["world_size"] == 2
+    assert a["new_rows"] == b["new_rows"] and a["new_rows"]["own_group"] and a["steps"] == b["steps"] == 4
+    from safetensors.torch import load_file
+
+    wa = load_file(os.path.join(fsdp, "cpt", "model.safetensors"))
+    wb = load_file(os.path.join(ddp, "cpt", "model.safetensors"))
+    start = load_file(os.path.join(fsdp, "tokenizer", "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+    emb = "model.embed_tokens.weight"
+    assert not torch.equal(wa[emb][49152:], start[emb][49152:])  # the new rows trained
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FSDP2 + gradient accumulation: reduce-scatter every micro-batch, in fp32
+# ---------------------------------------------------------------------------------------------------------
+def test_cpu_fsdp2_reduce_scatters_every_micro_batch_in_fp32(tmp_path, tiny_model_dir):
+    """bf16 compute, 2 micro-batches per step. Before: the first micro-batch of each step ran under no_sync
+    (no reduce-scatter, no sharded gradient: a full unsharded bf16 gradient held across the window) and
+    accelerate's policy reduced in bf16."""
+    out = str(tmp_path / "run")
+    launch("cpu_fsdp2.yaml", 29576, str(REPO / "tests/fsdp_launch.py"), "probe", str(tmp_path), "cpt", "--",
+           "--config", CPT, "--model", tiny_model_dir, "--output_dir", out, "--tokenizer_mode", "none",
+           "--train_tokens", "2048", "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2",
+           "--bf16", "true", "--save_steps", "100", "--logging_steps", "1", "--eval_max_docs", "8")
+    for rank in (0, 1):
+        with open(tmp_path / f"probe-{rank}.json", encoding="utf-8") as f:
+            p = json.load(f)
+        assert p["micro_batches"] == 4  # 2 steps x 2 micro-batches
+        per_micro = [sorted({d for m, d in p["reduce_scatter"] if m == i}) for i in range(4)]
+        assert per_micro == [["float32"]] * 4, per_micro  # every micro-batch reduces, only in fp32
+        assert p["grads_after_micro_batch"] == [20, 20]  # sharded gradients exist after the first micro-batch
+    assert report(out)["cpt"]["launcher"] == "fsdp2"

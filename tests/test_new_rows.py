@@ -274,7 +274,10 @@ def test_warmup_in_a_real_run_and_resume_across_its_boundary(tmp_path, tiny_mode
         for s in (1, 2):
             if key == "model.embed_tokens.weight":
                 assert torch.equal(at[s][key][:49152], w0[:49152]), f"old rows moved by step {s}"
-                assert not torch.equal(at[s][key][49152:], w0[49152:])
+                # The new rows follow the LR schedule as their own group would: its warm-up gives LR 0 at
+                # step 1 (they stay), then they move. (The groups accelerate re-creates in prepare are the
+                # ones the scheduler updates; a wrapper holding the groups it was built with missed that.)
+                assert torch.equal(at[s][key][49152:], w0[49152:]) == (s == 1), f"new rows at step {s}"
             else:
                 assert torch.equal(at[s][key], w0), f"{key} moved by step {s}"
     assert not torch.equal(at[3]["model.layers.0.mlp.up_proj.weight"], start["model.layers.0.mlp.up_proj.weight"])

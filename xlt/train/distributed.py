@@ -55,10 +55,27 @@ def gather_full_state_dict(model: Any, accelerator: Any = None) -> dict:
     if any(_is_sharded(p) for p in module.parameters()):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return _retie(module, full)
     if not is_main_process():
         return {}  # replicated: only the main process writes, so only it copies the weights to host memory
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def _retie(module: Any, state_dict: dict) -> dict:
+    """Tied parameters (one tensor under several names, e.g. a tied output head) gathered as separate copies:
+    one tensor again, so ``save_pretrained`` writes it once, as it does for an unsharded model."""
+    first: dict[int, str] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        for prefix in _WRAPPER_PREFIXES:
+            name = name.replace(prefix, "")
+        if id(p) in first and name in state_dict and first[id(p)] in state_dict:
+            state_dict[name] = state_dict[first[id(p)]]
+        first.setdefault(id(p), name)
+    return state_dict
 
 
 def save_final_model(model: Any, tokenizer: Any, final_dir: str, accelerator: Any = None) -> None:

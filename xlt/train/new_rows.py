@@ -168,14 +168,29 @@ class NewRowsOptimizer(DelegatingOptimizer):
             if g.get("amsgrad") or g.get("maximize"):
                 raise XltError("new_rows_* keys do not support AdamW with amsgrad or maximize")
         self.optimizer, self.settings, self.step_of = optimizer, settings, step_of
-        owned = {p for g in optimizer.param_groups for p in g["params"]}
-        missing = [p for p in rows if p not in owned]
-        if missing:
+        # Each embedding matrix by its place in the param groups, not by the tensor: accelerate's FSDP2 prepare
+        # swaps the optimizer's parameters for their sharded DTensors after this wrapper is built.
+        where = {p: (gi, i) for gi, g in enumerate(optimizer.param_groups) for i, q in enumerate(g["params"])
+                 for p in rows if q is p}
+        if len(where) != len(rows):
             raise XltError("new rows: the embedding matrix is not among the optimizer's parameters")
-        self.rows = {p: _local_rows(p, idx.to(_local(p).device)) for p, idx in rows.items()}
-        self.group_of = {p: g for g in optimizer.param_groups for p in g["params"] if p in self.rows}
+        self._places = [(where[p], idx) for p, idx in rows.items()]
+        self._resolved: Optional[tuple[tuple, dict]] = None
         self._armed = False
         self._announced = False
+
+    @property
+    def rows(self) -> dict[torch.Tensor, torch.Tensor]:
+        """Each embedding matrix as the optimizer holds it now, with its new rows as indices into its local shard."""
+        params = tuple(self.optimizer.param_groups[gi]["params"][i] for (gi, i), _ in self._places)
+        if self._resolved is None or any(a is not b for a, b in zip(self._resolved[0], params)):
+            local = {p: _local_rows(p, idx.to(_local(p).device)) for p, (_, idx) in zip(params, self._places)}
+            self._resolved = (params, local)
+        return self._resolved[1]
+
+    def _group(self, p: torch.Tensor) -> dict:
+        return next(self.optimizer.param_groups[gi] for (gi, i), _ in self._places
+                    if self.optimizer.param_groups[gi]["params"][i] is p)
 
     # -- the step ------------------------------------------------------------------------------
     def arm(self) -> None:
@@ -213,7 +228,7 @@ class NewRowsOptimizer(DelegatingOptimizer):
 
     def _set_new_rows(self, p: torch.Tensor, old: torch.Tensor, count: int) -> None:
         """Write ``p``'s new rows as a separate AdamW group would: torch's single-tensor formula, from ``old``."""
-        group, st = self.group_of[p], self.optimizer.state[p]
+        group, st = self._group(p), self.optimizer.state[p]
         idx = self.rows[p]
         lr = float(group["lr"]) * self.settings.lr_multiplier
         beta1, beta2 = (float(b) for b in group["betas"])
@@ -265,13 +280,14 @@ class NewRowsOptimizer(DelegatingOptimizer):
         groups = self.optimizer.param_groups
         grads = {p: p.grad for g in groups for p in g["params"]}
         decays = [g["weight_decay"] for g in groups]
-        steps = {p: self.optimizer.state[p]["step"].clone() for p in self.rows}
+        rows = self.rows
+        steps = {p: self.optimizer.state[p]["step"].clone() for p in rows}
         try:
             for p in grads:
-                if p not in self.rows:
+                if p not in rows:
                     p.grad = None
                 elif p.grad is not None:  # in place: the old rows' gradient of this step is dropped
-                    g_local, idx = _local(p.grad), self.rows[p]
+                    g_local, idx = _local(p.grad), rows[p]
                     keep = g_local[idx].clone()
                     g_local.zero_().index_copy_(0, idx, keep)
             for g in groups:
