@@ -138,3 +138,27 @@ def test_cpu_fsdp2_reduce_scatters_every_micro_batch_in_fp32(tmp_path, tiny_mode
         assert per_micro == [["float32"]] * 4, per_micro  # every micro-batch reduces, only in fp32
         assert p["grads_after_micro_batch"] == [20, 20]  # sharded gradients exist after the first micro-batch
     assert report(out)["cpt"]["launcher"] == "fsdp2"
+
+
+def test_gpu_fsdp2_configs_get_the_same_reduction_settings(monkeypatch):
+    """fsdp2.yaml / multi_node_fsdp2.yaml (no CPU): the Trainer's accelerator gets sync_each_batch and a policy
+    computing in bf16 and reducing in fp32 (accelerate's own policy for bf16 reduces in bf16)."""
+    from accelerate.utils import FullyShardedDataParallelPlugin, GradientAccumulationPlugin
+    from transformers import TrainingArguments
+
+    from xlt.train.fsdp import setup_fsdp
+    from xlt.train.runtime import Launcher
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` exports from these configs
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    for config in ("fsdp2.yaml", "multi_node_fsdp2.yaml"):
+        launcher = Launcher.from_config_file(str(REPO / "accelerate_configs" / config))
+        assert launcher.name == "fsdp2" and not launcher.use_cpu
+        args = TrainingArguments(output_dir="/tmp/unused", use_cpu=True, bf16=True, gradient_accumulation_steps=16)
+        args.use_cpu = False  # parsed as on the GPU machine (bf16 needs use_cpu to parse on this one)
+        assert "float32" in setup_fsdp(args, launcher)
+        plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)  # as the Trainer builds it
+        policy = plugin.mixed_precision_policy
+        assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
+        grad_acc = GradientAccumulationPlugin(**args.accelerator_config.gradient_accumulation_kwargs)
+        assert grad_acc.sync_each_batch and plugin.fsdp_version == 2

@@ -50,9 +50,11 @@ def _enable_fsdp_state_on_cpu() -> None:
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
 
+    state = PartialState()
+    if state.distributed_type == DistributedType.FSDP:
+        return  # an accelerator of this process already runs FSDP
     if AcceleratorState._shared_state:
         raise XltError("FSDP on the CPU: an accelerator was created before xlt set FSDP up (internal order error)")
-    state = PartialState()
     if state.distributed_type == DistributedType.MULTI_CPU:
         # The one branch of AcceleratorState.__init__ that turns FSDP on lists the GPU-type data-parallel kinds;
         # it then records FSDP for the whole process (PartialState too). The device stays the CPU set up here.
