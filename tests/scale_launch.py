@@ -2,6 +2,7 @@
 
     python tests/scale_launch.py fsdp_save OUT_DIR MODEL_DIR        (under torchrun, 2 gloo processes)
     python tests/scale_launch.py replicas OUT_DIR MODEL_DIR         (under torchrun, 2 gloo processes)
+    python tests/scale_launch.py fsdp_kd OUT_DIR MODEL_DIR          (under torchrun, 2 gloo processes)
     python tests/scale_launch.py cpt_pause MARKER -- CPT_ARGS...     (pauses inside step 1 after writing MARKER)
     python tests/scale_launch.py cpt_sigkill STEP -- CPT_ARGS...     (SIGKILLs itself mid-step STEP: after the
                                                                       backward pass, before the optimizer step)
@@ -93,6 +94,52 @@ def fsdp_lora_save(out: str, model_dir: str) -> None:
     dist.destroy_process_group()
 
 
+def fsdp_kd(out: str, model_dir: str) -> None:
+    """The distillation term with the teacher sharded (FSDP launch) equals the one with a full teacher copy, for a
+    student sharded with fully_shard; each process holds half the teacher; the term's gradient reaches the student."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    from transformers import AutoModelForCausalLM
+
+    from xlt.train.kd import Distiller, KdSettings
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    student = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():  # a student that differs from the teacher, so the term is not zero
+        for p in student.parameters():
+            p.mul_(1.5)
+    for layer in student.model.layers:
+        fully_shard(layer)
+    fully_shard(student)
+    settings = KdSettings(weight=1.0, steps=2, temperature=2.0, identity=True)
+    rows = int(student.get_input_embeddings().weight.shape[0])
+    sharded = Distiller.build(settings, model_dir, model_dir, rows, "float32", "sdpa", shard=True)
+    full = Distiller.build(settings, model_dir, model_dir, rows, "float32", "sdpa")
+    ids = torch.randint(0, rows, (2, 24), generator=torch.Generator().manual_seed(rank))
+    labels = ids.clone()
+    labels[:, 0] = -100
+    inputs = {"input_ids": ids, "labels": labels,
+              "position_ids": torch.cat([torch.arange(10), torch.arange(14)]).expand(2, 24)}  # two packed docs
+    logits = student(input_ids=ids, position_ids=inputs["position_ids"]).logits
+    term, n = sharded.kd_sum(logits, inputs)
+    ref, n_ref = full.kd_sum(logits.detach(), inputs)
+    term.backward()
+    params = list(sharded.teacher.parameters())
+    local = sum(p.to_local().numel() for p in params if isinstance(p, DTensor))
+    result = {"term": float(term), "ref": float(ref), "n": n, "n_ref": n_ref,
+              "all_dtensor": all(isinstance(p, DTensor) for p in params),
+              "local_share": local / sum(p.numel() for p in params),
+              "student_grad": all(p.grad is not None and bool(torch.isfinite(p.grad.full_tensor()).all())
+                                  for p in student.parameters())}
+    with open(os.path.join(out, f"kd-{rank}.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def replicas(out: str, model_dir: str) -> None:
     """DDP replicas: equal -> True; one rank's weight nudged by one ulp -> the check stops on every rank."""
     import torch
@@ -168,6 +215,8 @@ if __name__ == "__main__":
         fsdp_save(sys.argv[2], sys.argv[3])
     elif mode == "fsdp_lora_save":
         fsdp_lora_save(sys.argv[2], sys.argv[3])
+    elif mode == "fsdp_kd":
+        fsdp_kd(sys.argv[2], sys.argv[3])
     elif mode == "replicas":
         replicas(sys.argv[2], sys.argv[3])
     elif mode == "cpt_pause":

@@ -5,7 +5,7 @@ with a bad micro-batch injected on rank 1 ONLY, and each rank's weights / optimi
 
 EVENTS: comma-separated ``STEP:KIND`` (KIND ``spike`` = loss x 1e4, ``nan`` = loss x NaN) or ``STEP+:KIND`` for
 every step from STEP on. For each single-step event the script writes ``DUMP_DIR/{before,after}_step{S}_rank{R}.pt``
-(parameters and optimizer state just before and just after that optimizer step); at every save
+(parameters and optimizer state just before and just after that optimizer step; under FSDP2 the rank's shards); at every save
 ``guard_step{N}_rank{R}.json`` (the rank's own guard state); at exit ``rc_rank{R}.txt`` (run_recipe's status).
 Only xlt APIs that predate the skip-step guard are used, so the script also runs against the old code.
 """
@@ -34,6 +34,11 @@ def parse_events(spec: str) -> tuple[dict[int, str], tuple[int, str] | None]:
     return single, onward
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A copy of this rank's part: its shard of an FSDP2 DTensor, else the tensor."""
+    return (t.to_local() if hasattr(t, "to_local") else t).clone()
+
+
 def main() -> int:
     dump, spec, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
     os.makedirs(dump, exist_ok=True)
@@ -47,9 +52,9 @@ def main() -> int:
 
     class Dump(TrainerCallback):
         def _write(self, name: str, model, optimizer) -> None:  # noqa: ANN001
-            opt_state = {k: {n: (v.clone() if torch.is_tensor(v) else v) for n, v in s.items()}
+            opt_state = {k: {n: (_local(v) if torch.is_tensor(v) else v) for n, v in s.items()}
                          for k, s in optimizer.state_dict()["state"].items()}
-            params = {n: p.detach().clone() for n, p in model.named_parameters()}
+            params = {n: _local(p.detach()) for n, p in model.named_parameters()}
             torch.save({"params": params, "optimizer": opt_state}, os.path.join(dump, f"{name}_rank{rank}.pt"))
 
         def on_step_begin(self, args, state, control, model=None, optimizer=None, **kw):  # noqa: ANN001

@@ -114,10 +114,10 @@ def test_settings_window_and_refusals():
     assert kd_settings(CptArguments(), "extend", 25) is None
     assert kd_settings(c, "none", 25).identity
     for args, kwargs, msg in ((("swap", 25), {}, "tokenizer_mode swap"), (("extend", 25), {"use_lora": True}, "use_lora"),
-                              (("extend", 25), {"launcher_kind": "fsdp"}, "fsdp"),
                               (("extend", 25), {"launcher_kind": "deepspeed"}, "deepspeed")):
         with pytest.raises(XltError, match=f"kd_weight.*{msg}"):
             kd_settings(c, *args, **kwargs)
+    assert kd_settings(c, "extend", 25, launcher_kind="fsdp").steps == 3  # the teacher is sharded too
 
 
 def test_bad_keys_fail_before_any_model_loads(tmp_path, no_model_loading, capsys):

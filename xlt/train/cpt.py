@@ -569,7 +569,7 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
         from xlt.train.lora import apply_lora
 
         new_ids = new_row_ids(model, model_args.model, model_args.trust_remote_code) if tok_report else []
-        model = apply_lora(model, lora, new_ids)
+        model = apply_lora(model, lora, new_ids, seed=training_args.seed)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         _log(f"LoRA r={lora.lora_r} on {lora.lora_target_modules}; new rows: {len(new_ids)} via {lora.lora_new_rows}; "
              f"{trainable:,} trainable parameters")
@@ -618,7 +618,8 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
         done = int(state["global_step"]) if resume_from else 0
         compute = "bfloat16" if training_args.bf16 else "float16" if training_args.fp16 else master_dtype
         distiller = Distiller.build(kd, model_args.model, model_dir, int(model.get_input_embeddings().weight.shape[0]),
-                                    compute, attn, model_args.trust_remote_code, load_teacher=kd.active_at(done))
+                                    compute, attn, model_args.trust_remote_code, load_teacher=kd.active_at(done),
+                                    shard=launcher.kind == "fsdp")
         if resume_from:
             distiller.load(resume_from)
         _log(kd.describe(plan.max_steps) + f"; teacher {compute}, {distiller.n_teacher:,} effective parameters")

@@ -29,8 +29,11 @@ each new id is a merge of old tokens, so
   never lets it change an earlier position).
 
 With ``tokenizer_mode: none`` the vocabularies are the same: the alignment is the identity over the full
-vocabulary. ``swap`` (new ids that are not merges of old ones), LoRA, FSDP and DeepSpeed (the teacher would be a
-full unsharded copy on every rank) are refused before any model loads.
+vocabulary. ``swap`` (new ids that are not merges of old ones), LoRA and DeepSpeed (the teacher would be a full
+unsharded copy on every rank) are refused before any model loads. Under FSDP the teacher is sharded like the student
+(torch's ``fully_shard`` per decoder layer, then the whole model): each process keeps ``1 / world`` of it, and its
+forward all-gathers one layer at a time. Every process runs the same number of teacher forwards (one per
+micro-batch, the window decided from ``global_step``), so those all-gathers line up across processes.
 
 Compute: ``distill_flops = 2 x N_teacher x teacher tokens`` (every token the teacher's forward read, padding
 included; ``N_teacher`` the teacher's effective parameters as ``xlt compare`` counts them for training), summed
@@ -89,9 +92,9 @@ def kd_settings(cpt_args: Any, tokenizer_mode: str, max_steps: int, use_lora: bo
                        f"base's, so the base model cannot read the same text); use extend or none")
     if use_lora:
         raise XltError(f"kd_weight={w} is not supported with use_lora: remove it or set use_lora false")
-    if launcher_kind in ("fsdp", "deepspeed"):
-        raise XltError(f"kd_weight={w} is not supported under {launcher_kind} (the teacher would be a full unsharded "
-                       f"copy on every process); use DDP or one process")
+    if launcher_kind == "deepspeed":
+        raise XltError(f"kd_weight={w} is not supported under deepspeed (the teacher would be a full unsharded "
+                       f"copy on every process); use FSDP, DDP or one process")
     steps = math.ceil(cpt_args.kd_fraction * max_steps)
     return KdSettings(weight=float(w), steps=int(steps), temperature=float(cpt_args.kd_temperature),
                       identity=tokenizer_mode == "none")
@@ -205,6 +208,27 @@ def kd_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, batch: Kd
     return kl * (temperature ** 2)
 
 
+def shard_teacher(teacher: Any) -> None:
+    """Shard the frozen teacher over every process with FSDP2's ``fully_shard``: each decoder layer (the classes
+    transformers names in ``_no_split_modules``, as accelerate's transformer-based wrap picks them), then the root.
+    A collective: every process calls it. The parameters become dim-0 DTensor shards on the default device mesh
+    (moved to this process's accelerator when there is one); the dtype is kept (no mixed-precision cast)."""
+    from torch.distributed.fsdp import fully_shard
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return  # one process: nothing to shard across
+    layer_classes = set(getattr(teacher, "_no_split_modules", None) or ())
+    layers = [m for m in teacher.modules() if type(m).__name__ in layer_classes]
+    if not layers:
+        raise XltError(f"kd_weight under FSDP: {type(teacher).__name__} names no decoder layer class "
+                       f"(_no_split_modules) to shard the teacher by")
+    for layer in layers:
+        fully_shard(layer)
+    # The root too: FSDP2 keeps a root's parameters gathered after forward (None = True for layers only), and a
+    # teacher has no backward that would reshard them.
+    fully_shard(teacher, reshard_after_forward=True)
+
+
 class Distiller:
     """The teacher, the alignment and the compute count of one process."""
 
@@ -220,10 +244,12 @@ class Distiller:
 
     @classmethod
     def build(cls, settings: KdSettings, base_spec: str, model_dir: str, student_rows: int, dtype: str,
-              attn: Optional[str], trust_remote_code: bool = False, load_teacher: bool = True) -> Distiller:
+              attn: Optional[str], trust_remote_code: bool = False, load_teacher: bool = True,
+              shard: bool = False) -> Distiller:
         """Load the teacher (frozen, eval mode, ``dtype``) and the vocabulary match of ``model_dir``.
 
         ``load_teacher=False`` (a run resumed past the window): only the compute count, no teacher.
+        ``shard=True`` (an FSDP launch; every process must call it): the teacher is sharded with ``fully_shard``.
         ``N_teacher`` is read from the base model's config (``xlt compare``'s ``n_eff``)."""
         from xlt.compare import model_effective_params
         from xlt.models import load_model, resolve_model
@@ -239,6 +265,8 @@ class Distiller:
         teacher.eval()
         teacher.requires_grad_(False)
         teacher.config.use_cache = False
+        if shard:
+            shard_teacher(teacher)
         if aligner is not None:
             rows = int(teacher.get_input_embeddings().weight.shape[0])
             old_ids = [i for i in old if i < rows]

@@ -182,16 +182,23 @@ def lora_config(model: Any, settings: LoraSettings, new_token_ids: list[int]) ->
                       target_modules=settings.lora_target_modules, bias="none", task_type="CAUSAL_LM", **extra)
 
 
-def apply_lora(model: Any, settings: LoraSettings, new_token_ids: list[int]) -> Any:
+def apply_lora(model: Any, settings: LoraSettings, new_token_ids: list[int], seed: int = 0) -> Any:
     """Wrap ``model`` in a peft model ready for transformers' Trainer.
 
     Guarantees: the base weights are frozen; trainable are the LoRA A/B matrices and, per
     ``lora_new_rows``, the rows ``new_token_ids`` of the embedding (and untied head) or the whole
     embedding and head. LoRA B starts at zero, so the wrapped model computes what ``model`` did.
+    LoRA A's random initialisation is drawn from ``seed`` alone (the process's own random state is left as it
+    was), so every process draws the same matrices: DDP broadcasts rank 0's, but under FSDP2 each process keeps
+    its own shard of what it drew, and a process-dependent draw would make the model depend on the launcher.
     """
+    import torch
     from peft import get_peft_model
 
-    return get_peft_model(model, lora_config(model, settings, new_token_ids))
+    config = lora_config(model, settings, new_token_ids)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, config)
 
 
 # ---------------------------------------------------------------------------------------------

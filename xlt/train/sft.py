@@ -343,7 +343,7 @@ def _run_sft_locked(sft_args: SftArguments, training_args: Any, model_spec: str,
     if lora is not None:
         from xlt.train.lora import apply_lora
 
-        model = apply_lora(model, lora, new_ids)
+        model = apply_lora(model, lora, new_ids, seed=training_args.seed)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         _log(f"LoRA r={lora.lora_r} alpha={lora.lora_alpha} on {lora.lora_target_modules}; {trainable:,} trainable "
              f"parameters")
