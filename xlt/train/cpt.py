@@ -194,6 +194,14 @@ def loss_by_language(logits: Any, labels: Any, langs: Any, n_langs: int) -> tupl
     return logits_language_sums(logits, labels, langs, n_langs)
 
 
+def peak_device_memory_gb() -> Optional[float]:
+    """The most GPU memory this process's tensors held so far (CUDA's allocator), in GiB; None on a CPU, where the
+    process's resident size says nothing comparable to ``xlt check``'s per-GPU estimate."""
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None
+
+
 def total_trained(trained: dict) -> int:
     return int(sum(trained.values()))
 
@@ -226,6 +234,8 @@ def _make_trainer_class():
         xlt_collator = None  # PackedRowsCollator: the batch layout the attention kernel keeps per-document
         _xlt_kd_acc = None  # [summed KL, scored positions] since the last log (kd_loss)
         _xlt_new_rows_opt = None
+        _xlt_head_module = None  # the output head module and how the loss applies it (_xlt_head)
+        _xlt_projection = None
         _xlt_last_log: Optional[tuple[float, int]] = None
         _xlt_lang_loss: Optional[list] = None
         xlt_loss_implementation = "model"  # chunked / liger / model (resolve_loss_implementation)
@@ -316,7 +326,8 @@ def _make_trainer_class():
                 self.xlt_kd.release()  # the window is over (global_step: the same on every process)
                 kd = False
             if (self.xlt_loss_implementation in ("chunked", "liger") and not kd and not return_outputs
-                    and "labels" in inputs and self.label_smoother is None and self.compute_loss_func is None):
+                    and "labels" in inputs and self.label_smoother is None and self.compute_loss_func is None
+                    and self._xlt_head() is not None):
                 loss, by_lang = self._xlt_hidden_loss(model, inputs, num_items_in_batch, langs if measure else None)
                 if by_lang is not None:
                     self._xlt_add_lang_loss(*by_lang)
@@ -339,6 +350,20 @@ def _make_trainer_class():
             self._xlt_lang_loss[0] += sums
             self._xlt_lang_loss[1] += counts
 
+        def _xlt_head(self):
+            """The output head's projection for the loss from hidden states (xlt/train/losses.py
+            ``head_projection``), or None where only the model's logits will do (a peft-wrapped head under FSDP2:
+            those steps use the logits path, said once in the log)."""
+            from xlt.train.losses import head_projection, output_head
+
+            if self._xlt_head_module is None:
+                self._xlt_head_module = output_head(self.accelerator.unwrap_model(self.model_wrapped))
+                self._xlt_projection = head_projection(self._xlt_head_module)
+                if self._xlt_projection is None and self.is_world_process_zero():
+                    print(f"[xlt cpt] loss: the model's logits ({self.xlt_loss_implementation} needs a plain output "
+                          f"head under FSDP2; this one is wrapped by peft)", flush=True)
+            return self._xlt_projection
+
         def _xlt_hidden_loss(self, model, inputs, num_items_in_batch, langs):
             """The LM loss from the last hidden states, normalised as the Trainer's compute_loss normalises the
             model's loss, and (with ``langs``) the per-language sums of the same tokens.
@@ -350,14 +375,13 @@ def _make_trainer_class():
                 chunked_causal_lm_loss,
                 forward_hidden,
                 liger_causal_lm_loss,
-                output_head,
                 per_token_ce,
                 shift_targets,
             )
 
             labels, shift = inputs["labels"], inputs.get("shift_labels")
             hidden = forward_hidden(model, {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")})
-            head = output_head(self.accelerator.unwrap_model(model))
+            head, project = self._xlt_head_module, self._xlt_head()
             vocab = int(head.weight.shape[0])
             items = num_items_in_batch if self.model_accepts_loss_kwargs else None
             if self.xlt_loss_implementation == "liger" and type(head) is torch.nn.Linear and head.bias is None:
@@ -368,10 +392,10 @@ def _make_trainer_class():
 
                     with torch.no_grad():
                         targets = shift_targets(labels, shift).to(hidden.device)
-                        ce = per_token_ce(hidden.detach(), head, targets, vocab)
+                        ce = per_token_ce(hidden.detach(), project, targets, vocab)
                         by_lang = language_sums(ce, targets, shift_langs(langs), len(LANGS))
             else:  # chunked, or liger on a head it cannot take (a peft wrapper, a bias)
-                loss, by_lang = chunked_causal_lm_loss(hidden, head, labels, vocab, items, shift, langs, len(LANGS))
+                loss, by_lang = chunked_causal_lm_loss(hidden, project, labels, vocab, items, shift, langs, len(LANGS))
             if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and items is not None:
                 scale = self.accelerator.num_processes // self.get_tp_size()  # as Trainer.compute_loss scales
                 loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
@@ -635,6 +659,7 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
                                 new_rows=new_rows_opt if new_rows_opt and new_rows_opt[0].active and new_rows_opt[1] else None,
                                 distiller=distiller, loss_implementation=loss_impl)
     result = trainer.train(resume_from_checkpoint=resume_from)
+    peak_gb = peak_device_memory_gb()  # training's peak, before the gathered save
     if guard.stop_requested:  # the guard saved a checkpoint and stopped the run: end with one line (exit 2)
         trainer.accelerator.wait_for_everyone()
         raise XltError(guard.stop_message(output_dir, trainer.state.global_step))
@@ -672,11 +697,13 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
             "attn_implementation": attn,
             "packed_layout": trainer.xlt_collator.layout,
             "activation_checkpointing": checkpointing,
-            "loss_implementation": loss_impl,
+            "loss_implementation": loss_impl if trainer._xlt_head_module is None or trainer._xlt_projection is not None
+            else "model",
             "precision": precision["precision"],
             "precision_source": precision["source"],
             "save_dtype": save_dtype,
             "throughput": throughput,
+            "peak_memory_gb": peak_gb,
             "mode": "lora" if lora is not None else "full",
             "accounting": accounting,
             "cleaning": getattr(stream, "cleaning_report", {}),

@@ -90,6 +90,38 @@ def output_head(unwrapped: Any) -> torch.nn.Module:
     return base.get_output_embeddings()
 
 
+def _fsdp_managed(module: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+def head_projection(head: torch.nn.Module) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """How the chunked loss applies the output head to a chunk of hidden states, or None where it cannot.
+
+    Without FSDP2 the head is called as a module, so peft wrappers behave as in the model's forward. Under FSDP2
+    the head belongs to a sharding group (accelerate puts the final norm and the head in one unit that stays
+    unsharded after forward): calling it again as a module after the model's forward runs the group's hooks a
+    second time, and its post-backward fires when the chunk's gradient arrives, before the final norm's backward,
+    freeing weights the norm still needs (a segfault on CPU). So a plain linear head is applied as ``F.linear`` on
+    its unsharded weight: the gradient accumulates into it before the group's own post-backward reduces it. A head
+    wrapped by peft under FSDP2 gives None: the caller uses the model's logits for that run.
+    """
+    if not _fsdp_managed(head):
+        return head
+    if not isinstance(head, torch.nn.Linear):
+        return None
+
+    def project(h: torch.Tensor) -> torch.Tensor:
+        weight = head.weight
+        if hasattr(weight, "to_local"):
+            raise XltError("loss_implementation chunked: the output head's weights are sharded after the forward "
+                           "pass (its FSDP unit reshards after forward); use loss_implementation model")
+        return F.linear(h, weight, head.bias)
+
+    return project
+
+
 def _chunk_ce(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = head(hidden)  # the compute dtype (autocast / FSDP's param dtype), as the model's own forward
     return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
