@@ -59,3 +59,24 @@ def test_mfu_cpu_without_peak_reports_null():
                  "--intermediate", "64", "--vocab", "256", "--seq-len", "32", "--batch", "1", "--steps", "1",
                  "--warmup", "0")
     assert r["mfu"] is None and r["tokens_per_second"] > 0
+
+
+def test_gpu_smoke_runs_its_whole_path_on_cpu():
+    """``bench/gpu_smoke.sh --cpu``: the script a lent GPU runs, on 2 gloo processes with tiny shapes, so it cannot
+    rot: one JSON line, per-document attention exact, xlt's own FSDP2 CPT launch with the chunked loss, and
+    ``xlt check``'s estimate for the same recipe and launcher."""
+    out = subprocess.run(["bash", str(ROOT / "bench" / "gpu_smoke.sh"), "--cpu", "--steps", "3"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=600, env={**os.environ, "PYTHON": sys.executable})
+    lines = out.stdout.strip().splitlines()
+    assert out.returncode == 0 and len(lines) == 1, (out.stdout + out.stderr)[-3000:]
+    r = json.loads(lines[0])
+    assert r["mode"] == "cpu-dry" and "error" not in r
+    att = r["attention"]
+    assert att["kernel"] == "sdpa" and att["layout"] == "position_ids" and att["documents"] >= 4
+    assert att["max_abs_diff"] < 1e-5  # packed rows at batch 2 score exactly as each document alone
+    cpt = r["cpt"]
+    assert cpt["launcher"] == "fsdp2" and cpt["steps"] == 3 and cpt["loss_implementation"] == "chunked"
+    assert cpt["packed_layout"] == "position_ids" and cpt["precision"] == "fp32"
+    assert cpt["tokens_per_second"] > 0 and cpt["logged_windows"] >= 2
+    assert cpt["check_ok"] is True and cpt["estimated_memory_gb"] > 0 and set(cpt["estimated_breakdown_gb"]) >= {"weights", "logits"}
+    assert cpt["mfu"] is None and cpt["peak_memory_gb"] is None  # no peak FLOP/s or device allocator on a CPU
