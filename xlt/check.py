@@ -459,13 +459,9 @@ def _flag(value: Any) -> bool:
 
 def _override(overrides: Sequence[str], key: str) -> Optional[str]:
     """The last ``--key value`` / ``--key=value`` on the command line, else None."""
-    found = None
-    for i, a in enumerate(overrides):
-        if a == f"--{key}" and i + 1 < len(overrides):
-            found = overrides[i + 1]
-        elif a.startswith(f"--{key}="):
-            found = a.split("=", 1)[1]
-    return found
+    from xlt.config import recipe_value
+
+    return recipe_value(overrides, {}, key)
 
 
 def detect_stage(recipe: dict, overrides: Sequence[str]) -> str:
