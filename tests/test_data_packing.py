@@ -30,12 +30,14 @@ def test_packed_loss_equals_per_document_losses(tmp_path, attn):
             ids, pos, labels = (torch.from_numpy(a)[None] for a in (row.input_ids, row.position_ids, row.labels))
             packed = model(input_ids=ids, position_ids=pos, labels=labels, use_cache=False).loss.item()
             losses, weights = [], []
+            model.config._attn_implementation = "eager"  # the reference: each document alone, plain attention
             for a, b in segs:
                 if b - a < 2:
                     continue  # a one-token segment has no target
                 doc = ids[:, a:b]
                 losses.append(model(input_ids=doc, labels=doc, use_cache=False).loss.item())
                 weights.append(b - a - 1)
+            model.config._attn_implementation = attn
             expect = float(np.average(losses, weights=weights))
             assert packed == pytest.approx(expect, abs=1e-5, rel=0)
             # Honesty check: with a KV cache transformers does not build the packed mask, and the loss changes.

@@ -178,6 +178,7 @@ def test_multi_node_config_is_hsdp_and_accelerate_launches_it_so(monkeypatch):
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_multi_gpu_env
 
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # accelerate reads it as an int
     args = launch_command_parser().parse_args(["--config_file", MULTI_NODE, "--machine_rank", "0",
                                                "--main_process_ip", "10.0.0.1", "x.py"])
     env = prepare_multi_gpu_env(_validate_launch_command(args)[0])
