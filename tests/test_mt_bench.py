@@ -102,3 +102,211 @@ def test_other_layout_errors_name_the_file(tmp_path, published):
         mtb.matches(published["questions"], some, published["references"], published["prompts"])
     with pytest.raises(XltError, match="no reference answer to question 1 "):
         mtb.matches(published["questions"], published["answers"], {}, published["prompts"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Judging through an OpenAI-compatible endpoint (a canned server on 127.0.0.1)
+# ---------------------------------------------------------------------------------------------
+class CannedJudge:
+    """A chat-completions server answering with ``replies`` in order (``status`` != 200: that HTTP error)."""
+
+    def __init__(self, replies, status=200, body=None):
+        import http.server
+        import threading
+
+        self.replies, self.requests = list(replies), []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's name
+                n = int(self.headers["Content-Length"])
+                outer.requests.append({"path": self.path, "auth": self.headers.get("Authorization"),
+                                       "body": json.loads(self.rfile.read(n))})
+                data = body if body is not None else json.dumps(
+                    {"choices": [{"message": {"role": "assistant", "content": outer.replies.pop(0)}}]}).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _endpoint_args(url, out, *extra):
+    return ["evaluate", "mt-bench", "--questions", str(shared_file(BENCH + "question.jsonl")),
+            "--answers", str(shared_file(BENCH + f"model_answer_{ELYZA}.jsonl")), "--judge-url", url,
+            "--judge-model", "my-judge", "--output", str(out), *extra]
+
+
+def test_endpoint_judge_retries_unrated_verdicts_then_counts_them(tmp_path, monkeypatch, capsys):
+    from xlt.cli import main
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-123")
+    # Writing questions 71 and 72, turns 1, 2, 1, 2: turn 2 of 71 never gets a rating (1 + 2 retries), turn 1
+    # of 72 gets one on the first retry (the backup pattern [x]).
+    server = CannedJudge(["Rating: [[7]]", "no verdict", "still none", "none again", "hmm", "Rating: [6]",
+                          "Rating: [[9]]"])
+    try:
+        args = _endpoint_args(server.url, tmp_path, "--categories", "writing", "--max-questions", "2", "--json")
+        assert main(args) == 0
+        out = capsys.readouterr()
+        r = json.loads(out.out)
+        assert r["n"] == 4 and r["unparsed"] == 1
+        assert (r["turn1"], r["turn2"], r["score"]) == (6.5, 9, pytest.approx(22 / 3))
+        assert r["categories"] == {"writing": pytest.approx(22 / 3)} and not server.replies
+        first = server.requests[0]
+        assert first["path"] == "/v1/chat/completions" and first["auth"] == "Bearer sk-secret-123"
+        assert first["body"]["model"] == "my-judge" and first["body"]["temperature"] == 0
+        assert first["body"]["max_tokens"] == 2048
+        assert [m["role"] for m in first["body"]["messages"]] == ["system", "user"]
+        assert "sk-secret-123" not in out.out + out.err
+        rows = mtb.load_judgments(str(tmp_path / "model_judgment" / "my-judge_single.jsonl"))
+        assert [(j["question_id"], j["turn"], j["score"]) for j in rows] == [(71, 1, 7), (71, 2, -1), (72, 1, 6),
+                                                                           (72, 2, 9)]
+        assert rows[1]["judge"] == ["my-judge", "single-v1-multi-turn"] and rows[1]["model"] == ELYZA
+        assert rows[1]["judgment"] == "none again"  # the last verdict is kept, with score -1
+        # Resumed: every judgment is in the file, the endpoint is not asked again.
+        assert main(args) == 0
+        assert json.loads(capsys.readouterr().out) == r and len(server.requests) == 7
+    finally:
+        server.close()
+
+
+def test_an_unreachable_judge_url_is_one_line_before_any_work(tmp_path, capsys, no_model_loading):
+    import socket
+
+    from xlt.cli import main
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["evaluate", "mt-bench", "--model", "smollm2-135m", "--judge-url", f"http://127.0.0.1:{port}/v1",
+            "--judge-model", "j", "--output", str(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"xlt: error: judge: cannot reach http://127.0.0.1:{port}/v1/chat/completions")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("status, body, message", [
+    (401, b'{"error": "bad key"}', "answered HTTP 401"),
+    (200, b'{"result": "ok"}', "replied without choices[0].message"),
+])
+def test_a_refusing_or_foreign_endpoint_is_one_line(tmp_path, monkeypatch, capsys, status, body, message):
+    from xlt.cli import main
+
+    monkeypatch.setenv("MY_KEY", "sk-never-shown")
+    server = CannedJudge([], status=status, body=body)
+    try:
+        assert main(_endpoint_args(server.url, tmp_path, "--max-questions", "1", "--api-key-env", "MY_KEY")) == 2
+    finally:
+        server.close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "sk-never-shown" not in err[0]
+    assert server.requests[0]["auth"] == "Bearer sk-never-shown"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-questions", "-1"], "--max-questions=-1 must be at least 1"),
+    (["--judge-max-tokens", "0"], "--judge-max-tokens=0 must be at least 1"),
+    (["--judge-url", "http://127.0.0.1:9/v1"], "--judge-url and --judge-model go together"),
+    (["--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "j", "--judge", "smollm2-135m"], "not both"),
+    ([], "no judge"),
+    (["--judge", "smollm2-135m", "--categories", "poetry"], "--categories poetry: not in the question file"),
+])
+def test_bad_options_are_one_line_before_a_model_loads(tmp_path, capsys, no_model_loading, args, message):
+    from xlt.cli import main
+
+    base = ["evaluate", "mt-bench", "--model", "smollm2-135m", "--output", str(tmp_path),
+            "--questions", str(shared_file(BENCH + "question.jsonl"))]
+    assert main(base + args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Answer generation
+# ---------------------------------------------------------------------------------------------
+class RecordingChat:
+    deterministic = True
+
+    def __init__(self):
+        self.calls = []
+
+    def complete(self, messages, temperature, max_new_tokens):
+        self.calls.append(([dict(m) for m in messages], temperature))
+        return f"answer {len(self.calls)}"
+
+
+def test_both_turns_answered_at_fastchat_temperatures_turn_two_sees_turn_one(tmp_path):
+    from xlt.eval.mt_bench_run import generate_answers
+
+    questions = [{"question_id": 5, "category": "writing", "turns": ["q1", "q2"]},
+                 {"question_id": 6, "category": "math", "turns": ["m1", "m2"]},
+                 {"question_id": 7, "category": "stem", "turns": ["s1"]}]
+    chat, path = RecordingChat(), str(tmp_path / "model_answer" / "m.jsonl")
+    got = generate_answers(chat, questions[:2], path, "m", 16)
+    assert [t for _, t in chat.calls] == [0.7, 0.7, 0.0, 0.0]
+    assert chat.calls[1][0] == [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "answer 1"},
+                                {"role": "user", "content": "q2"}]
+    assert got[5]["choices"] == [{"index": 0, "turns": ["answer 1", "answer 2"]}]
+    # Resumed: 5 and 6 are in the file and not regenerated; 7 (stem, 0.1) is.
+    again = generate_answers(chat, questions, path, "m", 16)
+    assert [t for _, t in chat.calls[4:]] == [0.1] and again[5]["answer_id"] == got[5]["answer_id"]
+    assert sorted(mtb.load_answers(path)) == [5, 6, 7]
+    with pytest.raises(XltError, match="holds another model's answers"):
+        generate_answers(chat, questions, path, "other", 16)
+
+
+def test_an_xlt_sft_model_answers_in_its_training_format(tmp_path, embedded_tokenizer):
+    from xlt.data.sft_format import generation_prompt_ids
+    from xlt.eval.mt_bench_models import model_format, model_name
+
+    (tmp_path / "xlt_sft.json").write_text(json.dumps({"prompt_format": "stablelm_alpaca", "chat_template": None,
+                                                       "stop_token_ids": [2]}), encoding="utf-8")
+    assert model_format(str(tmp_path), embedded_tokenizer) == ("stablelm_alpaca", [2])
+    fmt, stops = model_format(str(tmp_path / "none"), embedded_tokenizer)  # no xlt_sft.json: the chat template
+    assert fmt == "chat" and embedded_tokenizer.convert_tokens_to_ids("<|im_end|>") in stops
+    ids = generation_prompt_ids([{"role": "user", "content": "東京"}, {"role": "assistant", "content": "はい"},
+                                 {"role": "user", "content": "次"}], "stablelm_alpaca", embedded_tokenizer)
+    text = embedded_tokenizer.decode(ids)
+    assert text.count("### 指示:") == 2 and "はい" + embedded_tokenizer.eos_token in text
+    assert text.endswith("### 応答: \n")
+    (tmp_path / "run" / "sft").mkdir(parents=True)
+    assert model_name(str(tmp_path / "run" / "sft")) == "run-sft" and model_name("org/name") == "org--name"
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end on a tiny model: answerer and judge
+# ---------------------------------------------------------------------------------------------
+def test_tiny_model_answers_and_judges_two_questions(tmp_path, tiny_model_dir, capsys):
+    from xlt.cli import main
+
+    args = ["evaluate", "mt-bench", "--model", tiny_model_dir, "--judge", tiny_model_dir, "--model-id", "tiny",
+            "--questions", str(shared_file(BENCH + "question.jsonl")), "--categories", "math,writing",
+            "--max-questions", "2", "--max-new-tokens", "6", "--judge-max-tokens", "6", "--output", str(tmp_path),
+            "--json"]
+    assert main(args) == 0
+    r = json.loads(capsys.readouterr().out)
+    answers = mtb.load_answers(str(tmp_path / "model_answer" / "tiny.jsonl"))
+    assert sorted(answers) == [31, 32] and all(len(a["choices"][0]["turns"]) == 2 for a in answers.values())
+    judge_name = json.loads((tmp_path / "result.json").read_text())["judge"]
+    rows = mtb.load_judgments(str(tmp_path / "model_judgment" / f"{judge_name}_single.jsonl"))
+    assert [(j["question_id"], j["turn"], j["judge"][1]) for j in rows] == [
+        (31, 1, "single-math-v1"), (31, 2, "single-math-v1-multi-turn"),
+        (32, 1, "single-math-v1"), (32, 2, "single-math-v1-multi-turn")]
+    # Every judgment attempted; a random model's verdicts rarely hold a rating, and those are counted.
+    assert r["n"] == 4 and r["unparsed"] == sum(j["score"] == -1 for j in rows)
+    assert set(r) == {"score", "turn1", "turn2", "categories", "n", "unparsed"}
+    assert all(answers[j["question_id"]]["choices"][0]["turns"][j["turn"] - 1] in j["user_prompt"] for j in rows)
