@@ -290,17 +290,34 @@ def test_an_xlt_sft_model_answers_in_its_training_format(tmp_path, embedded_toke
 # ---------------------------------------------------------------------------------------------
 # End to end on a tiny model: answerer and judge
 # ---------------------------------------------------------------------------------------------
-def test_tiny_model_answers_and_judges_two_questions(tmp_path, tiny_model_dir, capsys):
+@pytest.fixture(scope="module")
+def untied_tiny_model_dir(tmp_path_factory, embedded_tokenizer) -> str:
+    """``tiny_model_dir`` with untied embeddings: the tied random model greedily repeats the prompt's last
+    token (a newline), so its answers strip to "" and would not show that answers reach the judge."""
+    from tests.conftest import tiny_llama
+
+    out = tmp_path_factory.mktemp("tiny-untied")
+    model = tiny_llama(len(embedded_tokenizer), tie=False)
+    model.config.eos_token_id = embedded_tokenizer.eos_token_id
+    model.config.pad_token_id = embedded_tokenizer.pad_token_id
+    model.save_pretrained(out)
+    embedded_tokenizer.save_pretrained(out)
+    return str(out)
+
+
+def test_tiny_model_answers_and_judges_two_questions(tmp_path, untied_tiny_model_dir, capsys):
     from xlt.cli import main
 
-    args = ["evaluate", "mt-bench", "--model", tiny_model_dir, "--judge", tiny_model_dir, "--model-id", "tiny",
+    tiny = untied_tiny_model_dir
+    args = ["evaluate", "mt-bench", "--model", tiny, "--judge", tiny, "--model-id", "tiny",
             "--questions", str(shared_file(BENCH + "question.jsonl")), "--categories", "math,writing",
             "--max-questions", "2", "--max-new-tokens", "6", "--judge-max-tokens", "6", "--output", str(tmp_path),
             "--json"]
     assert main(args) == 0
     r = json.loads(capsys.readouterr().out)
     answers = mtb.load_answers(str(tmp_path / "model_answer" / "tiny.jsonl"))
-    assert sorted(answers) == [31, 32] and all(len(a["choices"][0]["turns"]) == 2 for a in answers.values())
+    assert sorted(answers) == [31, 32]
+    assert all(len(a["choices"][0]["turns"]) == 2 and all(a["choices"][0]["turns"]) for a in answers.values())
     judge_name = json.loads((tmp_path / "result.json").read_text())["judge"]
     rows = mtb.load_judgments(str(tmp_path / "model_judgment" / f"{judge_name}_single.jsonl"))
     assert [(j["question_id"], j["turn"], j["judge"][1]) for j in rows] == [
@@ -310,3 +327,10 @@ def test_tiny_model_answers_and_judges_two_questions(tmp_path, tiny_model_dir, c
     assert r["n"] == 4 and r["unparsed"] == sum(j["score"] == -1 for j in rows)
     assert set(r) == {"score", "turn1", "turn2", "categories", "n", "unparsed"}
     assert all(answers[j["question_id"]]["choices"][0]["turns"][j["turn"] - 1] in j["user_prompt"] for j in rows)
+    assert all(j["judgment"] for j in rows)
+    # Resumed: nothing is generated or judged again.
+    before = (tmp_path / "model_judgment" / f"{judge_name}_single.jsonl").read_text()
+    ids = {q: a["answer_id"] for q, a in answers.items()}
+    assert main(args) == 0 and json.loads(capsys.readouterr().out) == r
+    assert (tmp_path / "model_judgment" / f"{judge_name}_single.jsonl").read_text() == before
+    assert {q: a["answer_id"] for q, a in mtb.load_answers(str(tmp_path / "model_answer" / "tiny.jsonl")).items()} == ids

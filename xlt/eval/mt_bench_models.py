@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -78,10 +79,20 @@ class LocalChat:
             merged = {"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
             return generation_prompt_ids([merged, *messages[2:]], self.prompt_format, self.tokenizer)
 
+    def _warn_context(self, tokens: int) -> None:
+        """Once: a prompt plus answer longer than the model's context (its verdicts will be poor)."""
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit and tokens > limit and not getattr(self, "_warned", False):
+            self._warned = True
+            print(f"[mt-bench] warning: {self.name}: prompt + max new tokens = {tokens} tokens exceeds its "
+                  f"context of {limit} (a judge prompt holds the question, the answers and the reference)",
+                  file=sys.stderr, flush=True)
+
     def complete(self, messages: list[dict], temperature: float, max_new_tokens: int) -> str:
         import torch
 
         ids = self.prompt_ids(messages)
+        self._warn_context(len(ids) + max_new_tokens)
         torch.manual_seed(0)  # FastChat seeds each answer with its choice index (0)
         sample = {"do_sample": True, "temperature": temperature} if temperature >= 1e-4 else {"do_sample": False}
         inp = torch.tensor([ids], device=self.model.device)
