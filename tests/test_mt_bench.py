@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -334,3 +335,61 @@ def test_tiny_model_answers_and_judges_two_questions(tmp_path, untied_tiny_model
     assert main(args) == 0 and json.loads(capsys.readouterr().out) == r
     assert (tmp_path / "model_judgment" / f"{judge_name}_single.jsonl").read_text() == before
     assert {q: a["answer_id"] for q, a in mtb.load_answers(str(tmp_path / "model_answer" / "tiny.jsonl")).items()} == ids
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluate stage (make evaluate MT_BENCH=1)
+# ---------------------------------------------------------------------------------------------
+def _stage_run(tmp_path, sft_dir=None):
+    import shutil
+
+    run = tmp_path / "run"
+    (run / "heldout").mkdir(parents=True)
+    (run / "heldout" / "ja.jsonl").write_text(json.dumps({"text": "今日は晴れ。"}, ensure_ascii=False) + "\n",
+                                              encoding="utf-8")
+    if sft_dir:
+        shutil.copytree(sft_dir, run / "sft")
+    return run
+
+
+def _stage_args(run, model, *extra):
+    from tests.conftest import REPO
+
+    return ["--config", str(REPO / "recipes/smollm2-135m-ja/evaluate.yaml"), "--output_dir", str(run),
+            "--model", model, "--eval_max_docs", "1", "--max_new_tokens", "2", "--speed_max_chars", "0",
+            "--mt_bench", "true", "--mt_bench_questions", str(shared_file(BENCH + "question.jsonl")), *extra]
+
+
+def test_evaluate_stage_puts_mt_bench_of_the_sft_model_in_report_json(tmp_path, untied_tiny_model_dir,
+                                                                       embedded_tokenizer, capsys):
+    from xlt.cli import run_recipe
+
+    run = _stage_run(tmp_path, untied_tiny_model_dir)
+    stop = embedded_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    (run / "sft" / "xlt_sft.json").write_text(json.dumps({"prompt_format": "chat", "chat_template": None,
+                                                          "stop_token_ids": [stop]}), encoding="utf-8")
+    assert run_recipe("evaluate", _stage_args(run, untied_tiny_model_dir, "--mt_bench_judge", untied_tiny_model_dir,
+                                              "--mt_bench_max_questions", "1", "--mt_bench_max_new_tokens", "4",
+                                              "--mt_bench_judge_max_tokens", "4")) == 0
+    capsys.readouterr()
+    section = json.loads((run / "report.json").read_text(encoding="utf-8"))["mt_bench"]
+    assert section["n"] == 2 and section["judge"] == os.path.basename(untied_tiny_model_dir)
+    assert section["answers"] == str(run / "mt_bench" / "model_answer" / "run-sft.jsonl")
+    assert [a["model_id"] for a in mtb.load_answers(section["answers"]).values()] == ["run-sft"]
+    assert len(mtb.load_judgments(section["judgments"])) == 2
+
+
+@pytest.mark.parametrize("extra, with_sft, message", [
+    (["--mt_bench_judge", "smollm2-135m"], False, "mt_bench: {run}/sft not found"),
+    ([], True, "mt_bench: true needs mt_bench_judge"),
+    (["--mt_bench_judge", "smollm2-135m", "--mt_bench_max_questions", "-3"], True, "--max-questions=-3"),
+    (["--mt_bench_judge", "http://127.0.0.1:9/v1"], True, "--judge-url and --judge-model go together"),
+])
+def test_evaluate_stage_checks_mt_bench_before_loading_a_model(tmp_path, tiny_model_dir, capsys, no_model_loading,
+                                                               extra, with_sft, message):
+    from xlt.cli import run_recipe
+
+    run = _stage_run(tmp_path, tiny_model_dir if with_sft else None)
+    assert run_recipe("evaluate", _stage_args(run, "smollm2-135m", *extra)) == 2
+    err = capsys.readouterr().err
+    assert message.format(run=run) in err and err.count("\n") == 1

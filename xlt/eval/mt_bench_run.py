@@ -275,3 +275,39 @@ def run_mt_bench(o: MtBenchOptions) -> dict:
                        "seconds_judging": round(judge_s, 2), "new_judgments": judged,
                        "seconds_per_judgment": round(judge_s / judged, 3) if judged else None})
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluate stage (make evaluate MT_BENCH=1): the run's SFT model, into report.json "mt_bench"
+# ---------------------------------------------------------------------------------------------
+def stage_options(args: Any) -> Optional[MtBenchOptions]:
+    """MT-Bench options of an evaluate recipe (``mt_bench: true``), checked before any model loads; None when off.
+
+    The SFT model answers; ``mt_bench_judge`` is a judge model spec, or an ``http(s)://`` endpoint whose
+    served model is ``mt_bench_judge_model``. Files go to ``RUN/mt_bench/``.
+    """
+    if not getattr(args, "mt_bench", False):
+        return None
+    sft = os.path.join(args.output_dir, "sft")
+    if not os.path.isdir(sft):
+        raise XltError(f"mt_bench: {sft} not found (MT-Bench grades the run's SFT model)")
+    judge = args.mt_bench_judge
+    if not judge:
+        raise XltError("mt_bench: true needs mt_bench_judge (a judge model spec or an OpenAI-compatible URL)")
+    url = judge if judge.startswith(("http://", "https://")) else None
+    o = MtBenchOptions(model=sft, questions=args.mt_bench_questions, max_questions=args.mt_bench_max_questions,
+                       judge=None if url else judge, judge_url=url, judge_model=args.mt_bench_judge_model if url else None,
+                       output=os.path.join(args.output_dir, "mt_bench"), max_new_tokens=args.mt_bench_max_new_tokens,
+                       judge_max_tokens=args.mt_bench_judge_max_tokens, trust_remote_code=args.trust_remote_code)
+    check_early(o)
+    load_inputs(o)
+    return o
+
+
+def stage_section(o: MtBenchOptions) -> dict:
+    """The ``mt_bench`` section of report.json: the result, the judge and the files."""
+    result = run_mt_bench(o)
+    with open(os.path.join(o.output, "result.json"), encoding="utf-8") as f:
+        saved = json.load(f)
+    _log(f"sft: MT-Bench {result['score']} over {result['n']} judgments ({result['unparsed']} without a rating)")
+    return {**result, **{k: saved[k] for k in ("judge", "answers", "judgments", "seconds_per_judgment")}}
