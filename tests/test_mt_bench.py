@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tests.conftest import shared_file
+from conftest import REPO, shared_file, tiny_llama
 from xlt.config import XltError
 from xlt.eval import mt_bench as mtb
 
@@ -295,7 +295,6 @@ def test_an_xlt_sft_model_answers_in_its_training_format(tmp_path, embedded_toke
 def untied_tiny_model_dir(tmp_path_factory, embedded_tokenizer) -> str:
     """``tiny_model_dir`` with untied embeddings: the tied random model greedily repeats the prompt's last
     token (a newline), so its answers strip to "" and would not show that answers reach the judge."""
-    from tests.conftest import tiny_llama
 
     out = tmp_path_factory.mktemp("tiny-untied")
     model = tiny_llama(len(embedded_tokenizer), tie=False)
@@ -353,7 +352,6 @@ def _stage_run(tmp_path, sft_dir=None):
 
 
 def _stage_args(run, model, *extra):
-    from tests.conftest import REPO
 
     return ["--config", str(REPO / "recipes/smollm2-135m-ja/evaluate.yaml"), "--output_dir", str(run),
             "--model", model, "--eval_max_docs", "1", "--max_new_tokens", "2", "--speed_max_chars", "0",
@@ -393,3 +391,39 @@ def test_evaluate_stage_checks_mt_bench_before_loading_a_model(tmp_path, tiny_mo
     assert run_recipe("evaluate", _stage_args(run, "smollm2-135m", *extra)) == 2
     err = capsys.readouterr().err
     assert message.format(run=run) in err and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# REPORT.md radar plot, the plain-text table and the model card
+# ---------------------------------------------------------------------------------------------
+def test_report_and_model_card_show_the_mt_bench_result(tmp_path, published):
+    from test_report import _assert_png, synthetic_run
+
+    from xlt.hub import model_card
+    from xlt.report import build_report, format_table
+
+    rows = [{**j, "score": mtb.parse_rating(j["judgment"])} for j in published["judgments"]]
+    result = mtb.aggregate(rows, {q["question_id"]: q["category"] for q in published["questions"]})
+    run = synthetic_run(tmp_path)
+    report = json.loads(open(os.path.join(run, "report.json")).read())
+    report["mt_bench"] = {**result, "judge": "gpt-4"}
+    with open(os.path.join(run, "report.json"), "w") as f:
+        json.dump(report, f)
+    text = open(build_report(run), encoding="utf-8").read()
+    assert "## Japanese MT-Bench" in text and "](plots/mt_bench.png)" in text
+    _assert_png(os.path.join(run, "plots", "mt_bench.png"))
+    for line in ("| overall | 4.1750 |", "| turn 1 | 5.0500 |", "| turn 2 | 3.3000 |",
+                 f"| writing | {result['categories']['writing']:.4f} |",
+                 "Judge `gpt-4`, 160 judgments, 0 without a rating"):
+        assert line in text
+    table = format_table(report)
+    assert "MT-Bench (sft)" in table and "judge gpt-4" in table and "4.1750    5.0500    3.3000" in table
+    card = model_card("org/name", report)
+    assert "| overall | 4.1750 |" in card and "| turn 2 | 3.3000 |" in card
+    # A run without MT-Bench: no section, no plot.
+    del report["mt_bench"]
+    with open(os.path.join(run, "report.json"), "w") as f:
+        json.dump(report, f)
+    os.remove(os.path.join(run, "plots", "mt_bench.png"))
+    assert "MT-Bench" not in open(build_report(run), encoding="utf-8").read()
+    assert not os.path.exists(os.path.join(run, "plots", "mt_bench.png"))
