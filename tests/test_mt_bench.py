@@ -96,6 +96,10 @@ def test_other_layout_errors_name_the_file(tmp_path, published):
     prompts.write_text(json.dumps(published["prompts"]["single-v1"]) + "\n", encoding="utf-8")
     with pytest.raises(XltError, match="lacks single-math-v1, single-v1-multi-turn"):
         mtb.load_judge_prompts(str(prompts))
+    wrong = {**published["prompts"], "single-v1": {**published["prompts"]["single-v1"], "output_format": "[[A]]"}}
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in wrong.values()), encoding="utf-8")
+    with pytest.raises(XltError, match="single-v1 has output_format '\\[\\[A\\]\\]'"):
+        mtb.load_judge_prompts(str(prompts))
     with pytest.raises(XltError, match="file not found"):
         mtb.load_questions(str(tmp_path / "none.jsonl"))
     some = {qid: a for qid, a in published["answers"].items() if qid != 3}
@@ -109,7 +113,8 @@ def test_other_layout_errors_name_the_file(tmp_path, published):
 # Judging through an OpenAI-compatible endpoint (a canned server on 127.0.0.1)
 # ---------------------------------------------------------------------------------------------
 class CannedJudge:
-    """A chat-completions server answering with ``replies`` in order (``status`` != 200: that HTTP error)."""
+    """A chat-completions server answering with ``replies`` in order; ``status`` is the HTTP status of every
+    reply, or a list of the first replies' statuses (200 after it)."""
 
     def __init__(self, replies, status=200, body=None):
         import http.server
@@ -123,9 +128,10 @@ class CannedJudge:
                 n = int(self.headers["Content-Length"])
                 outer.requests.append({"path": self.path, "auth": self.headers.get("Authorization"),
                                        "body": json.loads(self.rfile.read(n))})
-                data = body if body is not None else json.dumps(
+                code = (status.pop(0) if status else 200) if isinstance(status, list) else status
+                data = body if body is not None or code != 200 else json.dumps(
                     {"choices": [{"message": {"role": "assistant", "content": outer.replies.pop(0)}}]}).encode()
-                self.send_response(status)
+                self.send_response(code)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -216,6 +222,29 @@ def test_a_refusing_or_foreign_endpoint_is_one_line(tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and "sk-never-shown" not in err[0]
     assert server.requests[0]["auth"] == "Bearer sk-never-shown"
+
+
+def test_busy_endpoint_is_retried_and_a_changed_answer_is_judged_again(tmp_path, published):
+    from xlt.eval.mt_bench_models import EndpointChat
+    from xlt.eval.mt_bench_run import judge_all
+
+    server = CannedJudge(["Rating: [[4]]", "Rating: [[5]]"], status=[503, 429])
+    try:
+        judge = EndpointChat(server.url, "j", retry_sleep=0)
+        assert judge.complete([{"role": "user", "content": "x"}], 0.0, 10) == "Rating: [[4]]"
+        assert len(server.requests) == 3  # 503, 429, then the verdict
+        q = [q for q in published["questions"] if q["question_id"] == 71]
+        todo = mtb.matches(q, published["answers"], None, published["prompts"])[:1]
+        path = str(tmp_path / "j_single.jsonl")
+        mtb_row = {"question_id": 71, "model": ELYZA, "judge": ["j", "single-v1"], "user_prompt": "older answer",
+                   "judgment": "[[9]]", "score": 9, "turn": 1}
+        with open(path, "w") as f:
+            f.write(json.dumps(mtb_row) + "\n")
+        rows, _, new = judge_all(judge, todo, path, ELYZA, 10, 0)
+        assert new == 1 and rows[0]["score"] == 5 and rows[0]["user_prompt"] == todo[0]["user_prompt"]
+        assert [j["score"] for j in mtb.load_judgments(path)] == [9, 5]
+    finally:
+        server.close()
 
 
 @pytest.mark.parametrize("args, message", [

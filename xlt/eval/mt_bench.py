@@ -134,6 +134,10 @@ def load_judge_prompts(path: str) -> dict[str, dict]:
     missing = [n for n in SINGLE_PROMPTS.values() if n not in out]
     if missing:
         raise XltError(f"judge prompts: {path} lacks {', '.join(missing)} (FastChat's judge_prompts.jsonl)")
+    for name in SINGLE_PROMPTS.values():
+        if out[name]["output_format"] != "[[rating]]":
+            raise XltError(f"judge prompts: {path}: {name} has output_format {out[name]['output_format']!r}; "
+                           "single-answer grading reads a '[[rating]]'")
     return out
 
 

@@ -133,10 +133,20 @@ class EndpointChat:
         self.timeout, self.api_retries, self.retry_sleep = timeout, api_retries, retry_sleep
         self._host, self._port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
 
+    def _first_hop(self) -> tuple[str, int]:
+        """The host urllib connects to: the endpoint, or the proxy of its scheme (``HTTPS_PROXY`` ...)."""
+        scheme = urllib.parse.urlsplit(self.url).scheme
+        proxy = urllib.request.getproxies().get(scheme)
+        if proxy and not urllib.request.proxy_bypass(self._host):
+            p = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+            if p.hostname:
+                return p.hostname, p.port or 80
+        return self._host, self._port
+
     def check_reachable(self) -> None:
-        """Before any work: a TCP connection to the endpoint's host opens, else one line."""
+        """Before any work: a TCP connection to the endpoint's host (or its proxy) opens, else one line."""
         try:
-            socket.create_connection((self._host, self._port), timeout=min(self.timeout, 10)).close()
+            socket.create_connection(self._first_hop(), timeout=min(self.timeout, 10)).close()
         except OSError as e:
             raise XltError(f"judge: cannot reach {self.url} ({e.strerror or e})") from None
 

@@ -187,14 +187,16 @@ def _judgment_key(j: dict) -> tuple:
 
 def judge_all(judge: Any, todo: list[dict], path: str, model_id: str, max_tokens: int,
               retries: int) -> tuple[list, float, int]:
-    """FastChat judgment rows for ``todo`` (reused from ``path`` when already there), the seconds spent
-    judging and the number of new judgments."""
+    """FastChat judgment rows for ``todo``, the seconds spent judging and the number of new judgments.
+
+    A judgment already in ``path`` (same question, turn, model, judge, prompt name and prompt text) is reused;
+    new ones are appended, so a later line for the same match supersedes an earlier one."""
     done = {_judgment_key(j): j for j in mtb.load_judgments(path)} if os.path.isfile(path) else {}
     retries = 0 if judge.deterministic else retries
     rows, spent, new = [], 0.0, 0
     for m in todo:
         row = done.get((m["question_id"], m["turn"], model_id, (judge.name, m["prompt"])))
-        if row is None:
+        if row is None or row.get("user_prompt") != m["user_prompt"]:  # not judged, or judged on other answers
             t0 = time.perf_counter()
             verdict, score, attempts = judge_one(judge, m, max_tokens, retries)
             spent, new = spent + time.perf_counter() - t0, new + 1
