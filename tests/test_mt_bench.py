@@ -409,7 +409,10 @@ def test_evaluate_stage_puts_mt_bench_of_the_sft_model_in_report_json(tmp_path, 
 @pytest.mark.parametrize("extra, with_sft, message", [
     (["--mt_bench_judge", "smollm2-135m"], False, "mt_bench: {run}/sft not found"),
     ([], True, "mt_bench: true needs mt_bench_judge"),
-    (["--mt_bench_judge", "smollm2-135m", "--mt_bench_max_questions", "-3"], True, "--max-questions=-3"),
+    (["--mt_bench_judge", "smollm2-135m", "--mt_bench_max_questions", "-3"], True,
+     "mt_bench_max_questions=-3 must be > 0"),
+    (["--mt_bench_judge", "smollm2-135m", "--mt_bench_judge_max_tokens", "0"], True,
+     "mt_bench_judge_max_tokens=0 must be > 0"),
     (["--mt_bench_judge", "http://127.0.0.1:9/v1"], True, "--judge-url and --judge-model go together"),
 ])
 def test_evaluate_stage_checks_mt_bench_before_loading_a_model(tmp_path, tiny_model_dir, capsys, no_model_loading,
