@@ -253,6 +253,7 @@ def test_busy_endpoint_is_retried_and_a_changed_answer_is_judged_again(tmp_path,
     (["--judge-url", "http://127.0.0.1:9/v1"], "--judge-url and --judge-model go together"),
     (["--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "j", "--judge", "smollm2-135m"], "not both"),
     ([], "no judge"),
+    (["--judge", "smollm2-135m", "--answers", "a.jsonl"], "--model DIR (its answers are generated) or --answers"),
     (["--judge", "smollm2-135m", "--categories", "poetry"], "--categories poetry: not in the question file"),
 ])
 def test_bad_options_are_one_line_before_a_model_loads(tmp_path, capsys, no_model_loading, args, message):
@@ -334,7 +335,7 @@ def untied_tiny_model_dir(tmp_path_factory, embedded_tokenizer) -> str:
     return str(out)
 
 
-def test_tiny_model_answers_and_judges_two_questions(tmp_path, untied_tiny_model_dir, capsys):
+def test_tiny_model_answers_and_judges_two_questions(tmp_path, untied_tiny_model_dir, capsys, monkeypatch):
     from xlt.cli import main
 
     tiny = untied_tiny_model_dir
@@ -357,7 +358,13 @@ def test_tiny_model_answers_and_judges_two_questions(tmp_path, untied_tiny_model
     assert set(r) == {"score", "turn1", "turn2", "categories", "n", "unparsed"}
     assert all(answers[j["question_id"]]["choices"][0]["turns"][j["turn"] - 1] in j["user_prompt"] for j in rows)
     assert all(j["judgment"] for j in rows)
-    # Resumed: nothing is generated or judged again.
+    # Resumed: nothing is generated or judged again, no weights load.
+    import transformers
+
+    def boom(*a, **k):
+        raise AssertionError("a resumed run with nothing left to do loaded a model")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
     before = (tmp_path / "model_judgment" / f"{judge_name}_single.jsonl").read_text()
     ids = {q: a["answer_id"] for q, a in answers.items()}
     assert main(args) == 0 and json.loads(capsys.readouterr().out) == r

@@ -55,21 +55,30 @@ def model_format(path: str, tokenizer: Any) -> tuple[str, list[int]]:
 
 
 class LocalChat:
-    """A transformers causal LM answering in its own format; greedy at temperature 0, else sampled."""
+    """A transformers causal LM answering in its own format; greedy at temperature 0, else sampled.
+
+    The weights load at the first prompt: a resumed run with nothing left to answer or judge loads nothing.
+    """
 
     deterministic = True  # greedy decoding gives the same verdict again: retrying an unparsed one is pointless
 
     def __init__(self, spec: str, trust_remote_code: bool = False) -> None:
+        self.spec, self.trust_remote_code, self.name = spec, trust_remote_code, model_name(spec)
+        self.model: Any = None
+
+    def _load(self) -> None:
         from xlt.models import load_model, load_tokenizer, resolve_model
 
-        self.name = model_name(spec)
-        self.tokenizer = load_tokenizer(spec, trust_remote_code=trust_remote_code)
-        self.model = load_model(spec, trust_remote_code=trust_remote_code).eval()
-        self.prompt_format, self.stop_ids = model_format(resolve_model(spec), self.tokenizer)
+        if self.model is None:
+            self.tokenizer = load_tokenizer(self.spec, trust_remote_code=self.trust_remote_code)
+            self.prompt_format, self.stop_ids = model_format(resolve_model(self.spec), self.tokenizer)
+            self.model = load_model(self.spec, trust_remote_code=self.trust_remote_code).eval()
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """The prompt as in training; a template that rejects a system turn gets it merged into the user turn."""
         from xlt.data.sft_format import generation_prompt_ids
+
+        self._load()
 
         try:
             return generation_prompt_ids(messages, self.prompt_format, self.tokenizer)

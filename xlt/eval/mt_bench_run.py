@@ -75,8 +75,9 @@ def check_judge(o: MtBenchOptions) -> None:
     if not (o.judge or o.judge_url):
         raise XltError("mt-bench: no judge: give --judge MODEL_SPEC (a local model) or --judge-url URL "
                        "--judge-model NAME (an OpenAI-compatible endpoint)")
-    if not (o.model or o.answers):
-        raise XltError("mt-bench: give --model DIR (answers are generated) or --answers FILE")
+    if bool(o.model) == bool(o.answers):
+        raise XltError("mt-bench: give --model DIR (its answers are generated) or --answers FILE (graded as they "
+                       "are), one of the two")
 
 
 def select_questions(questions: list[dict], categories: Optional[str], max_questions: Optional[int]) -> list[dict]:
@@ -246,7 +247,7 @@ def check_early(o: MtBenchOptions) -> None:
 
     check_numbers(o)
     check_judge(o)
-    if o.model and not o.answers:
+    if o.model:
         check_model_spec(o.model)
     if o.judge:
         check_model_spec(o.judge)
