@@ -411,6 +411,29 @@ def test_evaluate_stage_puts_mt_bench_of_the_sft_model_in_report_json(tmp_path, 
     assert section["answers"] == str(run / "mt_bench" / "model_answer" / "run-sft.jsonl")
     assert [a["model_id"] for a in mtb.load_answers(section["answers"]).values()] == ["run-sft"]
     assert len(mtb.load_judgments(section["judgments"])) == 2
+    # The SFT model retrained in place: its old answers are set aside and the questions answered again.
+    later = os.path.getmtime(section["answers"]) + 10
+    os.utime(run / "sft" / "config.json", (later, later))
+    first = mtb.load_answers(section["answers"])
+    assert run_recipe("evaluate", _stage_args(run, untied_tiny_model_dir, "--mt_bench_judge", untied_tiny_model_dir,
+                                              "--mt_bench_max_questions", "1", "--mt_bench_max_new_tokens", "4",
+                                              "--mt_bench_judge_max_tokens", "4")) == 0
+    capsys.readouterr()
+    assert mtb.load_answers(section["answers"] + ".stale") == first
+    assert list(first) == [1] and mtb.load_answers(section["answers"])[1]["answer_id"] != first[1]["answer_id"]
+
+
+def test_cli_refuses_answers_older_than_the_model(tmp_path):
+    from xlt.eval.mt_bench_run import check_stale_answers
+
+    model, answers = tmp_path / "model", tmp_path / "a.jsonl"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    answers.write_text("{}\n")
+    check_stale_answers(str(answers), str(model), replace=False)  # written after the model: kept
+    os.utime(answers, (1, 1))
+    with pytest.raises(XltError, match="is older than the model in"):
+        check_stale_answers(str(answers), str(model), replace=False)
 
 
 @pytest.mark.parametrize("extra, with_sft, message", [

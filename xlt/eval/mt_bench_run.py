@@ -44,6 +44,7 @@ class MtBenchOptions:
     judge_max_tokens: int = JUDGE_MAX_TOKENS
     verdict_retries: int = 2
     trust_remote_code: bool = False
+    replace_stale: bool = False  # the evaluate stage: answers of an earlier model are set aside, not an error
 
 
 def _log(msg: str) -> None:
@@ -233,12 +234,30 @@ def _answers(o: MtBenchOptions, questions: list[dict]) -> tuple[dict, str, str, 
         return answers, o.model_id or answers_model_id(answers, o.answers), o.answers, 0.0
     model_id = o.model_id or model_name(o.model)
     path = os.path.join(o.output, "model_answer", f"{model_id}.jsonl")
+    check_stale_answers(path, o.model, o.replace_stale)
     t0 = time.perf_counter()
     chat = LocalChat(o.model, trust_remote_code=o.trust_remote_code)
     answers = generate_answers(chat, questions, path, model_id, o.max_new_tokens)
     del chat
     gc.collect()
     return answers, model_id, path, time.perf_counter() - t0
+
+
+def _newest_file(folder: str) -> float:
+    return max((e.stat().st_mtime for e in os.scandir(folder) if e.is_file()), default=0.0)
+
+
+def check_stale_answers(path: str, model: str, replace: bool) -> None:
+    """Answers older than the model folder's newest file were written by an earlier model (retrained in
+    place): they are set aside as ``PATH.stale`` when ``replace`` (the evaluate stage), else one line."""
+    folder = os.path.expanduser(model)
+    if not (os.path.isfile(path) and os.path.isdir(folder)) or os.path.getmtime(path) >= _newest_file(folder):
+        return
+    if not replace:
+        raise XltError(f"answers: {path} is older than the model in {model} (retrained?); delete it or give "
+                       "another --output")
+    os.replace(path, path + ".stale")
+    _log(f"{path} predates {model}: set aside as {path}.stale, answering again")
 
 
 def check_early(o: MtBenchOptions) -> None:
@@ -301,7 +320,8 @@ def stage_options(args: Any) -> Optional[MtBenchOptions]:
     o = MtBenchOptions(model=sft, questions=args.mt_bench_questions, max_questions=args.mt_bench_max_questions,
                        judge=None if url else judge, judge_url=url, judge_model=args.mt_bench_judge_model if url else None,
                        output=os.path.join(args.output_dir, "mt_bench"), max_new_tokens=args.mt_bench_max_new_tokens,
-                       judge_max_tokens=args.mt_bench_judge_max_tokens, trust_remote_code=args.trust_remote_code)
+                       judge_max_tokens=args.mt_bench_judge_max_tokens, trust_remote_code=args.trust_remote_code,
+                       replace_stale=True)
     check_early(o)
     load_inputs(o)
     return o
