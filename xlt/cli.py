@@ -172,7 +172,7 @@ def _add_mt_bench(ev: argparse._SubParsersAction) -> None:
     t = ev.add_parser("mt-bench", help="Japanese MT-Bench: two-turn answers graded 1-10 by a judge LLM (FastChat)")
     t.add_argument("--model", default=None, help="model that answers (an xlt sft/ folder answers in its training format)")
     t.add_argument("--questions", default=DEFAULT_QUESTIONS, help="FastChat question.jsonl (judge_prompts.jsonl and "
-                   "reference_answer/gpt-4.jsonl are looked for next to it)")
+                   "reference_answer/gpt-4.jsonl are looked for next to it; default %(default)s)")
     t.add_argument("--judge-prompts", default=None, help="FastChat judge_prompts.jsonl")
     t.add_argument("--references", default=None, help="reference answers for math / reasoning / coding (gpt-4.jsonl)")
     t.add_argument("--categories", default=None, help="comma-separated categories (default all)")
@@ -183,9 +183,9 @@ def _add_mt_bench(ev: argparse._SubParsersAction) -> None:
     t.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the endpoint's key")
     t.add_argument("--answers", default=None, help="grade these answers (FastChat model_answer jsonl), generate none")
     t.add_argument("--model-id", default=None, help="name of the answering model in the output files")
-    t.add_argument("--output", default=DEFAULT_OUTPUT, help="folder for model_answer/, model_judgment/, result.json")
-    t.add_argument("--max-new-tokens", type=int, default=ANSWER_MAX_NEW_TOKENS, help="longest answer per turn")
-    t.add_argument("--judge-max-tokens", type=int, default=JUDGE_MAX_TOKENS, help="longest verdict (small on CPU)")
+    t.add_argument("--output", default=DEFAULT_OUTPUT, help="folder for model_answer/, model_judgment/, result.json (default %(default)s)")
+    t.add_argument("--max-new-tokens", type=int, default=ANSWER_MAX_NEW_TOKENS, help="longest answer per turn (default %(default)s, FastChat's)")
+    t.add_argument("--judge-max-tokens", type=int, default=JUDGE_MAX_TOKENS, help="longest verdict (default %(default)s, FastChat's; smaller on CPU)")
     t.add_argument("--verdict-retries", type=int, default=2,
                    help="times a verdict without a rating is asked again (endpoints; a greedy local judge repeats itself)")
     t.add_argument("--trust-remote-code", action="store_true")
