@@ -275,9 +275,12 @@ class RecordingChat:
     def __init__(self):
         self.calls = []
 
+    def new_conversation(self):
+        self.calls.append("new")
+
     def complete(self, messages, temperature, max_new_tokens):
         self.calls.append(([dict(m) for m in messages], temperature))
-        return f"answer {len(self.calls)}"
+        return f"answer {sum(c != 'new' for c in self.calls)}"
 
 
 def test_both_turns_answered_at_fastchat_temperatures_turn_two_sees_turn_one(tmp_path):
@@ -288,13 +291,15 @@ def test_both_turns_answered_at_fastchat_temperatures_turn_two_sees_turn_one(tmp
                  {"question_id": 7, "category": "stem", "turns": ["s1"]}]
     chat, path = RecordingChat(), str(tmp_path / "model_answer" / "m.jsonl")
     got = generate_answers(chat, questions[:2], path, "m", 16)
+    assert chat.calls[0] == chat.calls[3] == "new"  # once per question, before its first turn
+    chat.calls = [c for c in chat.calls if c != "new"]
     assert [t for _, t in chat.calls] == [0.7, 0.7, 0.0, 0.0]
     assert chat.calls[1][0] == [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "answer 1"},
                                 {"role": "user", "content": "q2"}]
     assert got[5]["choices"] == [{"index": 0, "turns": ["answer 1", "answer 2"]}]
     # Resumed: 5 and 6 are in the file and not regenerated; 7 (stem, 0.1) is.
     again = generate_answers(chat, questions, path, "m", 16)
-    assert [t for _, t in chat.calls[4:]] == [0.1] and again[5]["answer_id"] == got[5]["answer_id"]
+    assert [c[1] for c in chat.calls[4:] if c != "new"] == [0.1] and again[5]["answer_id"] == got[5]["answer_id"]
     assert sorted(mtb.load_answers(path)) == [5, 6, 7]
     with pytest.raises(XltError, match="holds another model's answers"):
         generate_answers(chat, questions, path, "other", 16)

@@ -88,6 +88,12 @@ class LocalChat:
             merged = {"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
             return generation_prompt_ids([merged, *messages[2:]], self.prompt_format, self.tokenizer)
 
+    def new_conversation(self) -> None:
+        """FastChat seeds the sampler with the choice index (0) once per question, before its first turn."""
+        import torch
+
+        torch.manual_seed(0)
+
     def _warn_context(self, tokens: int) -> None:
         """Once: a prompt plus answer longer than the model's context (its verdicts will be poor)."""
         limit = getattr(self.model.config, "max_position_embeddings", None)
@@ -102,7 +108,6 @@ class LocalChat:
 
         ids = self.prompt_ids(messages)
         self._warn_context(len(ids) + max_new_tokens)
-        torch.manual_seed(0)  # FastChat seeds each answer with its choice index (0)
         sample = {"do_sample": True, "temperature": temperature} if temperature >= 1e-4 else {"do_sample": False}
         inp = torch.tensor([ids], device=self.model.device)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
@@ -151,6 +156,9 @@ class EndpointChat:
             if p.hostname:
                 return p.hostname, p.port or 80
         return self._host, self._port
+
+    def new_conversation(self) -> None:
+        """Nothing to reset: the endpoint samples on its side."""
 
     def check_reachable(self) -> None:
         """Before any work: a TCP connection to the endpoint's host (or its proxy) opens, else one line."""

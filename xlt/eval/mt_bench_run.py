@@ -143,6 +143,7 @@ def answer_question(chat: Any, question: dict, max_new_tokens: int) -> list[str]
     """Both turns in the model's own format at the category's temperature; turn 2 sees turn 1's answer."""
     temperature = mtb.TEMPERATURE.get(question["category"], mtb.DEFAULT_TEMPERATURE)
     messages, turns = [], []
+    chat.new_conversation()
     for text in question["turns"]:
         messages.append({"role": "user", "content": text})
         answer = chat.complete(messages, temperature, max_new_tokens)
