@@ -152,7 +152,7 @@ class CannedJudge:
 def _endpoint_args(url, out, *extra):
     return ["evaluate", "mt-bench", "--questions", str(shared_file(BENCH + "question.jsonl")),
             "--answers", str(shared_file(BENCH + f"model_answer_{ELYZA}.jsonl")), "--judge-url", url,
-            "--judge-model", "my-judge", "--output", str(out), *extra]
+            "--judge-model", "org/my-judge", "--output", str(out), *extra]
 
 
 def test_endpoint_judge_retries_unrated_verdicts_then_counts_them(tmp_path, monkeypatch, capsys):
@@ -173,14 +173,14 @@ def test_endpoint_judge_retries_unrated_verdicts_then_counts_them(tmp_path, monk
         assert r["categories"] == {"writing": pytest.approx(22 / 3)} and not server.replies
         first = server.requests[0]
         assert first["path"] == "/v1/chat/completions" and first["auth"] == "Bearer sk-secret-123"
-        assert first["body"]["model"] == "my-judge" and first["body"]["temperature"] == 0
+        assert first["body"]["model"] == "org/my-judge" and first["body"]["temperature"] == 0
         assert first["body"]["max_tokens"] == 2048
         assert [m["role"] for m in first["body"]["messages"]] == ["system", "user"]
         assert "sk-secret-123" not in out.out + out.err
-        rows = mtb.load_judgments(str(tmp_path / "model_judgment" / "my-judge_single.jsonl"))
+        rows = mtb.load_judgments(str(tmp_path / "model_judgment" / "org--my-judge_single.jsonl"))
         assert [(j["question_id"], j["turn"], j["score"]) for j in rows] == [(71, 1, 7), (71, 2, -1), (72, 1, 6),
                                                                            (72, 2, 9)]
-        assert rows[1]["judge"] == ["my-judge", "single-v1-multi-turn"] and rows[1]["model"] == ELYZA
+        assert rows[1]["judge"] == ["org/my-judge", "single-v1-multi-turn"] and rows[1]["model"] == ELYZA
         assert rows[1]["judgment"] == "none again"  # the last verdict is kept, with score -1
         # Resumed: every judgment is in the file, the endpoint is not asked again.
         assert main(args) == 0

@@ -51,6 +51,11 @@ def _log(msg: str) -> None:
     print(f"[mt-bench] {msg}", file=sys.stderr, flush=True)
 
 
+def _file_name(name: str) -> str:
+    """A model or judge name as one file name (``org/name`` -> ``org--name``)."""
+    return name.replace(os.sep, "--").replace("/", "--")
+
+
 def _append(path: str, row: dict) -> None:
     """One FastChat line (``json.dumps`` defaults, as FastChat writes), flushed before the next work starts."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -234,7 +239,7 @@ def _answers(o: MtBenchOptions, questions: list[dict]) -> tuple[dict, str, str, 
         answers = mtb.load_answers(o.answers)
         return answers, o.model_id or answers_model_id(answers, o.answers), o.answers, 0.0
     model_id = o.model_id or model_name(o.model)
-    path = os.path.join(o.output, "model_answer", f"{model_id}.jsonl")
+    path = os.path.join(o.output, "model_answer", f"{_file_name(model_id)}.jsonl")
     check_stale_answers(path, o.model, o.replace_stale)
     t0 = time.perf_counter()
     chat = LocalChat(o.model, trust_remote_code=o.trust_remote_code)
@@ -287,7 +292,7 @@ def run_mt_bench(o: MtBenchOptions) -> dict:
     answers, model_id, answers_path, answer_s = _answers(o, questions)
     todo = mtb.matches(questions, answers, references, prompts, answers_path)
     judge = make_judge(o)
-    jpath = os.path.join(o.output, "model_judgment", f"{judge.name}_single.jsonl")
+    jpath = os.path.join(o.output, "model_judgment", f"{_file_name(judge.name)}_single.jsonl")
     rows, judge_s, judged = judge_all(judge, todo, jpath, model_id, o.judge_max_tokens, o.verdict_retries)
     result = mtb.aggregate(rows, {q["question_id"]: q["category"] for q in questions})
     from xlt.io import atomic_write_json
