@@ -212,7 +212,8 @@ def judge_all(judge: Any, todo: list[dict], path: str, model_id: str, max_tokens
                    "user_prompt": m["user_prompt"], "judgment": verdict, "score": score, "turn": m["turn"],
                    "tstamp": time.time()}
             _append(path, row)
-            _log(f"question {m['question_id']} turn {m['turn']}: score {score}"
+            _log(f"question {m['question_id']} turn {m['turn']}: "
+                 + (f"score {score}" if score != -1 else "no rating in the verdict (counted as unparsed)")
                  + (f" after {attempts} attempts" if attempts > 1 else ""))
         rows.append(row)
     return rows, spent, new
