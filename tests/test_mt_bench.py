@@ -494,3 +494,18 @@ def test_report_and_model_card_show_the_mt_bench_result(tmp_path, published):
     os.remove(os.path.join(run, "plots", "mt_bench.png"))
     assert "MT-Bench" not in open(build_report(run), encoding="utf-8").read()
     assert not os.path.exists(os.path.join(run, "plots", "mt_bench.png"))
+
+
+def test_make_evaluate_passes_mt_bench_settings():
+    import subprocess
+
+    def dry(*variables):
+        out = subprocess.run(["make", "-n", "--no-print-directory", "evaluate", *variables], cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return " ".join(out.stdout.replace("\\\n", " ").split())
+
+    assert "--mt_bench" not in dry()
+    assert "--mt_bench true --mt_bench_judge smollm2-135m" in dry("MT_BENCH=1")
+    url = dry("MT_BENCH=1", "MT_BENCH_JUDGE=http://localhost:8000/v1", "MT_BENCH_JUDGE_MODEL=org/judge")
+    assert "--mt_bench true --mt_bench_judge http://localhost:8000/v1 --mt_bench_judge_model org/judge" in url
