@@ -65,21 +65,25 @@ class LocalChat:
     def __init__(self, spec: str, trust_remote_code: bool = False) -> None:
         self.spec, self.trust_remote_code, self.name = spec, trust_remote_code, model_name(spec)
         self.model: Any = None
+        self._warned = False
 
     def _load(self) -> None:
+        """Tokenizer, format and weights (on the GPU when there is one, as ``xlt evaluate speed``)."""
+        import torch
+
         from xlt.models import load_model, load_tokenizer, resolve_model
 
         if self.model is None:
             self.tokenizer = load_tokenizer(self.spec, trust_remote_code=self.trust_remote_code)
             self.prompt_format, self.stop_ids = model_format(resolve_model(self.spec), self.tokenizer)
-            self.model = load_model(self.spec, trust_remote_code=self.trust_remote_code).eval()
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.model = load_model(self.spec, trust_remote_code=self.trust_remote_code).to(device).eval()
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """The prompt as in training; a template that rejects a system turn gets it merged into the user turn."""
         from xlt.data.sft_format import generation_prompt_ids
 
         self._load()
-
         try:
             return generation_prompt_ids(messages, self.prompt_format, self.tokenizer)
         except XltError:
@@ -97,7 +101,7 @@ class LocalChat:
     def _warn_context(self, tokens: int) -> None:
         """Once: a prompt plus answer longer than the model's context (its verdicts will be poor)."""
         limit = getattr(self.model.config, "max_position_embeddings", None)
-        if limit and tokens > limit and not getattr(self, "_warned", False):
+        if limit and tokens > limit and not self._warned:
             self._warned = True
             print(f"[mt-bench] warning: {self.name}: prompt + max new tokens = {tokens} tokens exceeds its "
                   f"context of {limit} (a judge prompt holds the question, the answers and the reference)",
