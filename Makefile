@@ -10,6 +10,9 @@
 #                     character of every stage on each (--heldout_files); default ../shared/data/ja_wiki_paragraphs.jsonl
 #                     when that file exists (general Japanese the demo never trains on), HELDOUT= turns it off
 #   REPO              hub repo id ORG/NAME for make push
+#   MT_BENCH          1: the evaluate stage adds Japanese MT-Bench of the SFT model (report.json "mt_bench")
+#   MT_BENCH_JUDGE    its judge: a model spec, or an OpenAI-compatible URL (with MT_BENCH_JUDGE_MODEL, key from
+#                     OPENAI_API_KEY); default the demo model smollm2-135m (real plumbing, meaningless scores)
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTHON := $(BIN)/python
@@ -21,6 +24,9 @@ RECIPE ?=
 OUTPUT_DIR ?=
 ARGS ?=
 MC_DATA ?=
+MT_BENCH ?=
+MT_BENCH_JUDGE ?= smollm2-135m
+MT_BENCH_JUDGE_MODEL ?=
 # The demo's tokenizer: none (the measurement below), or extend (the recipe's 1,024 merges). At demo compute the
 # extension makes Japanese text from outside the training sources worse (ja_wiki 6.56 -> 7.41 bits/char after the
 # extended demo CPT) while the same recipe with the original tokenizer makes it better (6.56 -> 5.67), and at equal
@@ -62,7 +68,9 @@ sft:
 evaluate:
 	$(PYTHON) recipes/evaluate.py --config $(or $(RECIPE),$(RECIPE_DIR)/evaluate.yaml) \
 		$(if $(MODEL),--model $(MODEL)) $(if $(MC_DATA),--mc_data $(MC_DATA)) \
-		$(if $(HELDOUT),--heldout_files $(HELDOUT)) $(OUT_ARG) $(ARGS)
+		$(if $(HELDOUT),--heldout_files $(HELDOUT)) \
+		$(if $(MT_BENCH),--mt_bench true --mt_bench_judge $(MT_BENCH_JUDGE) \
+			$(if $(MT_BENCH_JUDGE_MODEL),--mt_bench_judge_model $(MT_BENCH_JUDGE_MODEL))) $(OUT_ARG) $(ARGS)
 
 report:  ## RUN_DIR/REPORT.md with plots [OUTPUT_DIR=runs/...]
 	$(BIN)/xlt report $(RUN_DIR)

@@ -7,6 +7,7 @@
     xlt evaluate bpc --model DIR --data FILE [FILE ...] [--stride S] [--text-field text] [--max-docs N] --json
     xlt evaluate mc --model DIR --data FILE [--max-n N] --json
     xlt evaluate harness --model DIR --tasks jcommonsenseqa --data-dir DIR --json
+    xlt evaluate mt-bench --model DIR (--judge MODEL | --judge-url URL --judge-model NAME) [--json]
     xlt tokenizer extend|stats ...      xlt data preview ...
     xlt chat --model RUN_DIR/sft [--max-new-tokens N]   (one instruction per line on stdin)
     xlt report RUN_DIR                  xlt push RUN_DIR --repo-id ORG/NAME [--private] [--dry-run --output DIR]
@@ -146,6 +147,51 @@ def _evaluate_harness(ns: argparse.Namespace) -> int:
         for task, metrics in r["results"].items():
             print(task + ": " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return 0
+
+
+def _evaluate_mt_bench(ns: argparse.Namespace) -> int:
+    from xlt.eval.mt_bench_run import MtBenchOptions, run_mt_bench
+    from xlt.eval.suite import print_json
+
+    opts = MtBenchOptions(**{k: v for k, v in vars(ns).items() if k in MtBenchOptions.__dataclass_fields__})
+    r = run_mt_bench(opts)
+    if ns.json:
+        print_json(r)
+        return 0
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    print(f"MT-Bench score {fmt(r['score'])} (turn 1 {fmt(r['turn1'])}, turn 2 {fmt(r['turn2'])}) over "
+          f"{r['n']} judgments, {r['unparsed']} without a rating")
+    for name, score in r["categories"].items():
+        print(f"  {name}: {fmt(score)}")
+    return 0
+
+
+def _add_mt_bench(ev: argparse._SubParsersAction) -> None:
+    from xlt.eval.mt_bench_run import ANSWER_MAX_NEW_TOKENS, DEFAULT_OUTPUT, DEFAULT_QUESTIONS, JUDGE_MAX_TOKENS
+
+    t = ev.add_parser("mt-bench", help="Japanese MT-Bench: two-turn answers graded 1-10 by a judge LLM (FastChat)")
+    t.add_argument("--model", default=None, help="model that answers (an xlt sft/ folder answers in its training format)")
+    t.add_argument("--questions", default=DEFAULT_QUESTIONS, help="FastChat question.jsonl (judge_prompts.jsonl and "
+                   "reference_answer/gpt-4.jsonl are looked for next to it; default %(default)s)")
+    t.add_argument("--judge-prompts", default=None, help="FastChat judge_prompts.jsonl")
+    t.add_argument("--references", default=None, help="reference answers for math / reasoning / coding (gpt-4.jsonl)")
+    t.add_argument("--categories", default=None, help="comma-separated categories (default all)")
+    t.add_argument("--max-questions", type=int, default=None, help="first N questions (after --categories)")
+    t.add_argument("--judge", default=None, help="local judge model spec (transformers, greedy)")
+    t.add_argument("--judge-url", default=None, help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
+    t.add_argument("--judge-model", default=None, help="model name the endpoint serves (e.g. gpt-4)")
+    t.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the endpoint's key")
+    t.add_argument("--answers", default=None, help="grade these answers (FastChat model_answer jsonl), generate none")
+    t.add_argument("--model-id", default=None, help="name of the answering model in the output files")
+    t.add_argument("--output", default=DEFAULT_OUTPUT, help="folder for model_answer/, model_judgment/, result.json (default %(default)s)")
+    t.add_argument("--max-new-tokens", type=int, default=ANSWER_MAX_NEW_TOKENS, help="longest answer per turn (default %(default)s, FastChat's)")
+    t.add_argument("--judge-max-tokens", type=int, default=JUDGE_MAX_TOKENS, help="longest verdict (default %(default)s, FastChat's; smaller on CPU)")
+    t.add_argument("--verdict-retries", type=int, default=2,
+                   help="times a verdict without a rating is asked again (endpoints; a greedy local judge repeats itself)")
+    t.add_argument("--trust-remote-code", action="store_true")
+    t.add_argument("--json", action="store_true",
+                   help='print {"score", "turn1", "turn2", "categories": {name: score}, "n", "unparsed"}')
+    t.set_defaults(func=_evaluate_mt_bench)
 
 
 def _chat(ns: argparse.Namespace) -> int:
@@ -339,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     h.add_argument("--json", action="store_true")
     h.set_defaults(func=_evaluate_harness)
+    _add_mt_bench(ev)
 
     c = sub.add_parser("chat", help="talk to an SFT model: one instruction per line, answer streamed (training format)")
     c.add_argument("--model", required=True, help="an sft/ folder written by xlt sft (with xlt_sft.json)")

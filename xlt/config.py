@@ -569,6 +569,19 @@ class EvalArguments:
     speed_max_chars: int = field(default=80, metadata={
         "help": "Generation speed of every stage (Japanese characters per second and per token, greedy, the same "
                 "8 Japanese prompts, this many characters of output each) in report.json under 'speed'; 0 skips it."})
+    mt_bench: bool = field(default=False, metadata={
+        "help": "Japanese MT-Bench of the SFT model (answers in its training format, graded by mt_bench_judge) in "
+                "report.json under 'mt_bench'; files in OUTPUT_DIR/mt_bench/."})
+    mt_bench_judge: Optional[str] = field(default=None, metadata={
+        "help": "MT-Bench judge: a model spec (local, greedy) or an OpenAI-compatible URL (http://HOST:PORT/v1; key "
+                "from OPENAI_API_KEY) serving mt_bench_judge_model."})
+    mt_bench_judge_model: Optional[str] = field(default=None, metadata={
+        "help": "The model name the mt_bench_judge URL serves (e.g. gpt-4)."})
+    mt_bench_questions: str = field(default="../shared/data/japanese_mt_bench/question.jsonl", metadata={
+        "help": "FastChat question.jsonl; judge_prompts.jsonl and the gpt-4 reference answers are read next to it."})
+    mt_bench_max_questions: Optional[int] = field(default=None, metadata={"help": "First N MT-Bench questions only."})
+    mt_bench_max_new_tokens: int = field(default=1024, metadata={"help": "Longest MT-Bench answer per turn."})
+    mt_bench_judge_max_tokens: int = field(default=2048, metadata={"help": "Longest verdict (FastChat: 2048)."})
 
 
 @dataclass

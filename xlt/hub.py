@@ -142,6 +142,10 @@ def model_card(repo: str, report: dict[str, Any], run: Optional[dict[str, Any]] 
     mc = {k: v for k, v in (report.get("mc") or {}).items() if isinstance(v, dict) and "accuracy" in v}
     if mc:
         lines += ["Multiple choice: " + ", ".join(f"{s} {v['accuracy']:.3f}" for s, v in mc.items()), ""]
+    if isinstance(report.get("mt_bench"), dict) and "n" in report["mt_bench"]:
+        from xlt.report import mt_bench_markdown
+
+        lines += mt_bench_markdown(report["mt_bench"])
     if report.get("speed"):
         lines += ["Generation speed: see REPORT.md.", ""]
     gen = report.get("generation")

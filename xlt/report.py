@@ -47,6 +47,7 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"{'95% CI':<24}" + "".join(f"{ci[s][0]:>5.2f}-{ci[s][1]:<4.2f}" for s in stages))
         lines.append(f"{'questions':<24}{n:>10}")
         lines.append("")
+    lines.extend(_mt_bench_text(report.get("mt_bench")))
     trained = report.get("tokens_trained")
     if trained:
         total = sum(trained.values()) or 1
@@ -54,6 +55,47 @@ def format_table(report: dict[str, Any]) -> str:
     if "wall_seconds" in report:
         lines.append(f"wall time: {report['wall_seconds']:.0f} s")
     return "\n".join(lines)
+
+
+def _score(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, (int, float)) else "-"
+
+
+def _mt_bench_text(mb: Optional[dict]) -> list[str]:
+    """MT-Bench lines of the plain-text table (score 1-10, means over rated judgments)."""
+    if not isinstance(mb, dict) or "n" not in mb:
+        return []
+    return [f"{'MT-Bench (sft)':<24}{'score':>10}{'turn 1':>10}{'turn 2':>10}",
+            f"{'judge ' + str(mb.get('judge', '?')):<24}{_score(mb.get('score')):>10}{_score(mb.get('turn1')):>10}"
+            f"{_score(mb.get('turn2')):>10}",
+            f"{'judgments':<24}{mb['n']:>10} ({mb.get('unparsed', 0)} without a rating)", ""]
+
+
+def mt_bench_markdown(mb: dict) -> list[str]:
+    """The MT-Bench table of REPORT.md and the model card: overall, per turn, per category, and the judge."""
+    rows = [["overall", _score(mb.get("score"))], ["turn 1", _score(mb.get("turn1"))],
+            ["turn 2", _score(mb.get("turn2"))]]
+    rows += [[c, _score(v)] for c, v in (mb.get("categories") or {}).items()]
+    return _md_table(["Japanese MT-Bench (1-10)", "score"], rows) + [
+        "", f"Judge `{mb.get('judge', '?')}`, {mb.get('n', 0)} judgments, {mb.get('unparsed', 0)} without a rating "
+            "(not averaged).", ""]
+
+
+def _plot_mt_bench(categories: dict[str, float], path: str) -> None:
+    """Radar plot of the per-category scores (1-10), as FastChat's MT-Bench plots."""
+    import math
+
+    names = list(categories)
+    angles = [2 * math.pi * i / len(names) for i in range(len(names))]
+    values = [categories[n] for n in names]
+    fig = _figure(5, 5)
+    ax = fig.add_subplot(projection="polar")
+    ax.plot(angles + angles[:1], values + values[:1], marker="o")
+    ax.fill(angles + angles[:1], values + values[:1], alpha=0.2)
+    ax.set_xticks(angles)
+    ax.set_xticklabels(names)
+    ax.set_ylim(0, 10)
+    _save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,6 +137,18 @@ SECTIONS = (
     "Multiple-choice accuracy",
     "Generation speed",
 )
+
+
+def _mt_bench_section(mb: Optional[dict], plots: str) -> list[str]:
+    """``## Japanese MT-Bench`` (only when the evaluate stage ran it): radar plot per category and the table."""
+    if not isinstance(mb, dict) or "n" not in mb:
+        return []
+    out = ["## Japanese MT-Bench", ""]
+    cats = {c: v for c, v in (mb.get("categories") or {}).items() if isinstance(v, (int, float))}
+    if len(cats) >= 3:
+        _plot_mt_bench(cats, os.path.join(plots, "mt_bench.png"))
+        out.extend([f"![MT-Bench score per category]({PLOTS_DIR}/mt_bench.png)", ""])
+    return out + mt_bench_markdown(mb)
 
 
 def _read_json(path: str) -> Optional[Any]:
@@ -456,6 +510,7 @@ def build_report(run_dir: str, dest: Optional[str] = None) -> str:
     else:
         missing("no generation speed in report.json (`xlt evaluate speed`)")
 
+    out.extend(_mt_bench_section(report.get("mt_bench"), plots))
     out.extend(_sft_section(report.get("sft") or {}))
     path = os.path.join(dest, REPORT_MD)
     atomic_write_text(path, "\n".join(out))

@@ -201,6 +201,9 @@ RULES: dict[str, Rule] = {
     "max_new_tokens": POSITIVE,
     "speed_max_chars": NON_NEGATIVE,  # 0 skips the speed measurement
     "mc_max_n": POSITIVE,
+    "mt_bench_max_questions": POSITIVE,
+    "mt_bench_max_new_tokens": POSITIVE,
+    "mt_bench_judge_max_tokens": POSITIVE,
 }
 
 

@@ -80,6 +80,9 @@ def evaluate_run(args: EvalArguments) -> dict:
             raise XltError(f"mc_max_n must be at least 1 (got {args.mc_max_n})")
         mc_rows, _ = load_mc_rows(args.mc_data, args.mc_max_n, key="mc_data")
     texts.update(heldout_file_texts(args.heldout_files, args.eval_max_docs, set(texts)))
+    from xlt.eval.mt_bench_run import stage_options, stage_section
+
+    mt_bench = stage_options(args)  # checked now, run after the stages' models are freed
     stages = {"base": args.model}
     for stage in ("cpt", "sft"):
         if os.path.isdir(os.path.join(run_dir, stage)):
@@ -136,6 +139,8 @@ def evaluate_run(args: EvalArguments) -> dict:
                 speed["cpt"]["chars_per_second"] / max(speed["base"]["chars_per_second"], 1e-9), 3)
     if sample:
         section["generation"] = sample
+    if mt_bench:
+        section["mt_bench"] = stage_section(mt_bench)
     started = os.environ.get("XLT_DEMO_START")
     if started:
         section["wall_seconds"] = round(time.time() - float(started), 1)
