@@ -352,19 +352,16 @@ def _make_trainer_class():
 
         def _xlt_head(self):
             """The output head's projection for the loss from hidden states (xlt/train/losses.py
-            ``head_projection``), or None where only the model's logits will do (a tied or peft-wrapped head under
-            FSDP2: those steps use the logits path, said once in the log)."""
+            ``head_projection``), or None where only the model's logits will do (a peft-wrapped head under FSDP2:
+            those steps use the logits path, said once in the log)."""
             from xlt.train.losses import head_projection, output_head
 
             if self._xlt_head_module is None:
-                unwrapped = self.accelerator.unwrap_model(self.model_wrapped)
-                self._xlt_head_module = head = output_head(unwrapped)
-                base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
-                tied = getattr(base.get_input_embeddings(), "weight", None) is getattr(head, "weight", 0)
-                self._xlt_projection = head_projection(head, tied=tied)
+                self._xlt_head_module = output_head(self.accelerator.unwrap_model(self.model_wrapped))
+                self._xlt_projection = head_projection(self._xlt_head_module)
                 if self._xlt_projection is None and self.is_world_process_zero():
-                    print(f"[xlt cpt] loss: the model's logits ({self.xlt_loss_implementation} needs an untied, plain "
-                          f"linear output head under FSDP2)", flush=True)
+                    print(f"[xlt cpt] loss: the model's logits ({self.xlt_loss_implementation} needs a plain output "
+                          f"head under FSDP2; this one is wrapped by peft)", flush=True)
             return self._xlt_projection
 
         def _xlt_hidden_loss(self, model, inputs, num_items_in_batch, langs):

@@ -96,7 +96,7 @@ def _fsdp_managed(module: torch.nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
-def head_projection(head: torch.nn.Module, tied: bool = False) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+def head_projection(head: torch.nn.Module) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
     """How the chunked loss applies the output head to a chunk of hidden states, or None where it cannot.
 
     Without FSDP2 the head is called as a module, so peft wrappers behave as in the model's forward. Under FSDP2
@@ -104,14 +104,12 @@ def head_projection(head: torch.nn.Module, tied: bool = False) -> Optional[Calla
     unsharded after forward): calling it again as a module after the model's forward runs the group's hooks a
     second time, and its post-backward fires when the chunk's gradient arrives, before the final norm's backward,
     freeing weights the norm still needs (a segfault on CPU). So a plain linear head is applied as ``F.linear`` on
-    its unsharded weight: the gradient accumulates into it before the group's own post-backward reduces it (tested:
-    FSDP2 equal to DDP for untied heads, every shipped GPU recipe's). A head wrapped by peft, or tied to the input
-    embedding (``tied``: accelerate puts the embedding in the same unit; no FSDP2-vs-DDP test covers that case
-    yet), gives None under FSDP2: the caller uses the model's logits for that run.
+    its unsharded weight: the gradient accumulates into it before the group's own post-backward reduces it. A head
+    wrapped by peft under FSDP2 gives None: the caller uses the model's logits for that run.
     """
     if not _fsdp_managed(head):
         return head
-    if tied or not isinstance(head, torch.nn.Linear):
+    if not isinstance(head, torch.nn.Linear):
         return None
 
     def project(h: torch.Tensor) -> torch.Tensor:
