@@ -4,6 +4,8 @@
     python tests/scale_launch.py replicas OUT_DIR MODEL_DIR         (under torchrun, 2 gloo processes)
     python tests/scale_launch.py fsdp_kd OUT_DIR MODEL_DIR          (under torchrun, 2 gloo processes)
     python tests/scale_launch.py cpt_pause MARKER -- CPT_ARGS...     (pauses inside step 1 after writing MARKER)
+    python tests/scale_launch.py recipe_teardown OUT_DIR MODEL_DIR  (under torchrun: a recipe stage's process group
+                                                                      is gone when run_recipe returns)
     python tests/scale_launch.py cpt_sigkill STEP -- CPT_ARGS...     (SIGKILLs itself mid-step STEP: after the
                                                                       backward pass, before the optimizer step)
 """
@@ -209,9 +211,32 @@ def cpt_sigkill(step: int) -> int:
     return _patched_cpt(hook)
 
 
+def recipe_teardown(out: str, model_dir: str) -> None:
+    """A stage that leaves a gloo group with an async FSDP2-style collective behind (as a Trainer does): when
+    ``run_recipe`` returns, the group is destroyed on every rank."""
+    import torch
+    import torch.distributed as dist
+
+    import xlt.cli as cli
+
+    def stage(argv) -> int:
+        dist.init_process_group("gloo")
+        work = dist.all_reduce(torch.ones(4), async_op=True)
+        work.wait()
+        return 0
+
+    cli._recipe_stage = lambda name: stage
+    rc = cli.run_recipe("cpt", [])
+    result = {"rc": rc, "initialized_after": dist.is_initialized()}
+    with open(os.path.join(out, f"teardown-{os.environ['RANK']}.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f)
+
+
 if __name__ == "__main__":
     mode = sys.argv[1]
-    if mode == "fsdp_save":
+    if mode == "recipe_teardown":
+        recipe_teardown(sys.argv[2], sys.argv[3])
+    elif mode == "fsdp_save":
         fsdp_save(sys.argv[2], sys.argv[3])
     elif mode == "fsdp_lora_save":
         fsdp_lora_save(sys.argv[2], sys.argv[3])

@@ -26,6 +26,14 @@ def torchrun(mode: str, out, model_dir: str, port: int) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def test_a_launched_recipe_stage_leaves_with_its_process_group_destroyed(tmp_path, tiny_model_dir):
+    """A gloo group alive at interpreter shutdown can abort a rank (SIGABRT) after its model was saved, failing
+    the launch: ``run_recipe`` destroys it (after a barrier) on every rank before returning."""
+    torchrun("recipe_teardown", tmp_path, tiny_model_dir, 29563)
+    for r in (0, 1):
+        assert json.loads((tmp_path / f"teardown-{r}.json").read_text()) == {"rc": 0, "initialized_after": False}
+
+
 def test_distillation_teacher_is_sharded_under_fsdp_and_gives_the_full_teachers_term(tmp_path, tiny_model_dir):
     """kd_weight under FSDP: the teacher is sharded like the student (each process holds half of it) and the term
     equals the one a full teacher copy gives, with its gradient reaching every student shard."""

@@ -106,7 +106,8 @@ def launch(accelerate_config: Path, stage: str, recipe_file: Path, extra: tuple[
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=LAUNCH_TIMEOUT_S)
 
 
-_ERROR_LINE = re.compile(r"^(\[rank\d+\]: )?(xlt: error: |[\w.]*(Error|Exception)\w*: )")
+_ERROR_LINE = re.compile(r"^(\[rank\d+\]: )?(xlt: error: |[\w.]*(Error|Exception)\w*: |terminate called)"
+                         r"|traceback : Signal \d+")
 
 
 def _tail(proc: subprocess.CompletedProcess, n: int = 12) -> str:

@@ -91,8 +91,29 @@ def _recipe_stage(name: str) -> Callable[[Sequence[str]], int]:
 
 
 def run_recipe(name: str, argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``recipes/{cpt,sft,evaluate}.py``: same behaviour as ``xlt NAME``."""
-    return _guard(lambda: _recipe_stage(name)(list(sys.argv[1:] if argv is None else argv)))
+    """Entry point of ``recipes/{cpt,sft,evaluate}.py``: same behaviour as ``xlt NAME``.
+
+    A launched process (``WORLD_SIZE`` > 1) leaves with its process group destroyed, after a barrier when the
+    stage succeeded: a gloo group still alive at interpreter shutdown can abort the process (SIGABRT) after the
+    model was saved, and the launcher then reports the whole run as failed."""
+    try:
+        rc = _guard(lambda: _recipe_stage(name)(list(sys.argv[1:] if argv is None else argv)))
+    except BaseException:
+        _end_process_group(ok=False)
+        raise
+    _end_process_group(ok=rc == 0)
+    return rc
+
+
+def _end_process_group(ok: bool) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if ok:  # every rank got here: nobody is left mid-collective when the connections close
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def _guard(fn: Callable[[], int]) -> int:
