@@ -31,6 +31,7 @@ from types import SimpleNamespace
 from typing import Any, Optional
 
 from xlt.config import EMBEDDED_MODEL, XltError
+from xlt.validate import check_cli_numbers
 
 GIB = 1 << 30
 CUDA_OVERHEAD_GIB = 3.0  # CUDA context, NCCL buffers, allocator fragmentation: a fixed allowance per GPU
@@ -845,10 +846,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     ns, overrides = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
-    if ns.gpus is not None and ns.gpus < 0:
-        parser.error("--gpus: expected a number >= 0")
-    if ns.gpu_memory_gb is not None and not ns.gpu_memory_gb > 0:
-        parser.error("--gpu-memory-gb: expected a number > 0")
+    try:
+        check_cli_numbers(parser, ns)
+    except XltError as e:
+        parser.error(str(e))
     if overrides and not overrides[0].startswith("--"):
         parser.error(f"unexpected argument {overrides[0]!r} (recipe overrides are --key value)")
     try:

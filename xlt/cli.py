@@ -345,16 +345,23 @@ def _add_speed_and_plan(sub: argparse._SubParsersAction, ev: argparse._SubParser
 # --- end xlt evaluate speed / xlt plan ------------------------------------------------------------
 
 
-def _sft_preview(argv: Sequence[str]) -> int:
-    """``xlt sft preview --config RECIPE [--n N] [--json]``; other ``--key value`` pairs override the recipe."""
-    from xlt.data.sft_format import preview_main
-
+def sft_preview_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xlt sft preview", allow_abbrev=False, description="The first N SFT training examples as "
                                 "trained: text with the spans that carry loss (tokenizer only, no model weights).")
     p.add_argument("--n", type=int, default=3, help="examples to show")
     p.add_argument("--json", action="store_true",
                    help='print [{"text", "trained": [[start, end], ...], "tokens", "truncated"}, ...]')
+    return p
+
+
+def _sft_preview(argv: Sequence[str]) -> int:
+    """``xlt sft preview --config RECIPE [--n N] [--json]``; other ``--key value`` pairs override the recipe."""
+    from xlt.data.sft_format import preview_main
+    from xlt.validate import check_cli_numbers
+
+    p = sft_preview_parser()
     ns, rest = p.parse_known_args(list(argv))
+    check_cli_numbers(p, ns)
     if "--config" not in rest:
         raise XltError("sft preview: --config RECIPE is required")
     return preview_main(rest, n=ns.n, as_json=ns.json)
@@ -455,9 +462,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return check_main(argv[1:])
     if argv[:2] == ["evaluate", "run"]:
         return run_recipe("evaluate", argv[2:])
+    from xlt.validate import check_cli_numbers
+
     parser = build_parser()
     ns = parser.parse_args(argv)
-    return _guard(lambda: ns.func(ns))
+
+    def run() -> int:
+        check_cli_numbers(parser, ns)
+        return ns.func(ns)
+
+    return _guard(run)
 
 
 if __name__ == "__main__":

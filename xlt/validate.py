@@ -409,3 +409,68 @@ def check_output_dir(path: str, key: str = "output_dir", create: bool = True) ->
     except OSError as e:
         what = "is not writable" if probe == os.path.abspath(path) else f"cannot be created: {probe} is not writable"
         raise XltError(f"{key}={path} {what} ({e.strerror})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Command-line numbers: the same rules as recipe keys
+# ---------------------------------------------------------------------------------------------
+# Numeric options of the ``xlt`` sub-commands whose name is not a recipe key. An option named like a recipe key
+# (``--max-length``, ``--new-tokens``, ``--min-frequency``, ...) takes that key's rule from ``RULES``.
+CLI_RULES: dict[str, Rule] = {
+    "max_docs": AT_LEAST_1,
+    "stride": POSITIVE,            # and < max_length (xlt.eval.bpc.resolve_stride)
+    "batch_size": AT_LEAST_1,
+    "max_n": AT_LEAST_1,
+    "limit": AT_LEAST_1,
+    "num_fewshot": NON_NEGATIVE,
+    "max_questions": AT_LEAST_1,
+    "judge_max_tokens": AT_LEAST_1,
+    "verdict_retries": NON_NEGATIVE,
+    "max_chars": AT_LEAST_1,
+    "n": AT_LEAST_1,
+    "steps": AT_LEAST_1,
+    "distill_steps": NON_NEGATIVE,
+    "pad_multiple": AT_LEAST_1,
+    "gpus": NON_NEGATIVE,
+    "gpu_memory_gb": POSITIVE,
+    "processes": AT_LEAST_1,
+}
+
+
+def cli_rule(dest: str) -> Optional[Rule]:
+    """The rule of a numeric command-line option: its recipe key's, else its own in ``CLI_RULES``."""
+    return RULES.get(dest) or CLI_RULES.get(dest)
+
+
+def numeric_options(parser: Any) -> list[tuple[Any, Any]]:
+    """``(parser, action)`` for every int / float option of ``parser`` and of all its sub-commands."""
+    import argparse
+
+    out = []
+    for action in parser._actions:  # argparse keeps no public list of a parser's actions
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                out += numeric_options(sub)
+        elif action.type in (int, float):
+            out.append((parser, action))
+    return out
+
+
+def check_cli_numbers(parser: Any, ns: Any) -> None:
+    """Every numeric option given to the chosen (sub-)command against its rule; one ``XltError`` line naming
+    the option (``--max-docs=-1 must be >= 1``). Options without a rule are a programming error (tested)."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = action.choices.get(getattr(ns, action.dest, None) or "")
+            if chosen is not None:
+                check_cli_numbers(chosen, ns)
+        elif action.type in (int, float):
+            value = getattr(ns, action.dest, None)
+            rule = cli_rule(action.dest)
+            if rule is None:
+                raise XltError(f"{action.option_strings[0]}: no value rule (xlt.validate.CLI_RULES)")
+            msg = range_error(action.dest, value, {action.dest: rule})
+            if msg:
+                raise XltError(f"{action.option_strings[0]}={value} {msg.split(' ', 1)[1]}")
