@@ -90,8 +90,9 @@ test:
 test-fast:
 	$(PYTHON) -m pytest -q -m "not slow"
 
-lint:
+lint:  ## ruff, and the import layers / no-cycle contracts of pyproject.toml [tool.importlinter]
 	$(BIN)/ruff check xlt tests bench recipes
+	$(BIN)/lint-imports
 
 bench:
 	@for b in bench/*.py; do echo "== $$b"; $(PYTHON) $$b || exit 1; done

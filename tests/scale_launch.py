@@ -218,6 +218,7 @@ def recipe_teardown(out: str, model_dir: str) -> None:
     import torch.distributed as dist
 
     import xlt.cli as cli
+    import xlt.stages
 
     def stage(argv) -> int:
         dist.init_process_group("gloo")
@@ -225,7 +226,7 @@ def recipe_teardown(out: str, model_dir: str) -> None:
         work.wait()
         return 0
 
-    cli._recipe_stage = lambda name: stage
+    xlt.stages.recipe_stage = lambda name: stage
     rc = cli.run_recipe("cpt", [])
     result = {"rc": rc, "initialized_after": dist.is_initialized()}
     with open(os.path.join(out, f"teardown-{os.environ['RANK']}.json"), "w", encoding="utf-8") as f:

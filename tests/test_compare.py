@@ -231,13 +231,14 @@ def test_each_arm_ran_the_real_cpt_path_and_its_model_loads(compared):
 def test_finished_arms_are_not_rerun_and_json_prints_the_list(compared, monkeypatch, capsys):
     import xlt.cli
     import xlt.compare
+    import xlt.stages
 
     path, out, rows = compared
 
     def no_training(name):
         raise AssertionError(f"stage {name} ran again")
 
-    monkeypatch.setattr(xlt.cli, "_recipe_stage", no_training)
+    monkeypatch.setattr(xlt.stages, "recipe_stage", no_training)
     monkeypatch.setattr(xlt.compare, "score_model", lambda *a, **k: pytest.fail("an arm was scored again"))
     assert xlt.cli.main(["compare", "--config", path, "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)

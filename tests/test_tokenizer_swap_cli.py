@@ -11,8 +11,8 @@ import torch
 from tok_fixtures import EN_TEXT, JA_WIKI, ROUND_TRIP, en_text, ja_split, smollm2_dir, tiny_model_dir
 from tokenizers import Tokenizer
 
+from xlt.commands.tokenizer import add_tokenizer_commands
 from xlt.config import TokenizerArguments, XltError
-from xlt.tokenizer.cli import add_tokenizer_commands
 from xlt.tokenizer.extend import build_tokenizer_stage
 from xlt.tokenizer.stats import load_fast_tokenizer, tokenizer_stats
 

@@ -282,12 +282,13 @@ class ModelSize:
 
 def size_model(config: Any, vocab: int, lora: Any = None, new_rows: int = 0) -> ModelSize:
     """Count the parameters of ``config`` with ``vocab`` embedding rows; with LoRA, the trainable ones too."""
-    from xlt.train.lora import _embedding_names, _meta_model, check_lora_targets
+    from xlt.models import meta_model
+    from xlt.train.lora import check_lora_targets, embedding_names
 
     cfg = copy.deepcopy(config)
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     text.vocab_size = vocab
-    model = _meta_model(cfg)
+    model = meta_model(cfg)
     params = sum(p.numel() for p in model.parameters())  # a tied head is one parameter, counted once
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
     tied = out is not None and out.weight is inp.weight
@@ -302,7 +303,7 @@ def size_model(config: Any, vocab: int, lora: Any = None, new_rows: int = 0) -> 
         if lora.lora_new_rows == "modules_to_save":
             rows = embedding
         else:
-            _embedding_names(model)
+            embedding_names(model)
             rows = new_rows * size.hidden * (1 if tied or out is None else 2)
         size.lora_trainable = adapters + rows
     return size
@@ -479,22 +480,14 @@ def parse(stage: str, recipe_path: str, overrides: Sequence[str], precision: Opt
     ``precision``: what a recipe that leaves out bf16 / fp16 gets on the target hardware ('bf16' / 'fp32').
     """
     from xlt.config import (
-        CptArguments,
-        DataArguments,
-        ModelArguments,
         SftArguments,
-        TokenizerArguments,
+        cpt_recipe_types,
         parse_recipe,
     )
 
     argv = ["--config", recipe_path, *overrides, "--use_cpu", "true"]
     if stage == "cpt":
-        from transformers import TrainingArguments
-
-        from xlt.train.lora import LoraSettings
-
-        return parse_recipe([ModelArguments, TokenizerArguments, DataArguments, CptArguments, LoraSettings,
-                             TrainingArguments], argv, precision=precision)
+        return parse_recipe(cpt_recipe_types(), argv, precision=precision)
     from trl import SFTConfig
 
     return parse_recipe([SftArguments, SFTConfig], argv, precision=precision)

@@ -25,69 +25,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Optional
 
+from xlt import stages
 from xlt.config import XltError
-
-
-def cpt_recipe_types() -> list[type]:
-    """The dataclasses a cpt recipe is parsed into (``xlt cpt`` and the arms of ``xlt compare``)."""
-    from transformers import TrainingArguments
-
-    from xlt.config import CptArguments, DataArguments, ModelArguments, TokenizerArguments
-    from xlt.train.lora import LoraSettings
-
-    return [ModelArguments, TokenizerArguments, DataArguments, CptArguments, LoraSettings, TrainingArguments]
-
-
-def _recipe_stage(name: str) -> Callable[[Sequence[str]], int]:
-    """A recipe stage: ``--config FILE`` plus TrlParser-style overrides."""
-
-    def run(argv: Sequence[str]) -> int:
-        from xlt.config import (
-            CptArguments,
-            DataArguments,
-            EvalArguments,
-            ModelArguments,
-            OutputArguments,
-            SftArguments,
-            TokenizerArguments,
-            parse_recipe,
-        )
-
-        if name == "cpt":
-            from xlt.train.cpt import run_cpt
-
-            *parsed, lora, training_args = parse_recipe(cpt_recipe_types(), argv)
-            run_cpt(*parsed, training_args, lora=lora)
-        elif name == "extend_tokenizer":
-            from xlt.train.cpt import run_tokenizer_stage
-
-            report = run_tokenizer_stage(*parse_recipe([ModelArguments, TokenizerArguments, DataArguments,
-                                                        CptArguments, OutputArguments], argv))
-            cpt = report["chars_per_token"]
-            print(f"new tokens {report['new_tokens']}; chars/token ja {cpt['ja']['base']:.3f} -> "
-                  f"{cpt['ja']['extended']:.3f}, en {cpt['en']['base']:.3f} -> {cpt['en']['extended']:.3f}")
-        elif name == "sft":
-            from trl import SFTConfig
-
-            from xlt.train.sft import learning_rate_given, run_sft
-
-            run_sft(*parse_recipe([SftArguments, SFTConfig], argv), learning_rate_given=learning_rate_given(argv))
-        elif name == "evaluate":
-            from xlt.eval.suite import evaluate_run
-            from xlt.report import format_table
-
-            (args,) = parse_recipe([EvalArguments], argv)
-            check_recipe_push(args)
-            report = evaluate_run(args)
-            print(format_table(report))
-            if report.get("generation"):
-                g = report["generation"]
-                print(f"\nSFT model, {g['prompt']}\n→ {g['output']}")
-            print(f"\nreport: {os.path.join(args.output_dir, 'report.json')}")
-            recipe_push(args)
-        return 0
-
-    return run
 
 
 def run_recipe(name: str, argv: Optional[Sequence[str]] = None) -> int:
@@ -97,7 +36,7 @@ def run_recipe(name: str, argv: Optional[Sequence[str]] = None) -> int:
     stage succeeded: a gloo group still alive at interpreter shutdown can abort the process (SIGABRT) after the
     model was saved, and the launcher then reports the whole run as failed."""
     try:
-        rc = _guard(lambda: _recipe_stage(name)(list(sys.argv[1:] if argv is None else argv)))
+        rc = _guard(lambda: stages.recipe_stage(name)(list(sys.argv[1:] if argv is None else argv)))
     except BaseException:
         _end_process_group(ok=False)
         raise
@@ -273,24 +212,6 @@ def _push(ns: argparse.Namespace) -> int:
     return 0
 
 
-def check_recipe_push(args: object) -> None:
-    """Before an evaluate stage does any work: ``push_to_hub`` needs ``hub_repo_id`` and a token that may write."""
-    if getattr(args, "push_to_hub", False):
-        if not getattr(args, "hub_repo_id", None):
-            raise XltError("push_to_hub: true needs hub_repo_id (ORG/NAME)")
-        from xlt.hub import check_hub_access
-
-        check_hub_access(args.hub_repo_id)
-
-
-def recipe_push(args: object) -> None:
-    """After an evaluate stage: push the run (model, card, REPORT.md) when ``push_to_hub`` is set."""
-    if getattr(args, "push_to_hub", False):
-        from xlt.hub import push_run
-
-        print(f"pushed: {push_run(args.output_dir, args.hub_repo_id)}")
-
-
 # --- xlt evaluate speed / xlt plan (generation speed, scaling planner) ---------------------------
 def _evaluate_speed(ns: argparse.Namespace) -> int:
     from xlt.eval.speed import speed_json
@@ -441,8 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print DIR/compare.json's list (progress goes to stderr)")
     c.set_defaults(func=_compare)
 
+    from xlt.commands.tokenizer import add_tokenizer_commands
     from xlt.data.preview import add_data_commands
-    from xlt.tokenizer.cli import add_tokenizer_commands
 
     add_tokenizer_commands(sub)
     add_data_commands(sub)

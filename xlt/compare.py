@@ -48,8 +48,10 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
+from xlt import stages
 from xlt.config import XltError
-from xlt.io import atomic_write_json
+from xlt.flops import effective_params, flops_spread, model_effective_params, solve_tokens, training_flops  # noqa: F401
+from xlt.io import atomic_write_json, resolve_shared
 
 #: Recipe keys an arm may not set: the comparison owns them.
 OWNED_KEYS = ("output_dir", "train_tokens", "max_steps")
@@ -59,7 +61,6 @@ ARM_KEYS = ("name", "overrides")
 LANGS = ("ja", "en")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 #: ``../shared/data/`` in a held-out path is read from ``$XLT_SHARED_DATA`` when that is set.
-SHARED_PREFIX = "../shared/data/"
 
 
 @dataclasses.dataclass
@@ -101,22 +102,12 @@ def _log(msg: str) -> None:
 
 def cpt_types() -> list[type]:
     """The dataclasses of a cpt recipe: the same list ``xlt cpt`` parses with."""
-    from xlt.cli import cpt_recipe_types
-
-    return cpt_recipe_types()
+    return stages.cpt_recipe_types()
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The comparison file: every check before any model loads
 # ---------------------------------------------------------------------------------------------------------
-def resolve_shared(path: str) -> str:
-    """A held-out path as given, except that ``../shared/data/X`` reads ``$XLT_SHARED_DATA/X`` when set."""
-    shared = os.environ.get("XLT_SHARED_DATA")
-    if shared and path.replace("\\", "/").startswith(SHARED_PREFIX):
-        return os.path.join(shared, path[len(SHARED_PREFIX):])
-    return path
-
-
 def _yaml_mapping(path: str, what: str) -> dict:
     from xlt.config import _check_yaml
 
@@ -330,55 +321,6 @@ def _cpt_parts(parsed: Sequence[Any]) -> tuple[Any, Any, Any, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Compute accounting
-# ---------------------------------------------------------------------------------------------------------
-def effective_params(model: Any) -> dict:
-    """``{"n_eff", "non_embedding", "head_rows", "hidden"}`` of a model (real or on the meta device).
-
-    N_eff = non-embedding parameters + the output head's ``rows x hidden`` (counted even when the head is tied
-    to the input embedding, since the head is a matmul while the input embedding is a free lookup).
-    """
-    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
-    total = sum(p.numel() for p in model.parameters())  # a tied head is one parameter, counted once
-    embedding = inp.weight.numel()
-    if out is not None and out.weight is not inp.weight:
-        embedding += out.weight.numel()
-    head = out.weight if out is not None else inp.weight
-    rows, hidden = int(head.shape[0]), int(head.shape[1])
-    return {"n_eff": int(total - embedding + rows * hidden), "non_embedding": int(total - embedding),
-            "head_rows": rows, "hidden": hidden}
-
-
-def model_effective_params(model_dir: str, trust_remote_code: bool = False) -> dict:
-    """``effective_params`` of the model in ``model_dir`` from its config alone (meta device: nothing read)."""
-    from transformers import AutoConfig
-
-    from xlt.train.lora import _meta_model
-
-    return effective_params(_meta_model(AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)))
-
-
-def training_flops(n_eff: float, tokens: float, init_flops: float = 0.0) -> float:
-    """FLOPs of an arm: ``6 * n_eff * tokens + init_flops``."""
-    return 6.0 * n_eff * tokens + init_flops
-
-
-def solve_tokens(budget: float, n_eff: float, init_flops: float, tokens_per_step: int) -> tuple[int, int]:
-    """``(steps, tokens)`` so ``training_flops(n_eff, tokens, init_flops)`` is as close to ``budget`` as whole
-    optimizer steps of ``tokens_per_step`` allow (at least one step); ``XltError`` if the init alone spends it."""
-    left = budget - init_flops
-    if left <= 0:
-        raise XltError(f"the init cost ({init_flops:.3g} FLOPs) is not below the budget ({budget:.3g} FLOPs)")
-    steps = max(1, round(left / (6.0 * n_eff) / tokens_per_step))
-    return steps, steps * tokens_per_step
-
-
-def flops_spread(flops: Sequence[float]) -> float:
-    """(max - min) / min of the arms' FLOPs: 0 when equal."""
-    return (max(flops) - min(flops)) / min(flops)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------------------
 def read_heldout(heldout: Mapping[str, Sequence[str]], settings: EvalSettings) -> dict[str, list[str]]:
@@ -504,7 +446,6 @@ def _prepare_arm(cfg: CompareConfig, arm: Arm, texts: dict, identity: dict) -> d
 
 def _train_arm(cfg: CompareConfig, arm: Arm, plan: dict, texts: dict, result: dict) -> dict:
     """Phase 2 of an arm: continued pretraining for its solved tokens, then the end (and checkpoint) scores."""
-    from xlt.cli import _recipe_stage
     from xlt.train.checkpoint import STATE_FILE
 
     run_dir = os.path.join(cfg.output_dir, arm.name)
@@ -517,7 +458,7 @@ def _train_arm(cfg: CompareConfig, arm: Arm, plan: dict, texts: dict, result: di
     _log(f"{arm.name}: continued pretraining, {plan['steps']} steps = {plan['tokens']:,} tokens "
          f"({plan['flops']:.3g} FLOPs)")
     t0 = time.time()
-    _recipe_stage("cpt")(["--config", os.path.join(recipe_dir, f"{arm.name}.yaml")])
+    stages.recipe_stage("cpt")(["--config", os.path.join(recipe_dir, f"{arm.name}.yaml")])
     train_seconds = time.time() - t0
     gc.collect()
     report = _read_json(os.path.join(run_dir, "report.json")) or {}

@@ -7,14 +7,18 @@ before any model or dataset is loaded, so bad input costs seconds, not a model l
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+from xlt import validate
 from xlt.errors import XltError  # noqa: F401 (the historical import path: xlt.config.XltError)
+from xlt.precision import resolve_precision
 
 EMBEDDED_MODEL = "smollm2-135m"
 
@@ -346,8 +350,68 @@ class CptArguments:
             raise XltError(f"max_consecutive_skips={self.max_consecutive_skips}: expected >= 0 (0: never stop)")
 
 
+NEW_ROW_MODES = ("trainable_tokens", "modules_to_save")
+ALL_LINEAR = "all-linear"
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------------
 @dataclass
-class SftArguments:
+class LoraSettings:
+    """LoRA recipe keys. Validated on construction; every error is one line naming the key."""
+
+    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights (SFT: the final "
+                           "sft/ model is saved merged; learning rate default 2e-4 with LoRA, 2e-5 without)."})
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank (> 0)."})
+    lora_alpha: float = field(default=128, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input, in [0, 1)."})
+    lora_target_modules: str = field(  # a YAML list is accepted too (normalised in __post_init__)
+        default=ALL_LINEAR,
+        metadata={"help": "Linear module names to adapt, comma-separated (e.g. q_proj,v_proj), or 'all-linear' (every "
+                  "linear layer except the output head)."},
+    )
+    lora_new_rows: str = field(
+        default="trainable_tokens",
+        metadata={"help": "How the new vocabulary rows train: 'trainable_tokens' (only those rows of the embedding "
+                  "and untied head; tiny memory) or 'modules_to_save' (the whole embedding and head)."},
+    )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.use_lora, bool):
+            raise XltError(f"use_lora: expected true or false, got {self.use_lora!r}")
+        if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r <= 0:
+            raise XltError(f"lora_r: expected a positive integer, got {self.lora_r!r}")
+        if (isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float))
+                or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0):
+            raise XltError(f"lora_alpha: expected a positive number, got {self.lora_alpha!r}")
+        if (isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float))
+                or not 0.0 <= self.lora_dropout < 1.0):
+            raise XltError(f"lora_dropout: expected a number in [0, 1), got {self.lora_dropout!r}")
+        self.lora_target_modules = _normalise_targets(self.lora_target_modules)
+        if self.lora_new_rows not in NEW_ROW_MODES:
+            raise XltError(f"lora_new_rows: expected one of {', '.join(NEW_ROW_MODES)}, got {self.lora_new_rows!r}")
+
+
+def _normalise_targets(value: Any) -> Any:
+    """'all-linear', or a non-empty list of distinct non-empty names (a comma-separated string is split)."""
+    if isinstance(value, str):
+        if value.strip() == ALL_LINEAR:
+            return ALL_LINEAR
+        value = [v.strip() for v in value.split(",")]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise XltError(f"lora_target_modules: expected a list of module names or '{ALL_LINEAR}', got {value!r}")
+    names = []
+    for v in value:
+        if not isinstance(v, str) or not v.strip() or v.strip() == ALL_LINEAR:
+            raise XltError(f"lora_target_modules: expected module names or '{ALL_LINEAR}' alone, got {list(value)!r}")
+        if v.strip() not in names:
+            names.append(v.strip())
+    return names
+
+
+@dataclass
+class SftArguments(LoraSettings):
     """Instruction tuning data and format."""
 
     model: str = field(default="", metadata={"help": "Model spec to fine-tune (default: OUTPUT_DIR/cpt)."})
@@ -383,22 +447,6 @@ class SftArguments:
         metadata={"help": "prompt_format chat only: null uses the tokenizer's own template; 'chatml' installs a "
                   "ChatML template (adding <|im_start|>/<|im_end|> as special tokens when missing)."},
     )
-    # LoRA: the keys of xlt/train/lora.py's LoraSettings (validated by it; same meaning as in CPT).
-    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights; the final "
-                           "sft/ model is saved merged. Learning rate default: 2e-4 with LoRA, 2e-5 without."})
-    lora_r: int = field(default=64, metadata={"help": "LoRA rank (> 0)."})
-    lora_alpha: float = field(default=128, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input, in [0, 1)."})
-    lora_target_modules: str = field(
-        default="all-linear",
-        metadata={"help": "Linear module names to adapt, comma-separated (e.g. q_proj,v_proj), or 'all-linear'. Checked "
-                  "against the model's config before any weights load."},
-    )
-    lora_new_rows: str = field(
-        default="trainable_tokens",
-        metadata={"help": "With LoRA and new vocabulary rows (chat_template: chatml adds tokens): 'trainable_tokens' "
-                  "or 'modules_to_save' (see LoraSettings)."},
-    )
 
     def __post_init__(self) -> None:
         """The SFT-only keys, checked at parse time (before any model loads); LoRA keys by LoraSettings."""
@@ -407,15 +455,11 @@ class SftArguments:
             raise XltError(f"eval_fraction={self.eval_fraction}: expected a number in [0, 1)")
         if self.chat_template not in (None, "chatml"):
             raise XltError(f"chat_template={self.chat_template!r}: expected null (the tokenizer's own) or chatml")
-        self.lora_settings()
+        super().__post_init__()
 
-    def lora_settings(self) -> Any:
-        """The LoRA keys as a validated ``xlt.train.lora.LoraSettings`` (one-line errors naming the key)."""
-        from xlt.train.lora import LoraSettings
-
-        return LoraSettings(use_lora=self.use_lora, lora_r=self.lora_r, lora_alpha=self.lora_alpha,
-                            lora_dropout=self.lora_dropout, lora_target_modules=self.lora_target_modules,
-                            lora_new_rows=self.lora_new_rows)
+    def lora_settings(self) -> LoraSettings:
+        """The LoRA keys alone (validated when this recipe was parsed)."""
+        return LoraSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LoraSettings)})
 
 
 def parse_recipe(dataclass_types: Sequence[type], argv: Optional[Sequence[str]] = None,
@@ -429,14 +473,12 @@ def parse_recipe(dataclass_types: Sequence[type], argv: Optional[Sequence[str]] 
     ``__post_init__`` would meet a bad value first), all of them after; the output directory too.
 
     Precision (TrainingArguments / SFTConfig among the types): a recipe that sets neither ``bf16`` nor
-    ``fp16`` gets the precision of the device it runs on (``xlt.train.runtime.resolve_precision``), or
+    ``fp16`` gets the precision of the device it runs on (``xlt.precision.resolve_precision``), or
     ``precision`` ('bf16' / 'fp32') when the caller decides for other hardware (``xlt check``); the
     decision is ``training_args.xlt_precision``. ``device_free``: the arguments are built for a command that
     reads the tokenizer only (no training), with ``use_cpu`` forced so that no device check runs.
     """
     from trl import TrlParser
-
-    from xlt import validate
 
     argv = list(sys.argv[1:] if argv is None else argv)
     mapping: dict = {}
@@ -494,8 +536,6 @@ def recipe_value(argv: Sequence[str], mapping: dict, key: str, default: Any = No
 def _settle_precision(argv: list[str], mapping: dict, device_free: bool,
                       precision: Optional[str]) -> tuple[list[str], Optional[dict]]:
     """``argv`` with the precision made explicit, and the decision ({'precision', 'source'}) or None."""
-    from xlt.train.runtime import resolve_precision
-
     if device_free:
         return argv + ["--use_cpu", "true"], None
     given = {k: recipe_value(argv, mapping, k) for k in ("bf16", "fp16")}
@@ -510,10 +550,8 @@ def _check_yaml(path: str) -> dict:
     """The recipe's YAML mapping; one-line errors for a file that is not UTF-8, not YAML, or not a mapping."""
     import yaml
 
-    from xlt.validate import decode_text
-
     with open(path, "rb") as f:
-        text = decode_text(f.read(), path, "recipe")
+        text = validate.decode_text(f.read(), path, "recipe")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -547,6 +585,7 @@ def validate_data_args(args: DataArguments) -> None:
 class EvalArguments:
     """Evaluation of a run directory: bits per character of base / cpt / sft, and a sample generation."""
 
+    reads_output_dir: typing.ClassVar[bool] = True  # the run directory exists: checked, never created
     output_dir: str = field(default="runs/smollm2-135m-ja", metadata={"help": "The run directory to evaluate."})
     model: str = field(default=EMBEDDED_MODEL, metadata={"help": "The base model spec (the 'base' column)."})
     eval_max_docs: int = field(default=200, metadata={"help": "Held-out documents per language."})
@@ -589,3 +628,11 @@ class OutputArguments:
     """Where a stage that is not a Trainer run (the tokenizer stage) writes."""
 
     output_dir: str = field(default="runs/smollm2-135m-ja", metadata={"help": "The run directory."})
+
+
+def cpt_recipe_types() -> list[type]:
+    """The dataclasses a cpt recipe is parsed into, in order (``xlt cpt``, ``xlt check``, ``xlt data preview`` and
+    the arms of ``xlt compare``): model, tokenizer, data, cpt, LoRA keys, then transformers' TrainingArguments."""
+    from transformers import TrainingArguments
+
+    return [ModelArguments, TokenizerArguments, DataArguments, CptArguments, LoraSettings, TrainingArguments]

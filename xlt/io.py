@@ -75,3 +75,14 @@ def update_report(output_dir: str, section: dict) -> dict:
     merge(report, section)
     atomic_write_json(path, report)
     return report
+
+
+SHARED_PREFIX = "../shared/data/"
+
+
+def resolve_shared(path: str) -> str:
+    """A held-out path as given, except that ``../shared/data/X`` reads ``$XLT_SHARED_DATA/X`` when set."""
+    shared = os.environ.get("XLT_SHARED_DATA")
+    if shared and path.replace("\\", "/").startswith(SHARED_PREFIX):
+        return os.path.join(shared, path[len(SHARED_PREFIX):])
+    return path

@@ -25,7 +25,7 @@ import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Optional
 
-from xlt.config import XltError
+from xlt.errors import XltError
 
 # ---------------------------------------------------------------------------------------------
 # Types
@@ -263,8 +263,6 @@ def check_parsed(instances: Iterable[Any]) -> None:
     SFTConfig) only on their ruled numeric keys, since their ``__post_init__`` turns some fields into
     objects their annotations do not describe. Then the output directory is checked.
     """
-    from xlt.config import EvalArguments
-
     for obj in instances:
         if not dataclasses.is_dataclass(obj):
             continue
@@ -273,7 +271,7 @@ def check_parsed(instances: Iterable[Any]) -> None:
         values = {k: getattr(obj, k) for k in anns if own or k in RULES}
         check_values(values, {k: [anns[k]] for k in values})
         if isinstance(getattr(obj, "output_dir", None), str):
-            check_output_dir(obj.output_dir, create=not isinstance(obj, EvalArguments))
+            check_output_dir(obj.output_dir, create=not getattr(obj, "reads_output_dir", False))
 
 
 # ---------------------------------------------------------------------------------------------

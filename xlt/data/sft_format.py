@@ -19,7 +19,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from xlt.config import XltError
@@ -363,13 +363,7 @@ def _recipe(argv: Sequence[str]) -> tuple[Any, Any]:
 
     from xlt.config import SftArguments, parse_recipe
 
-    types: list[type] = [SftArguments]
-    if "use_lora" not in {f.name for f in fields(SftArguments)}:
-        from xlt.train.lora import LoraSettings
-
-        types.append(LoraSettings)
-    types.append(SFTConfig)
-    parsed = parse_recipe(types, list(argv), device_free=True)  # the tokenizer only: no device check
+    parsed = parse_recipe([SftArguments, SFTConfig], list(argv), device_free=True)  # the tokenizer only: no device check
     return parsed[0], parsed[-1]
 
 

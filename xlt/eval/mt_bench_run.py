@@ -107,7 +107,7 @@ def _sibling(questions_path: str, names: tuple[str, ...]) -> Optional[str]:
 def load_inputs(o: MtBenchOptions) -> tuple[list[dict], dict, Optional[dict]]:
     """Questions (selected), judge prompts and reference answers; the latter two default to FastChat's places
     next to the question file (or the copies of the shared data folder)."""
-    from xlt.compare import resolve_shared
+    from xlt.io import resolve_shared
 
     qpath = resolve_shared(o.questions)
     questions = select_questions(mtb.load_questions(qpath), o.categories, o.max_questions)

@@ -44,12 +44,12 @@ from xlt.tokenizer.merges import (
     MergePlan,
     detect_family,
     is_ascii_token,
-    is_whole_text,
     japanese_share,
     learn_merges,
     merges_as_pairs,
     read_tokenizer_json,
     token_text,
+    unreachable_tokens,
 )
 
 MODES = ("extend", "swap")
@@ -170,22 +170,6 @@ def _select(base_tj: dict, base_ids: dict[str, int], plan: MergePlan, n_new: int
 def moved_tokens(base_ids: dict[str, int], tok) -> list[tuple[str, int]]:
     """(string, old id) of every base token (added ones included) whose id ``tok`` does not keep."""
     return [(s, i) for s, i in base_ids.items() if tok.token_to_id(s) != i or tok.id_to_token(i) != s]
-
-
-def unreachable_tokens(tok, family: str, ids: list[int]) -> list[int]:
-    """The ids among ``ids`` that break the reachability rule of this module's docstring."""
-    bad = []
-    for i in ids:
-        s = tok.id_to_token(i)
-        if [t.id for t in tok.model.tokenize(s)] != [i]:
-            bad.append(i)
-            continue
-        whole = is_whole_text(s, family) and (family == BYTE_LEVEL or s.startswith("▁"))
-        if whole:
-            text = tok.decode([i], skip_special_tokens=False)
-            if tok.encode(text, add_special_tokens=False).ids != [i]:
-                bad.append(i)
-    return bad
 
 
 def extend_tokenizer_json(base_tj: dict, texts: list[str], n_new: int, min_frequency: int = 2,

@@ -664,3 +664,21 @@ def learn_merges(base, family: str, texts: Iterable[str], n_merges: int, min_fre
                             "raw_merges": len(merges)},
                      timings={"count_seconds": t_count, "train_seconds": t_train,
                               "num_proc": (default_num_proc() if num_proc is None else num_proc) if mecab else 1})
+
+
+def unreachable_tokens(tok, family: str, ids: list[int]) -> list[int]:
+    """The ids among ``ids`` that are not reachable (the rule in ``xlt.tokenizer.extend``'s docstring): the BPE model
+    run on the token's own string gives another segmentation, or a whole-text token's decoded text does not encode
+    back to it alone."""
+    bad = []
+    for i in ids:
+        s = tok.id_to_token(i)
+        if [t.id for t in tok.model.tokenize(s)] != [i]:
+            bad.append(i)
+            continue
+        whole = is_whole_text(s, family) and (family == BYTE_LEVEL or s.startswith("▁"))
+        if whole:
+            text = tok.decode([i], skip_special_tokens=False)
+            if tok.encode(text, add_special_tokens=False).ids != [i]:
+                bad.append(i)
+    return bad

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 
 from xlt.config import XltError
-from xlt.tokenizer.merges import BYTE_LEVEL, detect_family
+from xlt.tokenizer.merges import BYTE_LEVEL, detect_family, unreachable_tokens
 
 
 @dataclass
@@ -46,7 +46,6 @@ def train_swap_tokenizer(base_tj: dict, texts: list[str], vocab_size: int, min_f
 
     from tokenizers import Tokenizer, pre_tokenizers, trainers
 
-    from xlt.tokenizer.extend import unreachable_tokens
 
     if detect_family(base_tj) != BYTE_LEVEL:
         raise XltError("tokenizer_mode=swap: supported for byte-level BPE tokenizers only")

@@ -24,7 +24,8 @@ import os
 from typing import Any, Optional
 
 from xlt.config import XltError
-from xlt.train.runtime import Launcher, _truthy
+from xlt.precision import truthy
+from xlt.train.runtime import Launcher
 
 
 def _log(msg: str) -> None:
@@ -33,7 +34,7 @@ def _log(msg: str) -> None:
 
 def on_cpu(training_args: Any, launcher: Launcher) -> bool:
     return bool(getattr(training_args, "use_cpu", False)) or launcher.use_cpu or \
-        _truthy(os.environ.get("ACCELERATE_USE_CPU", "false"))
+        truthy(os.environ.get("ACCELERATE_USE_CPU", "false"))
 
 
 def fsdp2_mixed_precision(training_args: Any) -> Any:

@@ -251,7 +251,7 @@ class Distiller:
         ``load_teacher=False`` (a run resumed past the window): only the compute count, no teacher.
         ``shard=True`` (an FSDP launch; every process must call it): the teacher is sharded with ``fully_shard``.
         ``N_teacher`` is read from the base model's config (``xlt compare``'s ``n_eff``)."""
-        from xlt.compare import model_effective_params
+        from xlt.flops import model_effective_params
         from xlt.models import load_model, resolve_model
 
         n_teacher = int(model_effective_params(resolve_model(base_spec), trust_remote_code)["n_eff"])

@@ -18,84 +18,18 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from xlt.config import XltError
+from xlt.config import ALL_LINEAR, NEW_ROW_MODES, LoraSettings, XltError  # noqa: F401 (LoraSettings: its home is config)
+from xlt.models import meta_model
 
-NEW_ROW_MODES = ("trainable_tokens", "modules_to_save")
-ALL_LINEAR = "all-linear"
 _PEFT_PREFIX = "base_model.model."
-
-
-# ---------------------------------------------------------------------------------------------
-# Settings
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class LoraSettings:
-    """LoRA recipe keys. Validated on construction; every error is one line naming the key."""
-
-    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
-    lora_r: int = field(default=64, metadata={"help": "LoRA rank (> 0)."})
-    lora_alpha: float = field(default=128, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input, in [0, 1)."})
-    lora_target_modules: str = field(  # a YAML list is accepted too (normalised in __post_init__)
-        default=ALL_LINEAR,
-        metadata={"help": "Linear module names to adapt, comma-separated (e.g. q_proj,v_proj), or 'all-linear' (every "
-                  "linear layer except the output head)."},
-    )
-    lora_new_rows: str = field(
-        default="trainable_tokens",
-        metadata={"help": "How the new vocabulary rows train: 'trainable_tokens' (only those rows of the embedding "
-                  "and untied head; tiny memory) or 'modules_to_save' (the whole embedding and head)."},
-    )
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.use_lora, bool):
-            raise XltError(f"use_lora: expected true or false, got {self.use_lora!r}")
-        if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r <= 0:
-            raise XltError(f"lora_r: expected a positive integer, got {self.lora_r!r}")
-        if (isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float))
-                or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0):
-            raise XltError(f"lora_alpha: expected a positive number, got {self.lora_alpha!r}")
-        if (isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float))
-                or not 0.0 <= self.lora_dropout < 1.0):
-            raise XltError(f"lora_dropout: expected a number in [0, 1), got {self.lora_dropout!r}")
-        self.lora_target_modules = _normalise_targets(self.lora_target_modules)
-        if self.lora_new_rows not in NEW_ROW_MODES:
-            raise XltError(f"lora_new_rows: expected one of {', '.join(NEW_ROW_MODES)}, got {self.lora_new_rows!r}")
-
-
-def _normalise_targets(value: Any) -> Any:
-    """'all-linear', or a non-empty list of distinct non-empty names (a comma-separated string is split)."""
-    if isinstance(value, str):
-        if value.strip() == ALL_LINEAR:
-            return ALL_LINEAR
-        value = [v.strip() for v in value.split(",")]
-    if not isinstance(value, (list, tuple)) or not value:
-        raise XltError(f"lora_target_modules: expected a list of module names or '{ALL_LINEAR}', got {value!r}")
-    names = []
-    for v in value:
-        if not isinstance(v, str) or not v.strip() or v.strip() == ALL_LINEAR:
-            raise XltError(f"lora_target_modules: expected module names or '{ALL_LINEAR}' alone, got {list(value)!r}")
-        if v.strip() not in names:
-            names.append(v.strip())
-    return names
 
 
 # ---------------------------------------------------------------------------------------------
 # Targets
 # ---------------------------------------------------------------------------------------------
-def _meta_model(config: Any) -> Any:
-    """The model of ``config`` with no storage (meta device): cheap, for inspecting module names."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
-
-
-def _embedding_names(model: Any) -> tuple[str, Optional[str]]:
+def embedding_names(model: Any) -> tuple[str, Optional[str]]:
     """Full module names of the input embedding and the output head (None if the model has no head)."""
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
     in_name = out_name = None
@@ -113,7 +47,7 @@ def _linear_names(model: Any) -> list[str]:
     """Full names of the linear layers LoRA may adapt: every ``nn.Linear`` except the output head."""
     import torch
 
-    _, head = _embedding_names(model)
+    _, head = embedding_names(model)
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != head]
 
 
@@ -126,7 +60,7 @@ def check_lora_targets(model_or_config: Any, settings: LoraSettings) -> list[str
     """
     model = model_or_config
     if not hasattr(model, "named_modules"):
-        model = _meta_model(model_or_config)
+        model = meta_model(model_or_config)
     linear = _linear_names(model)
     leaf = sorted({n.rsplit(".", 1)[-1] for n in linear})
     if not linear:
@@ -162,7 +96,7 @@ def lora_config(model: Any, settings: LoraSettings, new_token_ids: list[int]) ->
     if ids and (ids[0] < 0 or ids[-1] >= rows):
         raise XltError(f"lora: new token ids must lie in [0, {rows}) (the embedding rows), got {ids[0]}..{ids[-1]}")
     check_lora_targets(model, settings)
-    embed, head = _embedding_names(model)
+    embed, head = embedding_names(model)
     tied = _is_tied(model)
     extra: dict[str, Any] = {}
     if ids and settings.lora_new_rows == "trainable_tokens":
@@ -316,7 +250,7 @@ def save_merged(model_config: Any, merged_sd: dict, tokenizer: Any, out_dir: str
 
     from xlt.io import atomic_save_dir
 
-    model = _meta_model(model_config)
+    model = meta_model(model_config)
     expected = set(model.state_dict())
     missing, extra = sorted(expected - set(merged_sd)), sorted(set(merged_sd) - expected)
     if missing or extra:

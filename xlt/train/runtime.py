@@ -16,16 +16,14 @@ from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 from xlt.config import XltError
+from xlt.precision import precision_of, resolve_precision  # noqa: F401 (part of the launch decisions)
+from xlt.precision import truthy as _truthy
 
 LauncherKind = Literal["single", "ddp", "fsdp", "deepspeed"]
 ATTN_CHOICES = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 _FLASH_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
 MASTER_DTYPES = ("float32", "bfloat16")
 _LOW_PRECISION = ("bfloat16", "bf16", "float16", "fp16", "half")
-
-
-def _truthy(value: Any) -> bool:
-    return str(value).strip().lower() in ("1", "true", "yes", "on")
 
 
 @dataclass(frozen=True)
@@ -181,53 +179,6 @@ def own_activation_checkpointing(training_args: Any, launcher: Launcher, env: Op
             training_args.gradient_checkpointing = False  # the deprecated alias must agree
         return "fsdp" if want else "off"
     return "trainer" if want else "off"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Precision a recipe leaves unset: the device decides
-# ---------------------------------------------------------------------------------------------------------
-def _cuda_bf16() -> tuple[bool, str]:
-    """(whether CUDA is here and computes in bf16, the device's name)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return False, "cpu"
-    return bool(torch.cuda.is_bf16_supported()), f"cuda ({torch.cuda.get_device_name()})"
-
-
-def resolve_precision(given: Mapping[str, Any], use_cpu: Any, precision: Optional[str] = None,
-                      env: Optional[Mapping[str, str]] = None, device=_cuda_bf16) -> dict:
-    """The compute precision of a run: {'precision': 'bf16' | 'fp16' | 'fp32', 'source': how it was decided}.
-
-    A recipe that sets ``bf16`` or ``fp16`` (``given``: the values it gives, None when left out) keeps them
-    (source 'recipe'; bf16 on a CPU with ``use_cpu`` runs as CPU autocast, as before). Left out, it follows
-    the device: bf16 on a CUDA GPU that computes in it, else fp32 (source 'auto: <device>'), instead of
-    TrainingArguments' fixed False or SFTConfig's fixed True (which stops a CPU machine). Every process of a
-    launch sees the same kind of device, so every rank decides alike. ``precision``: the caller's decision
-    for hardware it is not running on (``xlt check``).
-    """
-    env = os.environ if env is None else env
-    if given.get("fp16") is not None and _truthy(given["fp16"]):
-        return {"precision": "fp16", "source": "recipe"}
-    if given.get("bf16") is not None:
-        return {"precision": "bf16" if _truthy(given["bf16"]) else "fp32", "source": "recipe"}
-    if given.get("fp16") is not None:
-        return {"precision": "fp32", "source": "recipe"}
-    if precision is not None:
-        return {"precision": precision, "source": "auto: checked hardware"}
-    if _truthy(use_cpu) or _truthy(env.get("ACCELERATE_USE_CPU", "false")):
-        return {"precision": "fp32", "source": "auto: cpu (use_cpu)"}
-    bf16, name = device()
-    return {"precision": "bf16" if bf16 else "fp32", "source": f"auto: {name}"}
-
-
-def precision_of(training_args: Any) -> dict:
-    """The precision decision ``parse_recipe`` recorded, or the flags' own for arguments built elsewhere."""
-    decided = getattr(training_args, "xlt_precision", None)
-    if decided:
-        return dict(decided)
-    flag = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32"
-    return {"precision": flag, "source": "recipe"}
 
 
 # ---------------------------------------------------------------------------------------------------------
