@@ -96,11 +96,6 @@ def load_model(spec: str, torch_dtype: str = "auto", attn_implementation: Option
     return AutoModelForCausalLM.from_pretrained(resolve_model(spec), **kwargs)
 
 
-def load_model_and_tokenizer(spec: str, **kwargs: Any) -> tuple[Any, Any]:
-    trust = kwargs.get("trust_remote_code", False)
-    return load_model(spec, **kwargs), load_tokenizer(spec, trust_remote_code=trust, revision=kwargs.get("revision"))
-
-
 def meta_model(config: Any) -> Any:
     """The model of ``config`` with no storage (meta device): cheap, for inspecting module names."""
     import torch

@@ -17,7 +17,7 @@ disjoint windows); ``stride = max_length - 1`` is the old disjoint reading (one 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
@@ -118,9 +118,3 @@ def bits_per_char(model: Any, tokenizer: Any, texts: Sequence[str], max_length: 
     bits = total_nats / math.log(2)
     return {"bits_per_char": bits / chars, "bits_per_byte": bits / n_bytes, "chars": chars, "bytes": n_bytes,
             "tokens": n_tokens, "bits": bits}
-
-
-def bpc_by_language(model: Any, tokenizer: Any, texts_by_lang: dict[str, Iterable[str]], **kwargs: Any) -> dict:
-    """``{lang: bits_per_char}`` for each language's held-out texts."""
-    return {lang: round(bits_per_char(model, tokenizer, list(texts), **kwargs)["bits_per_char"], 4)
-            for lang, texts in texts_by_lang.items()}

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import random as _random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
@@ -208,16 +208,6 @@ def resize_and_init(model: Any, new_size: int, keep: dict[int, int], pieces: dic
     return {"rows": new_size, "kept": len(keep), "initialised": n_init, "padding": new_size - len(keep) - n_init,
             "tied": tied, "untied": untied, "init": method, "output_init": output_method if not tied else "tied",
             "init_flops": 0}
-
-
-def pieces_from(old_model_tokenize: Callable[[str], list[int]], new_tokens: dict[int, str]) -> dict[int, list[int]]:
-    """new id -> old ids, by running the *old* BPE model on the new token's vocabulary string."""
-    out = {}
-    for i, s in new_tokens.items():
-        ids = old_model_tokenize(s)
-        if ids:
-            out[i] = ids
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

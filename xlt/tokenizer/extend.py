@@ -74,20 +74,6 @@ class Extension:
         return Tokenizer.from_str(json.dumps(self.tokenizer_json))
 
 
-def _all_ids(tj: dict) -> list[int]:
-    return list(tj["model"]["vocab"].values()) + [t["id"] for t in tj.get("added_tokens") or []]
-
-
-def loaded_ids(tj: dict) -> dict[str, int]:
-    """Every token string -> id as ``tokenizers`` numbers it on load (added tokens included).
-
-    Not the ids written in the file: ``tokenizers`` renumbers added tokens the model vocabulary lacks.
-    """
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_str(json.dumps(tj)).get_vocab(with_added_tokens=True)
-
-
 def pin_added_tokens(tj: dict, ids: dict[str, int]) -> int:
     """Write every added token the model vocabulary lacks into it at ``ids[content]`` (in place).
 

@@ -197,9 +197,6 @@ class NewRowsOptimizer(DelegatingOptimizer):
         """Mark the next ``step()`` as a training step (called by the trainer for every micro-batch)."""
         self._armed = True
 
-    def in_warmup(self) -> bool:
-        return self.step_of() < self.settings.warmup_steps
-
     def step(self, closure: Optional[Callable[[], float]] = None) -> Any:
         """Step the inner AdamW, then give the new rows their own group's update (see the class guarantees)."""
         if not self._armed:

@@ -30,7 +30,7 @@ from typing import Any, Optional
 import torch
 from transformers import TrainerCallback
 
-from xlt.config import XltError
+from xlt.config import CptArguments, XltError
 from xlt.train.optim_wrap import DelegatingOptimizer
 
 
@@ -46,14 +46,14 @@ def _is_main_process() -> bool:
 
 @dataclass
 class SkipStepConfig:
-    """The rule, from the recipe keys of ``CptArguments`` (see their help in xlt/config.py)."""
+    """The rule, from the recipe keys of ``CptArguments`` (see their help in xlt/config.py; their defaults)."""
 
-    sigma: float = 6.0
-    window: int = 128
-    min_history: int = 20
-    max_consecutive: int = 10
-    skip_nonfinite: bool = True
-    spike_factor: float = 0.0
+    sigma: float = CptArguments.skip_step_sigma
+    window: int = CptArguments.skip_step_window
+    min_history: int = CptArguments.skip_step_min_history
+    max_consecutive: int = CptArguments.max_consecutive_skips
+    skip_nonfinite: bool = CptArguments.skip_nonfinite
+    spike_factor: float = CptArguments.spike_factor
 
     @classmethod
     def from_args(cls, cpt_args: Any) -> SkipStepConfig:
