@@ -213,7 +213,8 @@ def test_chat_streams_in_the_training_format_and_stops_at_the_stop_token(lora_ru
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from xlt.train.sft import chat, prompt_ids
+    from xlt.eval.chat import chat
+    from xlt.train.sft import prompt_ids
 
     model_dir = tmp_path / "sft"
     shutil.copytree(lora_run / "sft", model_dir)

@@ -156,7 +156,7 @@ def _add_mt_bench(ev: argparse._SubParsersAction) -> None:
 
 def _chat(ns: argparse.Namespace) -> int:
     """``xlt chat --model DIR [--max-new-tokens N]``: reads instructions from stdin until an empty line / EOF."""
-    from xlt.train.sft import chat
+    from xlt.eval.chat import chat
 
     if ns.max_new_tokens <= 0:
         raise XltError(f"chat: --max-new-tokens={ns.max_new_tokens} must be > 0")

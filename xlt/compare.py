@@ -52,6 +52,7 @@ from xlt import stages
 from xlt.config import XltError
 from xlt.flops import effective_params, flops_spread, model_effective_params, solve_tokens, training_flops  # noqa: F401
 from xlt.io import atomic_write_json, resolve_shared
+from xlt.log import logger
 
 #: Recipe keys an arm may not set: the comparison owns them.
 OWNED_KEYS = ("output_dir", "train_tokens", "max_steps")
@@ -96,8 +97,7 @@ class CompareConfig:
     eval: EvalSettings
 
 
-def _log(msg: str) -> None:
-    print(f"[xlt compare] {msg}", flush=True)
+_log = logger("xlt compare")
 
 
 def cpt_types() -> list[type]:

@@ -361,6 +361,9 @@ ALL_LINEAR = "all-linear"
 class LoraSettings:
     """LoRA recipe keys. Validated on construction; every error is one line naming the key."""
 
+    # Checked and normalised by __post_init__ (a comma-separated string becomes a list): not type-checked again.
+    normalised_keys: typing.ClassVar[tuple[str, ...]] = ("lora_target_modules",)
+
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights (SFT: the final "
                            "sft/ model is saved merged; learning rate default 2e-4 with LoRA, 2e-5 without)."})
     lora_r: int = field(default=64, metadata={"help": "LoRA rank (> 0)."})

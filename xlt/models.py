@@ -103,3 +103,21 @@ def meta_model(config: Any) -> Any:
 
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
+
+
+def generate_greedy(model: Any, ids: list[int], stop_ids: list[int], pad_id: int, max_new_tokens: int,
+              streamer: Any = None, synced_gpus: bool = False) -> list[int]:
+    """Greedy continuation of ``ids`` (the new tokens, the stop token excluded)."""
+    import torch
+
+    device = next(model.parameters()).device
+    inp = torch.tensor([ids], device=device)
+    with torch.no_grad():
+        out = model.generate(input_ids=inp, attention_mask=torch.ones_like(inp), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=stop_ids, pad_token_id=pad_id, use_cache=True,
+                             streamer=streamer, synced_gpus=synced_gpus)
+    new = out[0, len(ids):].tolist()
+    for i, t in enumerate(new):
+        if t in stop_ids:
+            return new[:i]
+    return new

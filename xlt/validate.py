@@ -268,7 +268,8 @@ def check_parsed(instances: Iterable[Any]) -> None:
             continue
         own = type(obj).__module__ == "xlt.config"
         anns = field_types(type(obj))
-        values = {k: getattr(obj, k) for k in anns if own or k in RULES}
+        skip = getattr(obj, "normalised_keys", ())
+        values = {k: getattr(obj, k) for k in anns if (own or k in RULES) and k not in skip}
         check_values(values, {k: [anns[k]] for k in values})
         if isinstance(getattr(obj, "output_dir", None), str):
             check_output_dir(obj.output_dir, create=not getattr(obj, "reads_output_dir", False))

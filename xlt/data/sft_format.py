@@ -26,6 +26,7 @@ from xlt.config import XltError
 from xlt.data.sft import STABLELM_SYSTEM
 
 PROMPT_FORMATS = ("stablelm_alpaca", "chat")
+SFT_INFO_FILE = "xlt_sft.json"  # written last into an xlt sft/ folder: the prompt format and stop tokens it trained
 IGNORE_INDEX = -100
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 # ChatML as used by Qwen / SmolLM2-Instruct, without a default system prompt.

@@ -23,6 +23,7 @@ from xlt.data.sources import LANGS, Source, heldout_texts, load_sources
 from xlt.data.steps import StepPlan, plan_steps
 from xlt.data.stream import LANG_KEY
 from xlt.io import atomic_save_dir, atomic_write_json, atomic_write_jsonl, update_report
+from xlt.log import logger
 from xlt.models import check_model_spec, load_model, load_tokenizer, resolve_model, resolve_revision
 from xlt.train.checkpoint import (
     STATE_FILE,
@@ -61,8 +62,7 @@ _RUN_KEYS = ("learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay
              "gradient_accumulation_steps", "max_steps", "seed", "bf16", "fp16", "optim")
 
 
-def _log(msg: str) -> None:
-    print(f"[xlt cpt] {msg}", flush=True)
+_log = logger("xlt cpt")
 
 
 def check_cpt_inputs(model_args: ModelArguments, tok_args: TokenizerArguments, data_args: DataArguments,

@@ -24,12 +24,11 @@ import os
 from typing import Any, Optional
 
 from xlt.config import XltError
+from xlt.log import logger
 from xlt.precision import truthy
 from xlt.train.runtime import Launcher
 
-
-def _log(msg: str) -> None:
-    print(f"[xlt] {msg}", flush=True)
+_log = logger("xlt")
 
 
 def on_cpu(training_args: Any, launcher: Launcher) -> bool:

@@ -53,12 +53,12 @@ from typing import Any, Optional
 import torch
 
 from xlt.config import XltError
+from xlt.log import logger
 
 KD_STATE_FILE = "xlt_kd.json"  # teacher tokens so far, in each checkpoint
 
 
-def _log(msg: str) -> None:
-    print(f"[xlt cpt] {msg}", flush=True)
+_log = logger("xlt cpt")
 
 
 @dataclass(frozen=True)

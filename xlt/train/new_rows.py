@@ -32,14 +32,14 @@ from typing import Any, Optional
 import torch
 
 from xlt.config import XltError
+from xlt.log import logger
 from xlt.train.optim_wrap import DelegatingOptimizer
 
 COUNT_KEY = "xlt_new_rows_step"  # new rows' Adam step count, in the optimizer state of each embedding matrix
 SUPPORTED_OPTIM = ("adamw_torch", "adamw_torch_fused")
 
 
-def _log(msg: str) -> None:
-    print(f"[xlt cpt] {msg}", flush=True)
+_log = logger("xlt cpt")
 
 
 def _is_main_process() -> bool:

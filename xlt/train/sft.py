@@ -16,13 +16,22 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from typing import Any, Optional, TextIO
+from typing import Any, Optional
 
 from xlt.config import SftArguments, XltError
 from xlt.data import sft_format
 from xlt.data.sft import check_sft_specs, load_sft_data
+from xlt.data.sft_format import PROMPT_FORMATS, SFT_INFO_FILE
 from xlt.io import atomic_write_json, update_report
-from xlt.models import check_model_spec, load_model, load_tokenizer, resolve_model, resolve_revision
+from xlt.log import logger
+from xlt.models import (
+    check_model_spec,
+    generate_greedy,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+    resolve_revision,
+)
 from xlt.train.checkpoint import claim_output_dir, fingerprint, last_trainer_checkpoint
 from xlt.train.distributed import base_save_dtype, check_replicas, save_final_model
 from xlt.train.fsdp import check_fsdp_launch, setup_fsdp, sharding_check
@@ -43,20 +52,17 @@ from xlt.train.runtime import (
 _RUN_KEYS = ("learning_rate", "lr_scheduler_type", "weight_decay", "num_train_epochs", "max_steps",
              "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "max_length", "bf16",
              "packing", "packing_strategy")
-PROMPT_FORMATS = ("stablelm_alpaca", "chat")
 # Learning rate when the recipe does not set one (LoRA adapters start at zero and need a larger step).
 LORA_LEARNING_RATE, FULL_LEARNING_RATE = 2e-4, 2e-5
 # Fixed Japanese instructions generated after training (report.json sft.generations), greedy.
 GENERATION_INSTRUCTIONS = ("日本の首都はどこですか？", "健康的な朝ごはんを一つ提案してください。",
                            "「ありがとう」を英語に翻訳してください。")
 GENERATION_MAX_NEW_TOKENS = 48
-SFT_INFO_FILE = "xlt_sft.json"  # written last into sft/: its presence marks a complete run
 _EVAL_SPLIT_SEED = 0
 IGNORE = -100
 
 
-def _log(msg: str) -> None:
-    print(f"[xlt sft] {msg}", flush=True)
+_log = logger("xlt sft")
 
 
 def resolve_sft_model(sft_args: SftArguments, run_dir: str) -> str:
@@ -234,24 +240,6 @@ def write_generation_files(final_dir: str, tokenizer: Any, stop_ids: list[int], 
                        "stop_token_ids": list(stop_ids), "max_length": max_length})
 
 
-def _generate(model: Any, ids: list[int], stop_ids: list[int], pad_id: int, max_new_tokens: int,
-              streamer: Any = None, synced_gpus: bool = False) -> list[int]:
-    """Greedy continuation of ``ids`` (the new tokens, the stop token excluded)."""
-    import torch
-
-    device = next(model.parameters()).device
-    inp = torch.tensor([ids], device=device)
-    with torch.no_grad():
-        out = model.generate(input_ids=inp, attention_mask=torch.ones_like(inp), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=stop_ids, pad_token_id=pad_id, use_cache=True,
-                             streamer=streamer, synced_gpus=synced_gpus)
-    new = out[0, len(ids):].tolist()
-    for i, t in enumerate(new):
-        if t in stop_ids:
-            return new[:i]
-    return new
-
-
 def sample_generations(trainer: Any, tokenizer: Any, sft_args: SftArguments, stop_ids: list[int],
                        max_new_tokens: int = GENERATION_MAX_NEW_TOKENS) -> list[dict]:
     """Greedy answers of the trained model to GENERATION_INSTRUCTIONS; call on EVERY rank.
@@ -271,7 +259,7 @@ def sample_generations(trainer: Any, tokenizer: Any, sft_args: SftArguments, sto
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     out = []
     for instruction in GENERATION_INSTRUCTIONS:
-        new = _generate(model, prompt_ids(instruction, sft_args.prompt_format, tokenizer), stop_ids, pad,
+        new = generate_greedy(model, prompt_ids(instruction, sft_args.prompt_format, tokenizer), stop_ids, pad,
                         max_new_tokens, synced_gpus=sharded)
         out.append({"instruction": instruction, "output": tokenizer.decode(new, skip_special_tokens=True).strip(),
                     "tokens": len(new), "stopped": len(new) < max_new_tokens})
@@ -393,65 +381,3 @@ def _run_sft_locked(sft_args: SftArguments, training_args: Any, model_spec: str,
     trainer.accelerator.wait_for_everyone()
     _log(f"done: {trainer.state.global_step} steps; model in {final_dir}")
     return section
-
-
-# ---------------------------------------------------------------------------------------------
-# xlt chat
-# ---------------------------------------------------------------------------------------------
-def chat(model_dir: str, max_new_tokens: int = 256, stdin: Optional[TextIO] = None,
-         stdout: Optional[TextIO] = None) -> int:
-    """A minimal interactive prompt: each input line is one instruction, formatted as in training
-    (``xlt_sft.json``), answered greedily with tokens streamed to ``stdout``; generation stops at the
-    model's stop tokens (its ``generation_config.json``). Ends at end of input or an empty line.
-    Returns the number of instructions answered."""
-    import json
-    import sys
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
-
-    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    info_path = os.path.join(model_dir, SFT_INFO_FILE)
-    if not os.path.isfile(info_path):
-        raise XltError(f"chat: {info_path} not found (not a model saved by xlt sft)")
-    with open(info_path, encoding="utf-8") as f:
-        info = json.load(f)
-    if info.get("prompt_format") not in PROMPT_FORMATS:
-        raise XltError(f"chat: {info_path}: prompt_format={info.get('prompt_format')!r}: expected "
-                       f"{' or '.join(PROMPT_FORMATS)}")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    eos = model.generation_config.eos_token_id
-    stop_ids = [int(t) for t in (eos if isinstance(eos, list) else [eos]) if t is not None]
-    if not stop_ids:
-        raise XltError(f"chat: {model_dir}/generation_config.json has no eos_token_id")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-
-    import torch
-
-    stops = torch.tensor(stop_ids)
-
-    class _Out(TextStreamer):
-        """TextStreamer writing to ``stdout``; the stop token is not shown (it need not be a special token)."""
-
-        def put(self, value: Any) -> None:
-            if not (self.skip_prompt and self.next_tokens_are_prompt):
-                value = value.reshape(-1)
-                value = value[~torch.isin(value, stops.to(value.device))]
-            super().put(value)
-
-        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-            stdout.write(text + ("\n" if stream_end else ""))
-            stdout.flush()
-
-    answered = 0
-    while True:
-        stdout.write("> ")
-        stdout.flush()
-        line = stdin.readline()
-        if not line or not line.strip():
-            stdout.write("\n")
-            return answered
-        ids = prompt_ids(line.strip(), info["prompt_format"], tokenizer)
-        _generate(model, ids, stop_ids, pad, max_new_tokens, streamer=_Out(tokenizer, skip_prompt=True,
-                                                                           skip_special_tokens=True))
-        answered += 1

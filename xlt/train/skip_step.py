@@ -31,11 +31,10 @@ import torch
 from transformers import TrainerCallback
 
 from xlt.config import CptArguments, XltError
+from xlt.log import logger
 from xlt.train.optim_wrap import DelegatingOptimizer
 
-
-def _log(msg: str) -> None:
-    print(f"[xlt cpt] {msg}", flush=True)
+_log = logger("xlt cpt")
 
 
 def _is_main_process() -> bool:

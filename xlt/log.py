@@ -1,0 +1,20 @@
+"""The ground floor of progress lines: ``[xlt cpt] message``, flushed at once (imports nothing of xlt).
+
+Progress goes to stdout, so that a launcher's log keeps it in order with the Trainer's own lines; a command whose
+stdout carries a result (``--json``) logs to stderr instead.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Optional, TextIO
+
+
+def logger(tag: str, stream: Optional[TextIO] = None) -> Callable[[str], None]:
+    """A function that prints ``[tag] message`` to ``stream`` (default: the stdout of the moment) and flushes."""
+
+    def log(msg: str) -> None:
+        print(f"[{tag}] {msg}", file=stream or sys.stdout, flush=True)
+
+    return log
