@@ -645,30 +645,19 @@ def run_check(recipe: str, accelerate_config: Optional[str] = None, offline: boo
     Raises ``XltError`` only for bad usage (a file named on the command line is missing); everything else
     is collected in ``problems``.
     """
-    from xlt.train.runtime import master_weights_dtype, own_activation_checkpointing, resolve_attn_implementation
+    from xlt.train.runtime import master_weights_dtype, resolve_attn_implementation
 
     for what, path in (("recipe", recipe), ("accelerate config", accelerate_config)):
         if path is not None and not os.path.isfile(path):
             raise XltError(f"{what} file not found: {path}")
     chk = Check()
-    if gpus is not None:
-        hw = Hardware(gpus, gpu_memory_gb, "given")
-    else:
-        visible = visible_hardware()
-        hw = Hardware(visible.gpus, gpu_memory_gb if gpu_memory_gb is not None else visible.gpu_memory_gb, "visible")
+    hw = _hardware(gpus, gpu_memory_gb)
     plan = chk.attempt(launch_plan, accelerate_config, hw)
     recipe_map = _yaml_mapping(recipe)
     stage = stage or detect_stage(recipe_map, overrides)
     use_cpu_value = _override(overrides, "use_cpu")
     recipe_use_cpu = _flag(use_cpu_value if use_cpu_value is not None else recipe_map.get("use_cpu", False))
-    report: dict[str, Any] = {"ok": False, "problems": chk.problems, "skipped": chk.skipped, "notes": chk.notes,
-                              "recipe": recipe, "stage": stage,
-                              "hardware": {"gpus_per_machine": hw.gpus, "gpu_memory_gb": hw.gpu_memory_gb,
-                                           "source": hw.source},
-                              "launcher": None, "world_size": None, "tokens_per_step": None, "max_steps": None,
-                              "master_weights_dtype": None, "attn_implementation": None,
-                              "activation_checkpointing": None, "memory_per_gpu_gb": None,
-                              "memory_breakdown_gb": None, "memory_savings": [], "memory_note": MEMORY_NOTE}
+    report = _new_report(chk, recipe, stage, hw)
     cuda_run = hw.gpus > 0 and not recipe_use_cpu and not (plan is not None and plan.launcher.use_cpu)
     parsed = chk.attempt(parse, stage, recipe, overrides, "bf16" if cuda_run else "fp32")
     training_args = parsed[-1] if parsed else None
@@ -701,38 +690,8 @@ def run_check(recipe: str, accelerate_config: Optional[str] = None, offline: boo
     if plan is None:
         return _finish(report)
     world = report["world_size"]
-    # Steps and tokens.
-    if stage == "cpt":
-        from xlt.data.steps import plan_steps
-
-        steps = chk.attempt(plan_steps, parsed[2], parsed[3], training_args, world)
-        if steps is not None:
-            report.update(tokens_per_step=steps.tokens_per_step, max_steps=steps.max_steps,
-                          total_tokens=steps.total_tokens, steps_note=steps.describe())
-            from xlt.train.new_rows import new_rows_settings  # the cpt stage's refusals of the new_rows_* keys
-
-            model_args, tok_args, _, cpt_args, lora, _ = parsed
-            chk.attempt(new_rows_settings, cpt_args, tok_args.tokenizer_mode, training_args, steps.max_steps,
-                        bool(lora.use_lora))
-    else:
-        rows = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world
-        report["tokens_per_step"] = rows * info["seq_len"]
-        report["steps_note"] = (f"tokens/step at most = max_length {info['seq_len']} x batch "
-                                f"{training_args.per_device_train_batch_size} x grad_accum "
-                                f"{training_args.gradient_accumulation_steps} x processes {world} (rows shorter "
-                                "than max_length carry fewer)")
-        if training_args.max_steps > 0:
-            report["max_steps"] = training_args.max_steps
-        else:
-            report["steps_note"] += "; max_steps = num_train_epochs x examples / rows per step, known at launch"
-    # Activation checkpointing: the runtime's decision, on a stand-in (it mutates what it is given).
-    ckpt = own_activation_checkpointing(
-        SimpleNamespace(activation_checkpointing=bool(getattr(training_args, "activation_checkpointing", False))),
-        plan.launcher, env={})
-    report["activation_checkpointing"] = ckpt
-    if getattr(info["model_args"], "activation_checkpointing_every", 0):
-        report["activation_checkpointing"] = ckpt = f"every {info['model_args'].activation_checkpointing_every}"
-    # Memory.
+    _check_steps(chk, report, stage, parsed, info, world)
+    ckpt = report["activation_checkpointing"] = _checkpointing(training_args, info["model_args"], plan)
     loss = "model"  # SFT: TRL's loss from the full logits
     if stage == "cpt":
         from xlt.train.losses import resolve_loss_implementation
@@ -742,6 +701,65 @@ def run_check(recipe: str, accelerate_config: Optional[str] = None, offline: boo
         report["loss_implementation"] = loss
     _memory(chk, report, info, plan, hw, world, master, training_args, ckpt != "off", offline, cuda_run, loss)
     return _finish(report)
+
+
+def _hardware(gpus: Optional[int], gpu_memory_gb: Optional[float]) -> Hardware:
+    """The hardware to check against: the given GPU count (and memory), else what this machine sees."""
+    if gpus is not None:
+        return Hardware(gpus, gpu_memory_gb, "given")
+    visible = visible_hardware()
+    return Hardware(visible.gpus, gpu_memory_gb if gpu_memory_gb is not None else visible.gpu_memory_gb, "visible")
+
+
+def _new_report(chk: Check, recipe: str, stage: str, hw: Hardware) -> dict[str, Any]:
+    """The report with every key present (None until a check fills it); the lists are the check's own."""
+    return {"ok": False, "problems": chk.problems, "skipped": chk.skipped, "notes": chk.notes,
+            "recipe": recipe, "stage": stage,
+            "hardware": {"gpus_per_machine": hw.gpus, "gpu_memory_gb": hw.gpu_memory_gb, "source": hw.source},
+            "launcher": None, "world_size": None, "tokens_per_step": None, "max_steps": None,
+            "master_weights_dtype": None, "attn_implementation": None,
+            "activation_checkpointing": None, "memory_per_gpu_gb": None,
+            "memory_breakdown_gb": None, "memory_savings": [], "memory_note": MEMORY_NOTE}
+
+
+def _check_steps(chk: Check, report: dict, stage: str, parsed: Sequence[Any], info: dict, world: int) -> None:
+    """Tokens per step and the run length (cpt: the step plan, and the new_rows_* refusals it depends on)."""
+    training_args = parsed[-1]
+    if stage == "cpt":
+        from xlt.data.steps import plan_steps
+        from xlt.train.new_rows import new_rows_settings
+
+        steps = chk.attempt(plan_steps, parsed[2], parsed[3], training_args, world)
+        if steps is not None:
+            report.update(tokens_per_step=steps.tokens_per_step, max_steps=steps.max_steps,
+                          total_tokens=steps.total_tokens, steps_note=steps.describe())
+            _, tok_args, _, cpt_args, lora, _ = parsed
+            chk.attempt(new_rows_settings, cpt_args, tok_args.tokenizer_mode, training_args, steps.max_steps,
+                        bool(lora.use_lora))
+        return
+    rows = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world
+    report["tokens_per_step"] = rows * info["seq_len"]
+    report["steps_note"] = (f"tokens/step at most = max_length {info['seq_len']} x batch "
+                            f"{training_args.per_device_train_batch_size} x grad_accum "
+                            f"{training_args.gradient_accumulation_steps} x processes {world} (rows shorter "
+                            "than max_length carry fewer)")
+    if training_args.max_steps > 0:
+        report["max_steps"] = training_args.max_steps
+    else:
+        report["steps_note"] += "; max_steps = num_train_epochs x examples / rows per step, known at launch"
+
+
+def _checkpointing(training_args: Any, model_args: Any, plan: LaunchPlan) -> str:
+    """The activation checkpointing the run will use: the runtime's decision, made on a stand-in (it mutates what
+    it is given), or every k-th layer (``activation_checkpointing_every``)."""
+    from xlt.train.runtime import own_activation_checkpointing
+
+    every = getattr(model_args, "activation_checkpointing_every", 0)
+    if every:
+        return f"every {every}"
+    return own_activation_checkpointing(
+        SimpleNamespace(activation_checkpointing=bool(getattr(training_args, "activation_checkpointing", False))),
+        plan.launcher, env={})
 
 
 def _memory(chk: Check, report: dict, info: dict, plan: LaunchPlan, hw: Hardware, world: int, master: Optional[str],
