@@ -292,6 +292,39 @@ def run_sft(sft_args: SftArguments, training_args: Any, learning_rate_given: Opt
         return _run_sft_locked(sft_args, training_args, model_spec, settings, master, attn, launcher, t0, lora, lr)
 
 
+def _chatml_model(sft_args: SftArguments, training_args: Any, tokenizer: Any, model_spec: str, master: str,
+                  attn: str) -> tuple[Any, list[int]]:
+    """``chat_template: chatml``: the template installed, its new tokens' rows added to the model (loaded here, before
+    the data, since it resizes); ``(model, new token ids)``. Otherwise ``(None, [])``: the model loads after the data."""
+    if sft_args.chat_template != "chatml":
+        return None, []
+    model = load_model(model_spec, master, attn, trust_remote_code=training_args.trust_remote_code)
+    added = sft_format.install_chatml(tokenizer, model)
+    _log(f"ChatML template installed; new special tokens: {', '.join(added) or 'none'}")
+    return model, [int(i) for i in tokenizer.convert_tokens_to_ids(added)]
+
+
+def _log_data(training_args: Any, sft_args: SftArguments, train_rows: list, eval_rows: list, counts: dict) -> None:
+    for name, c in counts.items():
+        _log(f"{name}: " + ", ".join(f"{k} {v}" for k, v in c.items()))
+    truncated = sum(c.get("truncated", 0) for c in counts.values())
+    _log(f"{len(train_rows)} train / {len(eval_rows)} eval examples x {training_args.num_train_epochs} epochs, "
+         f"prompt={sft_args.prompt_format}; {truncated} cut at max_length={training_args.max_length}")
+    if training_args.packing:
+        _log(f"packing ({training_args.packing_strategy}, padding-free): whole examples per row, none split "
+             f"across rows ({truncated} longer than max_length were cut to it, counted above)")
+
+
+def _with_lora(model: Any, lora: Any, new_ids: list[int], seed: int) -> Any:
+    from xlt.train.lora import apply_lora
+
+    model = apply_lora(model, lora, new_ids, seed=seed)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    _log(f"LoRA r={lora.lora_r} alpha={lora.lora_alpha} on {lora.lora_target_modules}; {trainable:,} trainable "
+         f"parameters")
+    return model
+
+
 def _run_sft_locked(sft_args: SftArguments, training_args: Any, model_spec: str, settings: dict, master: str,
                     attn: str, launcher: Launcher, t0: float, lora: Any, lr: float) -> dict:
     run_dir = training_args.output_dir
@@ -308,33 +341,16 @@ def _run_sft_locked(sft_args: SftArguments, training_args: Any, model_spec: str,
     save_dtype = base_save_dtype(sft_args.save_dtype, model_spec, training_args.trust_remote_code)
     tokenizer = load_tokenizer(model_spec, trust_remote_code=training_args.trust_remote_code)
     warn_pure_bf16(master)
-    model, new_ids = None, []
-    if sft_args.chat_template == "chatml":  # the template's tokens resize the model: model first
-        model = load_model(model_spec, master, attn, trust_remote_code=training_args.trust_remote_code)
-        added = sft_format.install_chatml(tokenizer, model)
-        new_ids = [int(i) for i in tokenizer.convert_tokens_to_ids(added)]
-        _log(f"ChatML template installed; new special tokens: {', '.join(added) or 'none'}")
+    model, new_ids = _chatml_model(sft_args, training_args, tokenizer, model_spec, master, attn)
     max_length = training_args.max_length
     train_rows, eval_rows, counts = _sft_datasets(sft_args, tokenizer, max_length)
-    for name, c in counts.items():
-        _log(f"{name}: " + ", ".join(f"{k} {v}" for k, v in c.items()))
-    truncated = sum(c.get("truncated", 0) for c in counts.values())
-    _log(f"{len(train_rows)} train / {len(eval_rows)} eval examples x {training_args.num_train_epochs} epochs, "
-         f"prompt={sft_args.prompt_format}; {truncated} cut at max_length={max_length}")
-    if training_args.packing:
-        _log(f"packing ({training_args.packing_strategy}, padding-free): whole examples per row, none split "
-             f"across rows ({truncated} longer than max_length were cut to it, counted above)")
+    _log_data(training_args, sft_args, train_rows, eval_rows, counts)
 
     # -- phase: model ---------------------------------------------------------------------------
     if model is None:
         model = load_model(model_spec, master, attn, trust_remote_code=training_args.trust_remote_code)
     if lora is not None:
-        from xlt.train.lora import apply_lora
-
-        model = apply_lora(model, lora, new_ids, seed=training_args.seed)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        _log(f"LoRA r={lora.lora_r} alpha={lora.lora_alpha} on {lora.lora_target_modules}; {trainable:,} trainable "
-             f"parameters")
+        model = _with_lora(model, lora, new_ids, training_args.seed)
     throughput = apply_throughput_keys(model, sft_args, training_args, launcher)
     checkpointing = own_activation_checkpointing(training_args, launcher)
     if throughput["checkpointed_layers"] is not None:
