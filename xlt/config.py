@@ -89,7 +89,7 @@ class ModelArguments:
 # ---------------------------------------------------------------------------------------------
 # Tokenizer extension / swap
 # ---------------------------------------------------------------------------------------------
-EMBEDDING_INITS = ("subword_mean", "merge_tree", "mean", "random", "distill")
+EMBEDDING_INITS = ("subword_mean", "merge_tree", "mean", "random", "distill", "align")
 OUTPUT_EMBEDDING_INITS = ("same", "first_subtoken", "char_weighted_mean", "calibrated_first_subtoken")
 
 
@@ -124,7 +124,10 @@ class TokenizerArguments:
                   "pieces), 'merge_tree' (bottom-up in merge order: the mean of the rows of the two tokens each new "
                   "token merges), 'mean' (the old mean row), 'random', or 'distill' (subword_mean, then each new "
                   "input row is fitted so the base model's last hidden state at the new token matches the one at its "
-                  "last piece on corpus text; its compute is reported as init_flops). distill: extend mode only."},
+                  "last piece on corpus text; its compute is reported as init_flops), or 'align' (Yamaguchi et al. "
+                  "2024: the frequency-weighted mean of the old rows of the old tokens each occurrence of the new "
+                  "token overlaps by character offsets on the tokenizer corpus; a token the corpus never shows gets "
+                  "subword_mean). distill: extend mode only."},
     )
     output_embedding_init: str = field(
         default="same",

@@ -12,7 +12,11 @@ Input-side methods (``embedding_init``):
   merge joins (each an old row or an earlier new one), so a token ``(ab)c`` gets
   ``((a + b) / 2 + c) / 2``, weighting its later-merged parts more than the flat mean does;
 * ``mean`` (the old mean row), ``random`` (old std);
-* ``distill``: ``subword_mean``, then :func:`distill_new_rows` fits the new input rows on text.
+* ``distill``: ``subword_mean``, then :func:`distill_new_rows` fits the new input rows on text;
+* ``align`` (Yamaguchi et al. 2024, "How Can We Effectively Expand the Vocabulary of LLMs with 0.01GB of Target
+  Language Text?"): the frequency-weighted mean of the old rows of every old token that an occurrence of the new
+  token overlaps, by character offsets, when the target text is tokenized by both tokenizers
+  (:func:`align_weights`); a new token the text never shows falls back to its subword mean.
 
 Output-side methods for an untied head (``output_embedding_init``): ``same`` (as the input side),
 ``first_subtoken`` (the output row of the first piece, EEVE), ``char_weighted_mean`` (the pieces'
@@ -107,7 +111,7 @@ def char_lengths(pieces: Sequence[bytes]) -> list[float]:
 def _init_matrix(old: torch.Tensor, new_size: int, keep: dict[int, int], pieces: dict[int, list[int]],
                  method: str, generator: torch.Generator, merges: Optional[list[tuple[int, int, int]]] = None,
                  piece_bytes: Optional[dict[int, list[bytes]]] = None,
-                 calibration: Optional[dict] = None) -> torch.Tensor:
+                 calibration: Optional[dict] = None, align: Optional[dict[int, dict[int, int]]] = None) -> torch.Tensor:
     """A (new_size, dim) matrix: kept rows copied; the rest initialised by ``method``.
 
     Rows with no pieces (padding, or a token the old tokenizer cannot express) get the old mean:
@@ -116,6 +120,7 @@ def _init_matrix(old: torch.Tensor, new_size: int, keep: dict[int, int], pieces:
     a row is built from the first merge that yields it; new tokens no merge yields (SentencePiece-style
     single characters) keep their subword mean. ``piece_bytes`` (char_weighted_mean): each new id's
     pieces as bytes. ``calibration`` (calibrated_first_subtoken): :func:`continuation_stats`' result.
+    ``align``: :func:`align_weights`' counts (new id -> {old id: overlapping occurrences}).
     """
     old32 = old.detach().float()
     mean = old32.mean(0)
@@ -128,6 +133,15 @@ def _init_matrix(old: torch.Tensor, new_size: int, keep: dict[int, int], pieces:
         rows = [i for i in todo if i in pieces]
         if rows:
             new[rows] = torch.randn(len(rows), old.shape[1], generator=generator) * std
+    elif method == "align":
+        for i in todo:
+            w = (align or {}).get(i)
+            if w:
+                ids = list(w)
+                counts = torch.tensor([float(w[j]) for j in ids])
+                new[i] = (old32[ids] * counts[:, None]).sum(0) / counts.sum()
+            elif pieces.get(i):
+                new[i] = old32[pieces[i]].mean(0)
     elif method in ("subword_mean", "merge_tree", "distill"):
         for i in todo:
             ids = pieces.get(i)
@@ -169,7 +183,7 @@ def resize_and_init(model: Any, new_size: int, keep: dict[int, int], pieces: dic
                     method: str = "subword_mean", seed: int = 0, *, output_method: str = "same",
                     untie_first: bool = False, merges: Optional[list[tuple[int, int, int]]] = None,
                     piece_bytes: Optional[dict[int, list[bytes]]] = None,
-                    calibration: Optional[dict] = None) -> dict:
+                    calibration: Optional[dict] = None, align: Optional[dict[int, dict[int, int]]] = None) -> dict:
     """Give ``model`` a vocabulary of ``new_size`` rows.
 
     ``keep`` maps new id -> old id for rows copied unchanged (identity for an extension, shared
@@ -190,12 +204,13 @@ def resize_and_init(model: Any, new_size: int, keep: dict[int, int], pieces: dic
     gen = torch.Generator().manual_seed(seed)
     tied = is_tied(model)
     old_in = model.get_input_embeddings().weight.detach().clone()
-    new_in = _init_matrix(old_in, new_size, keep, pieces, method, gen, merges, piece_bytes)
+    new_in = _init_matrix(old_in, new_size, keep, pieces, method, gen, merges, piece_bytes, align=align)
     new_out = None
     if not tied and model.get_output_embeddings() is not None:
         old_out = model.get_output_embeddings().weight.detach().clone()
         out_method = method if output_method == "same" else output_method
-        new_out = _init_matrix(old_out, new_size, keep, pieces, out_method, gen, merges, piece_bytes, calibration)
+        new_out = _init_matrix(old_out, new_size, keep, pieces, out_method, gen, merges, piece_bytes, calibration,
+                               align=align)
     model.resize_token_embeddings(new_size, mean_resizing=False)
     with torch.no_grad():
         model.get_input_embeddings().weight.copy_(new_in)
@@ -208,6 +223,34 @@ def resize_and_init(model: Any, new_size: int, keep: dict[int, int], pieces: dic
     return {"rows": new_size, "kept": len(keep), "initialised": n_init, "padding": new_size - len(keep) - n_init,
             "tied": tied, "untied": untied, "init": method, "output_init": output_method if not tied else "tied",
             "init_flops": 0}
+
+
+def align_weights(texts: Sequence[str], old_tok: Any, new_tok: Any, new_ids: Sequence[int],
+                  batch: int = 256) -> dict[int, dict[int, int]]:
+    """For each new id, how often each old token overlaps one of its occurrences: both ``tokenizers.Tokenizer`` s
+    encode ``texts`` (no special tokens); an old token overlaps a new-token occurrence when their character spans
+    intersect (``old_start < new_end and old_end > new_start``). Byte pieces of one character share its span, so
+    each is counted. New ids absent from the text are absent from the result."""
+    wanted = set(new_ids)
+    out: dict[int, dict[int, int]] = {}
+    for at in range(0, len(texts), batch):
+        chunk = list(texts[at: at + batch])
+        for old_enc, new_enc in zip(old_tok.encode_batch(chunk, add_special_tokens=False),
+                                    new_tok.encode_batch(chunk, add_special_tokens=False)):
+            old_spans, j = old_enc.offsets, 0
+            for nid, (s, e) in zip(new_enc.ids, new_enc.offsets):
+                if nid not in wanted or e <= s:
+                    continue
+                while j < len(old_spans) and old_spans[j][1] <= s:  # spans are in text order
+                    j += 1
+                counts = out.setdefault(nid, {})
+                k = j
+                while k < len(old_spans) and old_spans[k][0] < e:
+                    if old_spans[k][1] > s:
+                        oid = old_enc.ids[k]
+                        counts[oid] = counts.get(oid, 0) + 1
+                    k += 1
+    return {i: c for i, c in out.items() if c}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -326,7 +326,7 @@ def init_new_rows(model, tok_args: TokenizerArguments, new_size: int, keep: dict
     """Resize ``model`` and initialise its new rows as ``tok_args`` says (embedding_init,
     output_embedding_init, untie_embeddings; distill_steps for distill). Returns the summary, with
     ``init_flops`` (0 unless the method runs the model)."""
-    from xlt.tokenizer.embeddings import continuation_stats, distill_new_rows, resize_and_init
+    from xlt.tokenizer.embeddings import align_weights, continuation_stats, distill_new_rows, resize_and_init
     from xlt.tokenizer.merges import token_bytes
 
     method = tok_args.embedding_init
@@ -338,9 +338,12 @@ def init_new_rows(model, tok_args: TokenizerArguments, new_size: int, keep: dict
     calibration = None
     if tok_args.output_embedding_init == "calibrated_first_subtoken":  # measured on the base model, before resizing
         calibration = continuation_stats(model, texts, new_tok, pieces, new_ids)
+    align = align_weights(texts, base, new_tok, new_ids) if method == "align" else None
     summary = resize_and_init(model, new_size, keep, pieces, method=method, output_method=tok_args.output_embedding_init,
                               untie_first=tok_args.untie_embeddings, merges=merges, piece_bytes=piece_bytes,
-                              calibration=calibration)
+                              calibration=calibration, align=align)
+    if align is not None:
+        summary["aligned_rows"] = len(align)  # the rest fell back to subword_mean
     if calibration is not None:
         summary.update({k: v for k, v in calibration.items() if k not in ("logprob", "direction")})
     if method == "distill":
