@@ -34,6 +34,15 @@ second (``xlt.eval.speed``). Results: ``DIR/compare.json`` (a list, one row per 
 table) and ``DIR/compare.png`` (bits per character against FLOPs); each arm's recipe is kept in ``DIR/recipes/<name>.yaml``
 and its results in ``DIR/arms/<name>.json``. An arm whose ``DIR/<name>/cpt`` and results exist (same settings)
 is not rerun; an interrupted arm resumes from its last checkpoint.
+
+Sweeps and several budgets. ``sweep: {new_tokens: [0, 32, 64], overrides: {...}}`` adds the arms ``base`` (0) and
+``new_tokens-32``, ``new_tokens-64`` (an extension by that many tokens, plus the sweep's overrides) before any
+``arms`` listed. ``compute: {flops: [2e12, 8e12]}`` (or a list of ``base_train_tokens``) runs every arm at each
+budget, in ``DIR/budget-<k>``. Every row then says whether it has its budget's lowest Japanese bits per character
+(``best_at_budget``), whether it is on the Pareto front of (Japanese bits per character, Japanese characters per
+token) (``on_pareto_front``), and carries the budget's ``recommendation``: how many new tokens pay (an extended arm
+at or below the base arm's Japanese bits per character) and the inference speed-up they buy, or none and by how
+much the best extended arm misses.
 """
 
 from __future__ import annotations
@@ -56,7 +65,7 @@ from xlt.log import logger
 
 #: Recipe keys an arm may not set: the comparison owns them.
 OWNED_KEYS = ("output_dir", "train_tokens", "max_steps")
-TOP_KEYS = ("recipe", "output_dir", "compute", "overrides", "arms", "heldout", "eval")
+TOP_KEYS = ("recipe", "output_dir", "compute", "overrides", "arms", "sweep", "heldout", "eval")
 COMPUTE_KEYS = ("flops", "base_train_tokens", "tolerance")
 ARM_KEYS = ("name", "overrides")
 LANGS = ("ja", "en")
@@ -95,6 +104,8 @@ class CompareConfig:
     arms: list[Arm]
     heldout: dict[str, list[str]]
     eval: EvalSettings
+    budgets: int = 1              # several: ``compute.flops`` / ``base_train_tokens`` was a list (see budget_configs)
+    amounts: tuple[float, ...] = ()
 
 
 _log = logger("xlt compare")
@@ -173,7 +184,7 @@ def _heldout(raw: Any, where: str) -> dict[str, list[str]]:
 
 def _arms(raw: Any, where: str, common: dict, recipe: dict, known_keys: set[str]) -> list[Arm]:
     if not isinstance(raw, list) or not raw:
-        raise XltError(f"{where}: arms must be a non-empty list of {{name, overrides}}")
+        raise XltError(f"{where}: arms must be a non-empty list of {{name, overrides}} (or give a sweep)")
     arms: list[Arm] = []
     seen: set[str] = set()
     for i, a in enumerate(raw):
@@ -202,6 +213,49 @@ def _arms(raw: Any, where: str, common: dict, recipe: dict, known_keys: set[str]
     if mode != "none":
         raise XltError(f"{where}: arm 'base' must keep the original tokenizer (tokenizer_mode: none), has {mode!r}")
     return arms
+
+
+def sweep_arms(raw: Any, where: str) -> list[dict]:
+    """The arms a ``sweep`` mapping stands for: ``{new_tokens: [0, 32, 64], overrides: {...}}`` gives ``base``
+    (0: the original tokenizer) and ``new_tokens-32``, ``new_tokens-64`` (``tokenizer_mode: extend`` unless the
+    sweep's ``overrides`` say otherwise, then those overrides). Any other single recipe key sweeps the same way
+    (``<key>-<value>`` arms, no base)."""
+    if raw is None:
+        return []
+    if not isinstance(raw, dict):
+        raise XltError(f"{where}: sweep must be a mapping {{key: [values], overrides: {{...}}}}")
+    common = raw.get("overrides") or {}
+    if not isinstance(common, dict):
+        raise XltError(f"{where}: sweep.overrides must be a mapping of recipe key: value")
+    keys = [k for k in raw if k != "overrides"]
+    if len(keys) != 1 or not isinstance(raw[keys[0]], list) or not raw[keys[0]]:
+        raise XltError(f"{where}: sweep: give one recipe key with a non-empty list of values (e.g. new_tokens: [0, 64])")
+    key, values = keys[0], raw[keys[0]]
+    if len(set(map(str, values))) != len(values):
+        raise XltError(f"{where}: sweep.{key}: repeated values {values}")
+    arms = []
+    for v in values:
+        if key == "new_tokens":
+            if type(v) is not int or v < 0:
+                raise XltError(f"{where}: sweep.new_tokens: expected whole numbers >= 0, got {v!r}")
+            if v == 0:
+                arms.append({"name": "base", "overrides": {"tokenizer_mode": "none"}})
+                continue
+            arms.append({"name": f"new_tokens-{v}", "overrides": {"tokenizer_mode": "extend", **common, "new_tokens": v}})
+        else:
+            arms.append({"name": f"{key}-{v}", "overrides": {**common, key: v}})
+    return arms
+
+
+def _amounts(value: Any, key: str, where: str) -> list[float]:
+    """One budget or a list of them (``compute.flops: [1e12, 1e13]``), each a positive number."""
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise XltError(f"{where}: compute.{key}: an empty list")
+    out = [_positive_number(v, f"compute.{key}") for v in values]
+    if len(set(out)) != len(out):
+        raise XltError(f"{where}: compute.{key}: repeated budgets {values}")
+    return out
 
 
 def _check_override_keys(overrides: Mapping[str, Any], at: str, known_keys: set[str]) -> None:
@@ -264,10 +318,11 @@ def load_config(path: str, output_dir: Optional[str] = None) -> CompareConfig:
     given = [k for k in ("flops", "base_train_tokens") if k in compute]
     if len(given) != 1:
         raise XltError(f"{path}: compute: give exactly one of flops or base_train_tokens")
-    amount = _positive_number(compute[given[0]], f"compute.{given[0]}")
+    amounts = _amounts(compute[given[0]], given[0], path)
+    amount = amounts[0]
     tolerance = _positive_number(compute.get("tolerance", 0.01), "compute.tolerance")
 
-    arms = _arms(raw.get("arms"), path, common, recipe, known)
+    arms = _arms(sweep_arms(raw.get("sweep"), path) + list(raw.get("arms") or []), path, common, recipe, known)
     heldout = _heldout(raw.get("heldout"), path)
     settings = _eval_settings(raw.get("eval"), path)
     out = output_dir or raw.get("output_dir") or "runs/compare"
@@ -288,7 +343,20 @@ def load_config(path: str, output_dir: Optional[str] = None) -> CompareConfig:
             except XltError as e:
                 raise XltError(f"{path}: arm {arm.name!r}: {e}") from None
     return CompareConfig(path, recipe_path, out, amount if given[0] == "flops" else None,
-                         int(amount) if given[0] == "base_train_tokens" else None, tolerance, arms, heldout, settings)
+                         int(amount) if given[0] == "base_train_tokens" else None, tolerance, arms, heldout, settings,
+                         budgets=len(amounts), amounts=tuple(amounts))
+
+
+def budget_configs(cfg: CompareConfig) -> list[CompareConfig]:
+    """One comparison per budget: the config itself for one budget; for several, each budget's arms in
+    ``DIR/budget-<k>`` (k from 1, in the order given), the same arms, held-out text and evaluation."""
+    if cfg.budgets == 1:
+        return [cfg]
+    flops_given = cfg.flops is not None
+    return [dataclasses.replace(cfg, output_dir=os.path.join(cfg.output_dir, f"budget-{k + 1}"), budgets=1,
+                                amounts=(a,), flops=a if flops_given else None,
+                                base_train_tokens=None if flops_given else int(a))
+            for k, a in enumerate(cfg.amounts)]
 
 
 def arm_recipe(arm: Arm, output_dir: str, train_tokens: int) -> dict:
@@ -523,7 +591,9 @@ def plan_arms(cfg: CompareConfig, prepared: dict[str, dict]) -> tuple[float, dic
 
 def _row(arm: Arm, r: dict, budget: float) -> dict:
     end, step0 = r["end"], r["step0"]
+    new_tokens = 0 if arm.recipe.get("tokenizer_mode", "none") == "none" else int(arm.recipe.get("new_tokens") or 0)
     return {"name": arm.name, "overrides": arm.overrides, "flops": r["flops"], "budget_flops": budget,
+            "new_tokens": new_tokens, "tokenizer_mode": arm.recipe.get("tokenizer_mode", "none"),
             "init_flops": r["init_flops"], "tokens": r["tokens"], "steps": r["plan"]["steps"],
             "n_eff": r["params"]["n_eff"], "head_rows": r["params"]["head_rows"],
             "ja_bpc": end["ja_bpc"], "en_bpc": end["en_bpc"],
@@ -534,22 +604,79 @@ def _row(arm: Arm, r: dict, budget: float) -> dict:
 
 
 def run_compare(config_path: str, output_dir: Optional[str] = None) -> tuple[list[dict], str]:
-    """Run (or resume) every arm and write ``DIR/compare.json``, ``compare.md`` and ``compare.png``; returns the
-    rows of compare.json and DIR."""
+    """Run (or resume) every arm at every budget and write ``DIR/compare.json``, ``compare.md`` and
+    ``compare.png``; returns the rows of compare.json (each with its budget's summary, ``summarise``) and DIR."""
     cfg = load_config(config_path, output_dir)
     texts = read_heldout(cfg.heldout, cfg.eval)
+    rows = [r for sub in budget_configs(cfg) for r in _run_budget(sub, texts)]
+    summarise(rows)
+    write_outputs(cfg.output_dir, rows, texts)
+    return rows, cfg.output_dir
+
+
+def _run_budget(cfg: CompareConfig, texts: dict[str, list[str]]) -> list[dict]:
     _log(f"{len(cfg.arms)} arms into {cfg.output_dir}; held-out " +
          ", ".join(f"{lang} {len(d)} documents / {sum(map(len, d)):,} characters" for lang, d in texts.items()))
     budget_spec = {"flops": cfg.flops, "base_train_tokens": cfg.base_train_tokens, "tolerance": cfg.tolerance}
     prepared = {a.name: _prepare_arm(cfg, a, texts, _arm_identity(cfg, a, budget_spec)) for a in cfg.arms}
     budget, plans = plan_arms(cfg, prepared)
     _log(f"budget {budget:.4g} FLOPs; " + ", ".join(f"{n}: {p['tokens']:,} tokens" for n, p in plans.items()))
-    rows = []
-    for arm in cfg.arms:
-        r = _train_arm(cfg, arm, plans[arm.name], texts, prepared[arm.name])
-        rows.append(_row(arm, r, budget))
-    write_outputs(cfg.output_dir, rows, texts)
-    return rows, cfg.output_dir
+    return [_row(arm, _train_arm(cfg, arm, plans[arm.name], texts, prepared[arm.name]), budget) for arm in cfg.arms]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per budget: the best arm, the Pareto front, how many new tokens pay
+# ---------------------------------------------------------------------------------------------------------
+def pareto_front(rows: Sequence[dict]) -> list[str]:
+    """Names of the arms no other arm beats on both Japanese bits per character (lower) and Japanese characters per
+    token (higher, the inference cost), in the rows' order."""
+    def dominated(r: dict) -> bool:
+        return any(o["ja_bpc"] <= r["ja_bpc"] and o["ja_chars_per_token"] >= r["ja_chars_per_token"]
+                   and (o["ja_bpc"], o["ja_chars_per_token"]) != (r["ja_bpc"], r["ja_chars_per_token"]) for o in rows)
+    return [r["name"] for r in rows if not dominated(r)]
+
+
+def recommendation(rows: Sequence[dict]) -> dict:
+    """How many new tokens pay at one budget: the extended arm (``new_tokens`` > 0) with the lowest Japanese bits
+    per character among those at or below the original tokenizer's (the ``base`` arm), and the inference speed-up
+    its tokenizer buys (Japanese characters per token, and measured generation characters per second, over the
+    base's); or none, with how far the best extended arm misses."""
+    base = next((r for r in rows if r["name"] == "base"), None)
+    extended = [r for r in rows if r.get("new_tokens", 0) > 0]
+    rec: dict[str, Any] = {"budget_flops": rows[0]["budget_flops"], "new_tokens": 0, "arm": None}
+    if base is None or not extended:
+        rec["text"] = "no base arm and extended arms to weigh at this budget"
+        return rec
+    paying = [r for r in extended if r["ja_bpc"] <= base["ja_bpc"]]
+    best = min(paying or extended, key=lambda r: (r["ja_bpc"], -r["new_tokens"]))
+    delta = best["ja_bpc"] - base["ja_bpc"]
+    speed = best["ja_chars_per_token"] / base["ja_chars_per_token"]
+    cps = None
+    if best.get("chars_per_second") and base.get("chars_per_second"):
+        cps = best["chars_per_second"] / base["chars_per_second"]
+    rec.update(ja_bpc_delta=round(delta, 4), speedup_chars_per_token=round(speed, 3),
+               speedup_chars_per_second=None if cps is None else round(cps, 3))
+    if paying:
+        rec.update(new_tokens=best["new_tokens"], arm=best["name"])
+        rec["text"] = (f"{best['new_tokens']} new tokens pay ({best['name']}: {delta:+.3f} Japanese bits/char against "
+                       f"the original tokenizer); Japanese text takes {speed:.2f}x fewer tokens")
+    else:
+        rec["text"] = (f"none at this budget: the best extended arm ({best['name']}, {best['new_tokens']} new tokens) "
+                       f"is {delta:+.3f} Japanese bits/char behind the original tokenizer")
+    return rec
+
+
+def summarise(rows: list[dict]) -> None:
+    """Add to every row its budget's verdicts: ``best_at_budget`` (lowest Japanese bits per character),
+    ``on_pareto_front`` and ``recommendation`` (the same object on every row of a budget)."""
+    budgets: dict[float, list[dict]] = {}
+    for r in rows:
+        budgets.setdefault(r["budget_flops"], []).append(r)
+    for group in budgets.values():
+        best = min(group, key=lambda r: r["ja_bpc"])["name"]
+        front, rec = set(pareto_front(group)), recommendation(group)
+        for r in group:
+            r.update(best_at_budget=r["name"] == best, on_pareto_front=r["name"] in front, recommendation=rec)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -574,12 +701,26 @@ def format_table(rows: Sequence[dict]) -> str:
 
 def _markdown(rows: Sequence[dict], texts: Mapping[str, list[str]]) -> str:
     held = ", ".join(f"{lang} {len(d)} documents / {sum(map(len, d)):,} characters" for lang, d in texts.items())
-    spread = flops_spread([r["flops"] for r in rows])
-    out = ["# xlt compare", "", f"Budget {rows[0]['budget_flops']:.4g} training FLOPs per arm "
-           f"(6 · N_eff · tokens + init; the arms' FLOPs differ by {spread:.2%}). Held-out text: {held}.",
-           "Bits per character: lower is better; in brackets the difference to the base arm.", "",
-           format_table(rows), ""]
+    out = ["# xlt compare", "", f"Held-out text: {held}.",
+           "Bits per character: lower is better; in brackets the difference to the base arm.", ""]
+    budgets: dict[float, list[dict]] = {}
     for r in rows:
+        budgets.setdefault(r["budget_flops"], []).append(r)
+    for budget, group in budgets.items():
+        spread = flops_spread([r["flops"] for r in group])
+        out += [f"## Budget {budget:.4g} training FLOPs per arm", "",
+                f"6 · N_eff · tokens + init; the arms' FLOPs differ by {spread:.2%}.", "", format_table(group), ""]
+        if "recommendation" in group[0]:
+            best = next(r["name"] for r in group if r["best_at_budget"])
+            front = ", ".join(r["name"] for r in group if r["on_pareto_front"])
+            out += [f"- lowest Japanese bits/char: **{best}**",
+                    f"- Pareto front (Japanese bits/char, Japanese chars/token): {front}",
+                    f"- recommendation: {group[0]['recommendation']['text']}", ""]
+    seen = set()
+    for r in rows:
+        if r["name"] in seen:
+            continue
+        seen.add(r["name"])
         if r["overrides"]:
             out.append(f"- **{r['name']}**: " + ", ".join(f"`{k}: {v}`" for k, v in r["overrides"].items()))
     out += ["", "![bits per character against compute](compare.png)", ""]
@@ -587,18 +728,42 @@ def _markdown(rows: Sequence[dict], texts: Mapping[str, list[str]]) -> str:
 
 
 def plot(rows: Sequence[dict], path: str) -> None:
-    """``path``: Japanese and English bits per character against training FLOPs, one line per arm."""
+    """``path``: Japanese and English bits per character against training FLOPs, one line per arm (and budget);
+    with arms of several new-token counts, a third panel: Japanese bits per character minus the base arm's against
+    the new tokens, one line per budget."""
     from xlt.report import _figure, _save_figure
 
-    fig = _figure(10.0, 3.8)
+    counts = sorted({r.get("new_tokens", 0) for r in rows})
+    panels = 3 if len(counts) > 1 else 2
+    several = len({r["budget_flops"] for r in rows}) > 1
+    fig = _figure(5.0 * panels, 3.8)
     for i, lang in enumerate(LANGS):
-        ax = fig.add_subplot(1, 2, i + 1)
+        ax = fig.add_subplot(1, panels, i + 1)
         for r in rows:
             pts = [(p["flops"], p[f"{lang}_bpc"]) for p in r["curve"]]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=r["name"])
+            label = f"{r['name']} @ {r['budget_flops']:.2g}" if several else r["name"]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         ax.set_xlabel("training FLOPs (6·N_eff·tokens + init)")
         ax.set_ylabel(f"{lang} bits per character")
         ax.set_title(f"held-out {lang}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    if panels == 3:
+        ax = fig.add_subplot(1, 3, 3)
+        by_budget: dict[float, list[dict]] = {}
+        for r in rows:
+            by_budget.setdefault(r["budget_flops"], []).append(r)
+        for budget, group in by_budget.items():
+            base = next((r for r in group if r["name"] == "base"), None)
+            if base is None:
+                continue
+            pts = sorted((r.get("new_tokens", 0), r["ja_bpc"] - base["ja_bpc"]) for r in group)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{budget:.2g} FLOPs")
+        ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set_xscale("symlog", linthresh=16)
+        ax.set_xlabel("new tokens")
+        ax.set_ylabel("Δ ja bits per character vs the original tokenizer")
+        ax.set_title("does the extension pay?")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     _save_figure(fig, path)

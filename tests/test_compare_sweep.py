@@ -1,0 +1,92 @@
+"""``xlt compare`` sweeps: ``sweep: {new_tokens: [...]}`` expands into arms, ``compute.flops`` may list several
+budgets, and each budget gets its best arm, Pareto front and a recommendation of how many new tokens pay."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import yaml
+
+from conftest import REPO
+from xlt.compare import budget_configs, load_config, pareto_front, recommendation, summarise, write_outputs
+from xlt.config import XltError
+
+CPT = str(REPO / "recipes/smollm2-135m-ja/cpt.yaml")
+
+
+def _write(tmp_path, **cfg) -> str:
+    ja, en = tmp_path / "ja.jsonl", tmp_path / "en.txt"
+    ja.write_text(json.dumps({"text": "吾輩は猫である。"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    en.write_text("Speak, speak.\n", encoding="utf-8")
+    full = {"recipe": CPT, "compute": {"flops": [1e12, 4e12]}, "heldout": {"ja": [str(ja)], "en": [str(en)]},
+            "output_dir": str(tmp_path / "out"), **cfg}
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(full, allow_unicode=True), encoding="utf-8")
+    return str(path)
+
+
+def test_a_new_tokens_sweep_expands_into_arms_at_every_budget(tmp_path):
+    path = _write(tmp_path, sweep={"new_tokens": [0, 32, 64], "overrides": {"embedding_init": "align"}},
+                  arms=[{"name": "extend-lr10", "overrides": {"tokenizer_mode": "extend", "new_rows_lr_multiplier": 10}}])
+    cfg = load_config(path)
+    assert [a.name for a in cfg.arms] == ["base", "new_tokens-32", "new_tokens-64", "extend-lr10"]
+    assert cfg.arms[0].recipe["tokenizer_mode"] == "none"
+    for arm, n in zip(cfg.arms[1:3], (32, 64)):
+        assert (arm.recipe["tokenizer_mode"], arm.recipe["new_tokens"], arm.recipe["embedding_init"]) == ("extend", n, "align")
+    subs = budget_configs(cfg)
+    assert [(s.flops, s.output_dir) for s in subs] == [(1e12, str(tmp_path / "out" / "budget-1")),
+                                                        (4e12, str(tmp_path / "out" / "budget-2"))]
+    assert all(s.arms == cfg.arms and s.budgets == 1 for s in subs)
+    single = load_config(_write(tmp_path, compute={"base_train_tokens": 4096}, sweep={"new_tokens": [0, 16]}))
+    assert budget_configs(single) == [single]
+
+
+@pytest.mark.parametrize("sweep,says", [
+    ({"new_tokens": [0, -8]}, "sweep.new_tokens: expected whole numbers >= 0, got -8"),
+    ({"new_tokens": [0, 16, 16]}, "sweep.new_tokens: repeated values"),
+    ({"new_tokens": [], }, "sweep: give one recipe key with a non-empty list"),
+    ({"new_tokens": [16, 32]}, "no arm named 'base'"),
+    ({"new_tokens": [0, 16], "overrides": {"max_steps": 3}}, "max_steps is set by the comparison"),
+])
+def test_a_bad_sweep_is_one_line(tmp_path, sweep, says):
+    with pytest.raises(XltError, match=says.replace("(", r"\(").replace(")", r"\)")) as e:
+        load_config(_write(tmp_path, sweep=sweep))
+    assert "\n" not in str(e.value)
+    with pytest.raises(XltError, match="compute.flops: repeated budgets"):
+        load_config(_write(tmp_path, compute={"flops": [1e12, 1e12]}, sweep={"new_tokens": [0, 16]}))
+
+
+def _row(name, new_tokens, budget, ja_bpc, cpt, cps=None):
+    curve = [{"step": 0, "tokens": 0, "flops": 0.0, "ja_bpc": ja_bpc + 1, "en_bpc": 3.0},
+             {"step": 4, "tokens": 512, "flops": budget, "ja_bpc": ja_bpc, "en_bpc": 2.5}]
+    return {"name": name, "new_tokens": new_tokens, "budget_flops": budget, "flops": budget, "ja_bpc": ja_bpc,
+            "en_bpc": 2.5, "ja_bpc_step0": ja_bpc + 1, "en_bpc_step0": 3.0, "ja_chars_per_token": cpt,
+            "chars_per_second": cps, "tokens": 512, "curve": curve, "overrides": {}}
+
+
+def test_each_budget_says_which_arm_wins_the_front_and_how_many_new_tokens_pay(tmp_path):
+    rows = [_row("base", 0, 1e12, 5.0, 0.6, 10.0), _row("new_tokens-32", 32, 1e12, 5.2, 0.8, 12.0),
+            _row("new_tokens-64", 64, 1e12, 5.5, 1.0, 14.0),
+            _row("base", 0, 4e12, 4.0, 0.6, 10.0), _row("new_tokens-32", 32, 4e12, 3.9, 0.8, 12.0),
+            _row("new_tokens-64", 64, 4e12, 3.95, 1.0, 15.0)]
+    low, high = rows[:3], rows[3:]
+    assert pareto_front(low) == ["base", "new_tokens-32", "new_tokens-64"]  # each trades bpc for chars/token
+    assert pareto_front(high) == ["new_tokens-32", "new_tokens-64"]  # 32 beats base on both
+    r = recommendation(low)
+    assert (r["new_tokens"], r["arm"], r["ja_bpc_delta"]) == (0, None, pytest.approx(0.2))
+    assert r["text"].startswith("none at this budget: the best extended arm (new_tokens-32, 32 new tokens) is +0.200")
+    r = recommendation(high)
+    assert (r["new_tokens"], r["arm"], r["ja_bpc_delta"]) == (32, "new_tokens-32", pytest.approx(-0.1))
+    assert r["speedup_chars_per_token"] == pytest.approx(0.8 / 0.6, abs=1e-3)
+    assert r["speedup_chars_per_second"] == pytest.approx(1.2)
+    summarise(rows)
+    assert [x["best_at_budget"] for x in rows] == [True, False, False, False, True, False]
+    assert [x["on_pareto_front"] for x in rows] == [True, True, True, False, True, True]
+    assert rows[0]["recommendation"] is rows[2]["recommendation"] and rows[3]["recommendation"]["new_tokens"] == 32
+    write_outputs(str(tmp_path), rows, {"ja": ["吾輩は猫である。"], "en": ["Speak."]})
+    md = (tmp_path / "compare.md").read_text(encoding="utf-8")
+    assert md.count("## Budget") == 2 and "recommendation: 32 new tokens pay (new_tokens-32" in md
+    assert json.loads((tmp_path / "compare.json").read_text(encoding="utf-8"))[4]["recommendation"]["arm"] == "new_tokens-32"
+    assert os.path.getsize(tmp_path / "compare.png") > 0
