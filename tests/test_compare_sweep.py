@@ -90,3 +90,12 @@ def test_each_budget_says_which_arm_wins_the_front_and_how_many_new_tokens_pay(t
     assert md.count("## Budget") == 2 and "recommendation: 32 new tokens pay (new_tokens-32" in md
     assert json.loads((tmp_path / "compare.json").read_text(encoding="utf-8"))[4]["recommendation"]["arm"] == "new_tokens-32"
     assert os.path.getsize(tmp_path / "compare.png") > 0
+
+
+def test_the_shipped_vocabulary_sweep_loads(tmp_path, monkeypatch):
+    from conftest import shared_file
+
+    monkeypatch.setenv("XLT_SHARED_DATA", str(shared_file("ja_wiki_paragraphs.jsonl").parent))
+    cfg = load_config(str(REPO / "recipes/smollm2-135m-ja/compare_vocab.yaml"), str(tmp_path / "out"))
+    assert [a.name for a in cfg.arms] == ["base"] + [f"new_tokens-{n}" for n in (32, 64, 128, 256, 1024)]
+    assert [s.base_train_tokens for s in budget_configs(cfg)] == [4096, 8192, 16384]
