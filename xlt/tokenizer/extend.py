@@ -35,7 +35,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from xlt.config import TokenizerArguments, XltError
 from xlt.tokenizer.merges import (
@@ -353,6 +353,43 @@ def init_new_rows(model, tok_args: TokenizerArguments, new_size: int, keep: dict
     return summary
 
 
+def _new_tokenizer(base_tj: dict, base: Any, texts: list[str], tok_args: TokenizerArguments) -> tuple:
+    """The extended (merges appended) or swapped (trained anew) tokenizer: ``(tokenizer.json, Tokenizer, kept
+    rows {new id: old id}, new tokens {id: string}, unreachable count, report extras)``."""
+    if tok_args.tokenizer_mode == "extend":
+        ext = extend_tokenizer_json(base_tj, texts, tok_args.new_tokens, min_frequency=tok_args.min_frequency,
+                                    max_token_chars=tok_args.max_token_chars, nfkc=tok_args.tokenizer_nfkc,
+                                    mecab=tok_args.mecab, num_proc=tok_args.tokenizer_num_proc)
+        new_tok = ext.tokenizer()
+        keep = {i: i for i in base.get_vocab(with_added_tokens=True).values()}  # every old id, specials included
+        return (ext.tokenizer_json, new_tok, keep, {i: new_tok.id_to_token(i) for i in ext.new_ids}, ext.unreachable,
+                {"new_merges": ext.new_merges, **ext.stats})
+    from xlt.tokenizer.swap import train_swap_tokenizer
+
+    sw = train_swap_tokenizer(base_tj, texts, tok_args.new_tokens, min_frequency=tok_args.min_frequency,
+                              max_token_chars=tok_args.max_token_chars, nfkc=tok_args.tokenizer_nfkc)
+    new_tj = sw.tokenizer_json
+    new_tokens = {i: s for s, i in new_tj["model"]["vocab"].items() if i not in sw.shared}
+    return new_tj, sw.tokenizer(), sw.shared, new_tokens, sw.unreachable, {"shared_tokens": len(sw.shared)}
+
+
+def _save(model: Any, model_spec: str, new_tj: dict, mode: str, output_dir: str) -> None:
+    """The resized model (safetensors) and the new tokenizer, with the base's other tokenizer files."""
+    from xlt.models import resolve_model
+
+    os.makedirs(output_dir, exist_ok=True)
+    model.save_pretrained(output_dir, safe_serialization=True)
+    src = resolve_model(model_spec)
+    if os.path.isdir(src):
+        _copy_tokenizer_files(src, output_dir)
+    with open(os.path.join(output_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
+        json.dump(new_tj, f, ensure_ascii=False)
+    if mode == "swap":
+        from xlt.tokenizer.swap import fix_tokenizer_config
+
+        fix_tokenizer_config(output_dir, new_tj)
+
+
 def build_tokenizer_stage(model_spec: str, tok_args: TokenizerArguments, corpus_texts: list[str],
                           eval_texts: dict[str, list[str]], output_dir: str,
                           trust_remote_code: bool = False) -> dict:
@@ -361,7 +398,7 @@ def build_tokenizer_stage(model_spec: str, tok_args: TokenizerArguments, corpus_
     output_dir/tokenizer_report.json and return that report dict."""
     from tokenizers import Tokenizer
 
-    from xlt.models import load_model, resolve_model
+    from xlt.models import load_model
     from xlt.tokenizer.embeddings import padded_size
 
     t0 = time.time()
@@ -375,23 +412,8 @@ def build_tokenizer_stage(model_spec: str, tok_args: TokenizerArguments, corpus_
     base_tj = read_tokenizer_json(model_spec)
     base = Tokenizer.from_str(json.dumps(base_tj))
     mode = tok_args.tokenizer_mode
-    if mode == "extend":
-        ext = extend_tokenizer_json(base_tj, texts, tok_args.new_tokens, min_frequency=tok_args.min_frequency,
-                                    max_token_chars=tok_args.max_token_chars, nfkc=tok_args.tokenizer_nfkc,
-                                    mecab=tok_args.mecab, num_proc=tok_args.tokenizer_num_proc)
-        new_tj, new_tok = ext.tokenizer_json, ext.tokenizer()
-        keep = {i: i for i in base.get_vocab(with_added_tokens=True).values()}  # every old id, specials included
-        new_tokens = {i: new_tok.id_to_token(i) for i in ext.new_ids}
-        n_new, unreachable, extra = len(ext.new_ids), ext.unreachable, {"new_merges": ext.new_merges, **ext.stats}
-    else:
-        from xlt.tokenizer.swap import train_swap_tokenizer
-
-        sw = train_swap_tokenizer(base_tj, texts, tok_args.new_tokens, min_frequency=tok_args.min_frequency,
-                                  max_token_chars=tok_args.max_token_chars, nfkc=tok_args.tokenizer_nfkc)
-        new_tj, new_tok = sw.tokenizer_json, sw.tokenizer()
-        keep = sw.shared
-        new_tokens = {i: s for s, i in new_tj["model"]["vocab"].items() if i not in keep}
-        n_new, unreachable, extra = len(new_tokens), sw.unreachable, {"shared_tokens": len(keep)}
+    new_tj, new_tok, keep, new_tokens, unreachable, extra = _new_tokenizer(base_tj, base, texts, tok_args)
+    n_new = len(new_tokens)
     family = detect_family(new_tj)
 
     model = load_model(model_spec, torch_dtype="float32", trust_remote_code=trust_remote_code)
@@ -406,17 +428,7 @@ def build_tokenizer_stage(model_spec: str, tok_args: TokenizerArguments, corpus_
     summary = init_new_rows(model, tok_args, new_size, keep, pieces, base, new_tok, new_tj, family,
                             texts, skip_merges=len(base_tj["model"].get("merges") or []) if mode == "extend" else 0)
 
-    os.makedirs(output_dir, exist_ok=True)
-    model.save_pretrained(output_dir, safe_serialization=True)
-    src = resolve_model(model_spec)
-    if os.path.isdir(src):
-        _copy_tokenizer_files(src, output_dir)
-    with open(os.path.join(output_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
-        json.dump(new_tj, f, ensure_ascii=False)
-    if mode == "swap":
-        from xlt.tokenizer.swap import fix_tokenizer_config
-
-        fix_tokenizer_config(output_dir, new_tj)
+    _save(model, model_spec, new_tj, mode, output_dir)
 
     report = {
         "mode": mode,
