@@ -469,10 +469,11 @@ def _make_trainer_class():
                     logs[f"tokens_trained_{lang}"] = n
                 logs["ja_share_cum"] = round(trained.get("ja", 0) / total, 4)
                 if self.xlt_data_args is not None:
-                    from xlt.data.schedule import ja_ratio, seq_len_at
+                    from xlt.data.schedule import cumulative_ja_share, ja_ratio, seq_len_at
 
                     args, total = self.xlt_data_args, self.xlt_tokens_per_step * self.args.max_steps
                     logs["ja_share_target"] = round(ja_ratio(total_trained(trained), total, args), 4)
+                    logs["ja_share_cum_target"] = cumulative_ja_share(total_trained(trained), total, args)
                     logs["seq_len"] = seq_len_at(total_trained(trained), total, args)
                 if self.xlt_guard is not None:
                     logs["skipped_steps"] = self.xlt_guard.skipped
