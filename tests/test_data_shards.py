@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+import torch
 
-from xlt.cli import main
+from conftest import REPO
+from xlt.cli import main, run_recipe
 from xlt.config import DataArguments, XltError
 from xlt.data.clean import Cleaner
 from xlt.data.packing import IGNORE_INDEX, DocEncoder
@@ -169,3 +173,85 @@ def test_resume_is_an_index_a_fresh_reader_builds_the_same_rows(prepared):
     resumed = _rows(prepared[0])  # a relaunch: new objects, no state but the step number
     for g in range(100, 160):
         assert all(np.array_equal(resumed.row(g)[k], sequence[g][k]) for k in sequence[g])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Continued pretraining on the shards (data_source: shards)
+# ---------------------------------------------------------------------------------------------------------
+CPT = str(REPO / "recipes/smollm2-135m-ja/cpt.yaml")
+
+
+def cpt_args(model: str, out: str, *extra: str) -> list[str]:
+    return ["--config", CPT, "--model", model, "--output_dir", out, "--tokenizer_mode", "none", "--data_source",
+            "shards", "--train_tokens", "4096", "--save_steps", "2", "--logging_steps", "1", "--eval_max_docs", "8",
+            *extra]
+
+
+def _report(out: str) -> dict:
+    with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def test_cpt_prepares_missing_shards_then_trains_the_schedule_from_them(tmp_path, tiny_model_dir, capsys):
+    out = str(tmp_path / "run")
+    assert run_recipe("cpt", cpt_args(tiny_model_dir, out, "--save_steps", "100")) == 0
+    assert "data: preparing token shards in" in capsys.readouterr().out
+    report = _report(out)
+    assert report["data"]["tokens_read_per_rank"] == [4096]  # 4 steps x 4 rows x 256 tokens, all read by rank 0
+    assert report["data"]["prepared"]["shards"] == 3
+    acc = report["cpt"]["accounting"]
+    assert acc["tokens_trained"] == acc["target_tokens"] and sum(acc["tokens_by_source"].values()) == 4096
+    state = json.load(open(os.path.join(out, "checkpoint-4", "trainer_state.json"), encoding="utf-8"))
+    for r in [r for r in state["log_history"] if "loss" in r]:  # every step: realised = the schedule's integral
+        assert abs(r["ja_share_cum"] - r["ja_share_cum_target"]) <= 0.005
+    # A second run into another directory reuses nothing; one with other cleaning is refused in one line.
+    again = str(tmp_path / "again")
+    assert run_recipe("cpt", cpt_args(tiny_model_dir, again, "--prepared_dir", os.path.join(out, "data"),
+                                      "--clean_min_chars", "30")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "other settings (clean)" in err
+
+
+def test_two_processes_read_disjoint_halves_and_train_like_one(tmp_path, tiny_model_dir):
+    """torchrun, 2 gloo processes x batch 2 = 1 process x batch 4 on the shards: each rank read half the rows,
+    the same tokens were trained, the same weights came out."""
+    from safetensors.torch import load_file
+
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    common = ["--save_steps", "100", "--logging_steps", "2"]
+    assert run_recipe("cpt", cpt_args(tiny_model_dir, one, *common, "--per_device_train_batch_size", "4")) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29547", str(REPO / "recipes/cpt.py"),
+                           *cpt_args(tiny_model_dir, two, *common, "--per_device_train_batch_size", "2")],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r1, r2 = _report(one), _report(two)
+    assert r1["data"]["tokens_read_per_rank"] == [4096] and r2["data"]["tokens_read_per_rank"] == [2048, 2048]
+    assert r1["tokens_trained"] == r2["tokens_trained"]
+    assert r1["cpt"]["accounting"] == r2["cpt"]["accounting"]
+    a, b = load_file(os.path.join(one, "cpt", "model.safetensors")), load_file(os.path.join(two, "cpt", "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_sigkill_mid_step_then_relaunch_on_shards_matches_an_uninterrupted_run(tmp_path, tiny_model_dir):
+    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+    assert run_recipe("cpt", cpt_args(tiny_model_dir, full)) == 0
+    # Killed during step 4 (after its backward, before its optimizer step): the relaunch resumes at checkpoint-2.
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, str(REPO / "tests/scale_launch.py"), "cpt_sigkill", "3", "--",
+                           *cpt_args(tiny_model_dir, killed)], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=600)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert not os.path.exists(os.path.join(killed, "cpt"))
+    assert run_recipe("cpt", cpt_args(tiny_model_dir, killed)) == 0
+    from safetensors.torch import load_file
+
+    a = load_file(os.path.join(full, "cpt", "model.safetensors"))
+    b = load_file(os.path.join(killed, "cpt", "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    ra, rb = _report(full), _report(killed)
+    assert ra["tokens_trained"] == rb["tokens_trained"] and ra["cpt"]["accounting"] == rb["cpt"]["accounting"]
+    assert ra["data"]["tokens_read_per_rank"] == rb["data"]["tokens_read_per_rank"] == [4096]

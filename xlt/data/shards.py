@@ -9,7 +9,7 @@ Layout of a step ``s`` (``R`` rows of ``S`` tokens, ``T = R * S``): the Japanese
 step holds ``J(s + 1) - J(s)`` Japanese tokens and the rest English. Row ``r`` takes
 ``floor((r + 1) q / R) - floor(r q / R)`` of the step's ``q`` Japanese tokens, then English to ``S``.
 
-Each language is one token stream: blocks of ``BLOCK`` tokens dealt to its sources by their weights
+Each language is one token stream: blocks of ``seq_len`` tokens dealt to its sources by their weights
 (``ROUND`` blocks per round, apportioned by largest remainder and ordered by stride scheduling), and each
 source is its kept documents, in a seeded permutation per epoch, one after another. A position in a stream maps
 to (source, epoch, document, offset) by arithmetic and one binary search over the epoch's cumulative lengths.
@@ -19,6 +19,7 @@ at every segment and its first label is -100, as in the in-memory stream.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections import OrderedDict
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from xlt.config import XltError
 from xlt.data.mixture import permutation
@@ -33,8 +35,8 @@ from xlt.data.packing import RowBuilder
 from xlt.data.prepare import KEY_FILE, SUMMARY_FILE, shard_path
 from xlt.data.schedule import cumulative_ja_target, seq_len_at
 from xlt.data.sources import LANGS
+from xlt.data.stream import LANG_KEY
 
-BLOCK = 4096  # tokens of one source before the language stream may switch source
 ROUND = 1000  # blocks per round of the weighted deal (weights realised to 1/ROUND)
 
 
@@ -105,8 +107,8 @@ class Piece:
 class LanguageStream:
     """One language's token stream over its sources (see the module docstring): position -> pieces."""
 
-    def __init__(self, data: PreparedData, names: list[str], weights: dict[str, float], seed: int):
-        self.data, self.names, self.seed = data, names, int(seed)
+    def __init__(self, data: PreparedData, names: list[str], weights: dict[str, float], seed: int, block: int):
+        self.data, self.names, self.seed, self.block = data, names, int(seed), int(block)
         self.counts, self.order = deal([weights[n] for n in names])
         # before[k][i]: blocks of source k among the first i blocks of a round
         self.before = np.stack([np.concatenate([[0], np.cumsum(self.order == k)]) for k in range(len(names))])
@@ -126,10 +128,10 @@ class LanguageStream:
 
     def source_position(self, p: int) -> tuple[int, int, int]:
         """(source index, position in the source's own stream, tokens left in this block) of position ``p``."""
-        j, off = divmod(int(p), BLOCK)
+        j, off = divmod(int(p), self.block)
         rounds, i = divmod(j, len(self.order))
         k = int(self.order[i])
-        return k, (rounds * int(self.counts[k]) + int(self.before[k][i])) * BLOCK + off, BLOCK - off
+        return k, (rounds * int(self.counts[k]) + int(self.before[k][i])) * self.block + off, self.block - off
 
     def pieces(self, start: int, n: int) -> list[Piece]:
         """Positions ``[start, start + n)`` as pieces, each inside one block and one document."""
@@ -148,9 +150,9 @@ class LanguageStream:
 
     def tokens_by_source(self, p: int) -> dict[str, int]:
         """Tokens each source supplied to the first ``p`` positions (exact)."""
-        j, off = divmod(int(p), BLOCK)
+        j, off = divmod(int(p), self.block)
         rounds, i = divmod(j, len(self.order))
-        out = {n: (rounds * int(self.counts[k]) + int(self.before[k][i])) * BLOCK for k, n in enumerate(self.names)}
+        out = {n: (rounds * int(self.counts[k]) + int(self.before[k][i])) * self.block for k, n in enumerate(self.names)}
         if off:
             out[self.names[int(self.order[i])]] += off
         return out
@@ -168,7 +170,7 @@ class ShardRows:
         for lang in LANGS:
             names = [n for n, lg in data.langs.items() if lg == lang]
             if names:
-                self.streams[lang] = LanguageStream(data, names, weights, args.stream_seed)
+                self.streams[lang] = LanguageStream(data, names, weights, args.stream_seed, self.seq_len)
 
     def ja_before(self, step: int) -> int:
         """Japanese tokens in the steps before ``step``: the schedule's integral, rounded."""
@@ -215,3 +217,78 @@ class ShardRows:
         if R % world_size:
             raise XltError(f"rows per step ({R}) must be a multiple of the world size ({world_size})")
         return list(range(step * R + rank, (step + 1) * R, world_size))
+
+
+class ShardDataset(torch.utils.data.Dataset):
+    """The run's global rows as a map-style dataset (``len`` = steps x rows per step), read in order.
+
+    The Trainer samples it sequentially (``XltTrainer._get_train_sampler``) and accelerate gives each process its
+    own batches of indices (no dispatch: a map-style dataset's batches are never sent from process 0), so a rank
+    builds only its rows. On resume the Trainer skips the consumed batches by index (nothing is read for them).
+    ``tokens_read`` counts the tokens this process built (``dataloader_num_workers: 0``)."""
+
+    index_resume = True  # the Trainer skips consumed batches by index (build_cpt_trainer)
+
+    def __init__(self, rows: ShardRows, max_steps: int, prepared_dir: str):
+        self.rows, self.max_steps, self.prepared_dir = rows, int(max_steps), prepared_dir
+        self.tokens_read = 0
+        key = json.dumps(rows.data.key, sort_keys=True).encode("utf-8")
+        self.fingerprint = {"data": hashlib.sha256(key).hexdigest(), "seed": int(rows.args.stream_seed),
+                            "seq_len": rows.seq_len, "rows_per_step": rows.rows_per_step, "total_tokens": rows.total}
+
+    def __len__(self) -> int:
+        return self.max_steps * self.rows.rows_per_step
+
+    def __getitem__(self, g: int) -> dict[str, torch.Tensor]:
+        row = self.rows.row(int(g))
+        self.tokens_read += len(row["input_ids"])
+        return {"input_ids": torch.from_numpy(row["input_ids"]), "position_ids": torch.from_numpy(row["position_ids"]),
+                "labels": torch.from_numpy(row["labels"]), LANG_KEY: torch.from_numpy(row["langs"])}
+
+    @property
+    def cleaning_report(self) -> dict:
+        s = self.rows.data.summary
+        return {name: {"kept": s["documents"][name], "dropped": s["dropped"][name]} for name in s["documents"]}
+
+    def state_at(self, rows_consumed: int) -> dict:
+        return {"version": 1, "kind": "shards", "row": int(rows_consumed), "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        """A checkpoint of this data: the position is the step (the Trainer skips by index); other data refused."""
+        if not isinstance(state, dict) or state.get("kind") != "shards":
+            raise XltError("data: the checkpoint was written by the in-memory stream; resume with data_source: stream")
+        if state.get("fingerprint") != self.fingerprint:
+            diff = [k for k in self.fingerprint if (state.get("fingerprint") or {}).get(k) != self.fingerprint[k]]
+            raise XltError(f"data: the checkpoint was written with other prepared data or settings ({', '.join(diff)})")
+
+    def accounting_at(self, rows_consumed: int) -> dict:
+        """Tokens trained (per language, per source), the schedule's target and the share after ``rows_consumed``."""
+        steps = int(rows_consumed) // self.rows.rows_per_step
+        acc = self.rows.accounting(steps)
+        total = steps * self.rows.step_tokens
+        ja_target = round(cumulative_ja_target(total, self.rows.total, self.rows.args))
+        acc.update({"rows": int(rows_consumed), "target_tokens": {"ja": ja_target, "en": total - ja_target},
+                    "ja_share_trained": acc["tokens_trained"]["ja"] / total if total else 0.0})
+        return acc
+
+
+def build_shard_dataset(sources: list[Any], data_args: Any, tokenizer: Any, tokenizer_dir: str, model: str,
+                        prepared_dir: str, total_tokens: int, rows_per_step: int, max_steps: int, build: bool = True,
+                        trust_remote_code: bool = False, log: Any = print) -> ShardDataset:
+    """The shards in ``prepared_dir``, prepared first when missing (by the main process, ``build``; the others
+    wait for them without a collective), refused when prepared with other settings."""
+    from xlt.data.mixture import resolve_weights
+    from xlt.data.prepare import SHARD_BYTES, is_prepared, prepare_data, settings_key
+    from xlt.train.distributed import wait_for
+
+    key = settings_key(sources, data_args, tokenizer, model, SHARD_BYTES)
+    if build and not is_prepared(prepared_dir, key):
+        log(f"data: preparing token shards in {prepared_dir} (xlt data prepare, 1 process)")
+        summary = prepare_data(sources, data_args, tokenizer, tokenizer_dir, model, prepared_dir,
+                               trust_remote_code=trust_remote_code)
+        log(f"data: {summary['shards']} shards, {sum(summary['tokens'].values()):,} tokens in {summary['seconds']:.1f}s")
+    elif not build:
+        wait_for(lambda: is_prepared(prepared_dir, key), f"token shards in {prepared_dir}", log=log)
+    data = PreparedData(prepared_dir)
+    weights = resolve_weights(sources, {s.name: float(data.summary["tokens"][s.name]) for s in sources})
+    return ShardDataset(ShardRows(data, data_args, total_tokens, rows_per_step, weights), max_steps, prepared_dir)
