@@ -67,7 +67,7 @@ def measure_prepare(specs, args, tokenizer, root: str, processes: int, shard_byt
 
     out = os.path.join(root, f"prepared-{processes}")
     t0 = time.perf_counter()
-    prepare_data(load_sources(specs), args, tokenizer, resolve_model("smollm2-135m"), "smollm2-135m", out,
+    prepare_data(load_sources(specs), args, tokenizer, resolve_model("smollm2-135m"), out,
                  processes=processes, shard_bytes=shard_bytes)
     seconds = time.perf_counter() - t0
     with open(os.path.join(out, "prepared.json"), encoding="utf-8") as f:

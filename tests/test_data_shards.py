@@ -37,7 +37,7 @@ def _args(**kw) -> DataArguments:
 
 def _prepare(out, tokenizer, args=None, processes=1) -> dict:
     args = args or _args()
-    return prepare_data(load_sources(args.sources), args, tokenizer, resolve_model("smollm2-135m"), "smollm2-135m",
+    return prepare_data(load_sources(args.sources), args, tokenizer, resolve_model("smollm2-135m"),
                         str(out), processes=processes, shard_bytes=SHARD_BYTES)
 
 
@@ -255,3 +255,21 @@ def test_sigkill_mid_step_then_relaunch_on_shards_matches_an_uninterrupted_run(t
     ra, rb = _report(full), _report(killed)
     assert ra["tokens_trained"] == rb["tokens_trained"] and ra["cpt"]["accounting"] == rb["cpt"]["accounting"]
     assert ra["data"]["tokens_read_per_rank"] == rb["data"]["tokens_read_per_rank"] == [4096]
+
+
+def test_prepare_command_json_then_cpt_reuses_its_shards(tmp_path, tiny_model_dir, capsys):
+    recipe = tmp_path / "cpt.yaml"
+    text = open(CPT, encoding="utf-8").read().replace("output_dir: runs/smollm2-135m-ja", f"output_dir: {tmp_path / 'run'}")
+    recipe.write_text(text.replace("tokenizer_mode: extend", "tokenizer_mode: none"), encoding="utf-8")
+    assert main(["data", "prepare", "--config", str(recipe), "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1
+    summary = json.loads(out[0])
+    assert list(summary) == ["documents", "tokens", "dropped", "shards", "seconds"]
+    assert set(summary["documents"]) == {"hironsan", "chatterbot-ja", "chatterbot-en"} and summary["shards"] == 3
+    stamp = os.stat(tmp_path / "run" / "data" / "prepared.json").st_mtime_ns
+    assert run_recipe("cpt", ["--config", str(recipe), "--model", tiny_model_dir, "--data_source", "shards",
+                              "--train_tokens", "1024", "--save_steps", "100", "--eval_max_docs", "8"]) == 0
+    assert "data: reusing the token shards in" in capsys.readouterr().out
+    assert os.stat(tmp_path / "run" / "data" / "prepared.json").st_mtime_ns == stamp
+    assert _report(str(tmp_path / "run"))["data"]["prepared"]["tokens"] == summary["tokens"]

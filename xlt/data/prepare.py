@@ -67,15 +67,16 @@ def shard_path(root: str, source: str, index: int) -> str:
     return os.path.join(root, "shards", source, f"{index:05d}")
 
 
-def settings_key(sources: list[Any], data_args: Any, tokenizer: Any, model: str, shard_bytes: int) -> dict:
-    """What the shards depend on: sources, cleaning, the tokenizer's vocabulary and conventions, the sharding."""
+def settings_key(sources: list[Any], data_args: Any, tokenizer: Any, shard_bytes: int) -> dict:
+    """What the shards depend on: sources, cleaning, the tokenizer's vocabulary and conventions, the sharding (not
+    the model: models that share a tokenizer share the shards)."""
     vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode("utf-8")).hexdigest()
     from xlt.data.packing import detect_conventions
 
     conv = detect_conventions(tokenizer)
     spec_keys = ("name", "lang", "embedded", "path", "dataset", "config", "split", "revision", "text_field",
                  "max_docs", "holdout")
-    return {"version": PREPARE_VERSION, "model": model, "vocab_sha256": vocab, "bos_id": conv.bos_id,
+    return {"version": PREPARE_VERSION, "vocab_sha256": vocab, "bos_id": conv.bos_id,
             "eos_id": conv.eos_id, "sources": [{k: getattr(s, k) for k in spec_keys} for s in sources],
             "clean": {k: getattr(data_args, k) for k in ("clean_nfkc", "clean_min_chars", "clean_min_ja_share",
                                                          "clean_dedup")},
@@ -240,13 +241,13 @@ def executors(root: str, sources: list[Any], tasks: list[tuple[str, int, int]], 
                                  logging_dir=os.path.join(root, "logs", "dedup"), depends=tok)
 
 
-def prepare_data(sources: list[Any], data_args: Any, tokenizer: Any, tokenizer_dir: str, model: str, out: str,
+def prepare_data(sources: list[Any], data_args: Any, tokenizer: Any, tokenizer_dir: str, out: str,
                  processes: int = 1, shard_bytes: int = SHARD_BYTES, trust_remote_code: bool = False) -> dict:
     """Prepare (or reuse, or finish) the token shards of ``sources`` in ``out``; returns the ``--json`` summary."""
     if processes < 1:
         raise XltError(f"--processes must be at least 1 (got {processes})")
     t0 = time.time()
-    key = settings_key(sources, data_args, tokenizer, model, shard_bytes)
+    key = settings_key(sources, data_args, tokenizer, shard_bytes)
     check_output_dir(out, key)
     atomic_write_json(os.path.join(out, KEY_FILE), key)
     tasks = plan_shards(sources, shard_bytes)
@@ -277,13 +278,17 @@ def prepare_from_recipe(config: str, output_dir: Optional[str] = None, processes
     out = output_dir or os.path.join(training_args.output_dir, "data")
     if processes < 1:
         raise XltError(f"--processes must be at least 1 (got {processes})")
-    check_writable(out)
     from xlt.models import load_tokenizer
+    from xlt.train.checkpoint import claim_output_dir, fingerprint
     from xlt.train.cpt import prepare_model_dir
+
+    # The tokenizer stage is built in the run directory, as xlt cpt builds it: the directory is claimed for it.
+    claim_output_dir(training_args.output_dir, "prepare", fingerprint(model_args, tok_args, {"sources": data_args.sources}))
+    check_writable(out)
 
     eval_sources = load_sources(data_args.eval_sources, "eval_sources") if data_args.eval_sources else None
     eval_texts = heldout_texts(sources, eval_sources, cpt_args.eval_max_docs)
     model_dir, _ = prepare_model_dir(model_args, tok_args, sources, eval_texts, training_args.output_dir)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=model_args.trust_remote_code)
-    return prepare_data(sources, data_args, tokenizer, model_dir, model_args.model, out, processes,
+    return prepare_data(sources, data_args, tokenizer, model_dir, out, processes,
                         trust_remote_code=model_args.trust_remote_code)

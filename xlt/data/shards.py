@@ -272,8 +272,8 @@ class ShardDataset(torch.utils.data.Dataset):
         return acc
 
 
-def build_shard_dataset(sources: list[Any], data_args: Any, tokenizer: Any, tokenizer_dir: str, model: str,
-                        prepared_dir: str, total_tokens: int, rows_per_step: int, max_steps: int, build: bool = True,
+def build_shard_dataset(sources: list[Any], data_args: Any, tokenizer: Any, tokenizer_dir: str, prepared_dir: str,
+                        total_tokens: int, rows_per_step: int, max_steps: int, build: bool = True,
                         trust_remote_code: bool = False, log: Any = print) -> ShardDataset:
     """The shards in ``prepared_dir``, prepared first when missing (by the main process, ``build``; the others
     wait for them without a collective), refused when prepared with other settings."""
@@ -281,14 +281,16 @@ def build_shard_dataset(sources: list[Any], data_args: Any, tokenizer: Any, toke
     from xlt.data.prepare import SHARD_BYTES, is_prepared, prepare_data, settings_key
     from xlt.train.distributed import wait_for
 
-    key = settings_key(sources, data_args, tokenizer, model, SHARD_BYTES)
+    key = settings_key(sources, data_args, tokenizer, SHARD_BYTES)
     if build and not is_prepared(prepared_dir, key):
         log(f"data: preparing token shards in {prepared_dir} (xlt data prepare, 1 process)")
-        summary = prepare_data(sources, data_args, tokenizer, tokenizer_dir, model, prepared_dir,
+        summary = prepare_data(sources, data_args, tokenizer, tokenizer_dir, prepared_dir,
                                trust_remote_code=trust_remote_code)
         log(f"data: {summary['shards']} shards, {sum(summary['tokens'].values()):,} tokens in {summary['seconds']:.1f}s")
     elif not build:
         wait_for(lambda: is_prepared(prepared_dir, key), f"token shards in {prepared_dir}", log=log)
+    else:
+        log(f"data: reusing the token shards in {prepared_dir} (same settings)")
     data = PreparedData(prepared_dir)
     weights = resolve_weights(sources, {s.name: float(data.summary["tokens"][s.name]) for s in sources})
     return ShardDataset(ShardRows(data, data_args, total_tokens, rows_per_step, weights), max_steps, prepared_dir)

@@ -577,8 +577,7 @@ def prepared_dir_of(data_args: DataArguments, output_dir: str) -> str:
     return data_args.prepared_dir or os.path.join(output_dir, "data")
 
 
-def check_prepared_data(model_args: ModelArguments, data_args: DataArguments, sources: list[Source], tokenizer: Any,
-                        output_dir: str) -> None:
+def check_prepared_data(data_args: DataArguments, sources: list[Source], tokenizer: Any, output_dir: str) -> None:
     """``data_source: shards``: prepared data of other settings is refused (one line) before the model loads."""
     if data_args.data_source != "shards":
         return
@@ -586,7 +585,7 @@ def check_prepared_data(model_args: ModelArguments, data_args: DataArguments, so
 
     folder = prepared_dir_of(data_args, output_dir)
     if os.path.isfile(os.path.join(folder, KEY_FILE)):
-        check_output_dir(folder, settings_key(sources, data_args, tokenizer, model_args.model, SHARD_BYTES))
+        check_output_dir(folder, settings_key(sources, data_args, tokenizer, SHARD_BYTES))
 
 
 def build_cpt_data(model_args: ModelArguments, data_args: DataArguments, sources: list[Source], tokenizer: Any,
@@ -595,7 +594,7 @@ def build_cpt_data(model_args: ModelArguments, data_args: DataArguments, sources
     if data_args.data_source == "shards":
         from xlt.data.shards import build_shard_dataset
 
-        return build_shard_dataset(sources, data_args, tokenizer, model_dir, model_args.model,
+        return build_shard_dataset(sources, data_args, tokenizer, model_dir,
                                    prepared_dir_of(data_args, output_dir), plan.total_tokens,
                                    plan.rows_per_step, plan.max_steps, build=is_main_process(),
                                    trust_remote_code=model_args.trust_remote_code, log=_log)
@@ -643,7 +642,7 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
 
     # -- phase: model ---------------------------------------------------------------------------
     tokenizer = load_tokenizer(model_dir, trust_remote_code=model_args.trust_remote_code)
-    check_prepared_data(model_args, data_args, sources, tokenizer, output_dir)  # before the weights load
+    check_prepared_data(data_args, sources, tokenizer, output_dir)  # before the weights load
     warn_pure_bf16(master_dtype)
     model = load_model(model_dir, master_dtype, attn, model_args.trust_remote_code)
     model.config.use_cache = False  # a cache disables the packed (per-document) attention mask
