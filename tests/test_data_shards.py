@@ -73,6 +73,7 @@ def test_killed_prepare_reruns_only_unfinished_shards(prepared, tmp_path, embedd
     victim = shard_path(str(out), "news", 1)
     # What a SIGKILL in task 1 leaves: no completion mark for it (nor for dedup), truncated token and index files.
     os.remove(out / "logs" / "tokenize" / "completions" / "00001")
+    os.remove(out / "logs" / "tokenize" / "completions" / "00004")
     shutil.rmtree(out / "logs" / "dedup" / "completions")
     os.remove(out / "prepared.json")
     for suffix in (".ds", ".ds.index"):
@@ -80,7 +81,7 @@ def test_killed_prepare_reruns_only_unfinished_shards(prepared, tmp_path, embedd
             f.truncate(os.path.getsize(victim + suffix) // 3)
     untouched = shard_path(str(out), "news", 0) + ".ds"
     mtime, files = os.stat(untouched).st_mtime_ns, sorted(os.listdir(out / "shards" / "news"))
-    again = _prepare(out, embedded_tokenizer)
+    again = _prepare(out, embedded_tokenizer, processes=2)  # the rerun on 2 worker processes
     assert {k: again[k] for k in ("documents", "tokens", "dropped", "shards")} == \
         {k: summary[k] for k in ("documents", "tokens", "dropped", "shards")}
     assert os.stat(untouched).st_mtime_ns == mtime  # completed tasks were not rerun

@@ -234,8 +234,10 @@ def executors(root: str, sources: list[Any], tasks: list[tuple[str, int, int]], 
     """The two datatrove local executors (the dedup one depends on the tokenize one)."""
     from datatrove.executor import LocalPipelineExecutor
 
+    # fork: the workers inherit the imported modules and the loaded tokenizer (forkserver would re-import
+    # transformers and reload the tokenizer in every worker, seconds each); they only tokenize and write files.
     tok = LocalPipelineExecutor([TokenizeShards(root, sources, tasks, tokenizer_dir, data_args, trust_remote_code)],
-                                tasks=len(tasks), workers=min(processes, len(tasks)),
+                                tasks=len(tasks), workers=min(processes, len(tasks)), start_method="fork",
                                 logging_dir=os.path.join(root, "logs", "tokenize"))
     return LocalPipelineExecutor([DedupShards(root, tasks, bool(data_args.clean_dedup))], tasks=1, workers=1,
                                  logging_dir=os.path.join(root, "logs", "dedup"), depends=tok)
@@ -251,6 +253,7 @@ def prepare_data(sources: list[Any], data_args: Any, tokenizer: Any, tokenizer_d
     check_output_dir(out, key)
     atomic_write_json(os.path.join(out, KEY_FILE), key)
     tasks = plan_shards(sources, shard_bytes)
+    _TOKENIZERS.setdefault(tokenizer_dir, tokenizer)  # the tasks (and forked workers) use this one
     executors(out, sources, tasks, tokenizer_dir, data_args, processes, trust_remote_code).run()
     with open(os.path.join(out, SUMMARY_FILE), encoding="utf-8") as f:
         summary = json.load(f)
