@@ -274,3 +274,20 @@ def test_prepare_command_json_then_cpt_reuses_its_shards(tmp_path, tiny_model_di
     assert "data: reusing the token shards in" in capsys.readouterr().out
     assert os.stat(tmp_path / "run" / "data" / "prepared.json").st_mtime_ns == stamp
     assert _report(str(tmp_path / "run"))["data"]["prepared"]["tokens"] == summary["tokens"]
+
+
+def test_dataloader_workers_build_the_same_rows_in_the_same_order(tmp_path, tiny_model_dir):
+    """Rows by index may be built in DataLoader workers (reading overlaps compute): same weights as in-process."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for workers in ("0", "2"):
+        out = str(tmp_path / f"w{workers}")
+        assert run_recipe("cpt", cpt_args(tiny_model_dir, out, "--train_tokens", "2048", "--save_steps", "100",
+                                          "--dataloader_num_workers", workers)) == 0
+        runs[workers] = (load_file(os.path.join(out, "cpt", "model.safetensors")), _report(out))
+    for k in runs["0"][0]:
+        torch.testing.assert_close(runs["0"][0][k], runs["2"][0][k], rtol=0, atol=0)
+    assert runs["0"][1]["cpt"]["accounting"] == runs["2"][1]["cpt"]["accounting"]
+    assert runs["0"][1]["data"]["tokens_read_per_rank"] == [2048]
+    assert runs["2"][1]["data"]["tokens_read_per_rank"] is None  # read in the workers, not counted here
