@@ -291,3 +291,23 @@ def test_dataloader_workers_build_the_same_rows_in_the_same_order(tmp_path, tiny
     assert runs["0"][1]["cpt"]["accounting"] == runs["2"][1]["cpt"]["accounting"]
     assert runs["0"][1]["data"]["tokens_read_per_rank"] == [2048]
     assert runs["2"][1]["data"]["tokens_read_per_rank"] is None  # read in the workers, not counted here
+
+
+def test_a_streamed_dataset_is_prepared_one_task_per_file(tmp_path, embedded_tokenizer, ja_wiki):
+    """A ``dataset:`` source (streamed with datasets, here a local folder of 2 parquet files, offline as the hub's)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    docs = ja_wiki[:40]
+    for i in range(2):
+        pq.write_table(pa.table({"text": docs[i * 20:(i + 1) * 20]}), folder / f"part-{i}.parquet")
+    args = _args(sources=[{"name": "wiki", "lang": "ja", "dataset": str(folder)},
+                          {"name": "dialogue-en", "lang": "en", "embedded": "chatterbot-en"}])
+    summary = _prepare(tmp_path / "data", embedded_tokenizer, args)
+    shards = sorted(f for f in os.listdir(tmp_path / "data" / "shards" / "wiki") if f.endswith(".ds"))
+    assert shards == ["00000.ds", "00001.ds"]  # one task per parquet file
+    encoder = DocEncoder(embedded_tokenizer)
+    assert summary["documents"]["wiki"] == len(set(docs))
+    assert summary["tokens"]["wiki"] == sum(len(t) for t in encoder.encode(list(dict.fromkeys(docs))))

@@ -39,7 +39,6 @@ from xlt.io import atomic_write_json
 
 PREPARE_VERSION = 1
 SHARD_BYTES = 64 * 2**20  # input bytes (UTF-8) per shard of a local source
-HUB_SHARDS = 64  # shards of a streamed hub source (each reads 1/64 of the dataset's files)
 ENCODE_BATCH = 1000
 KEY_FILE = "xlt_data_key.json"
 SUMMARY_FILE = "prepared.json"
@@ -55,10 +54,11 @@ def source_bytes(source: Any) -> int:
 
 
 def plan_shards(sources: list[Any], shard_bytes: int = SHARD_BYTES) -> list[tuple[str, int, int]]:
-    """One ``(source name, shard index, shards of the source)`` per datatrove task, in recipe order."""
+    """One ``(source name, shard index, shards of the source)`` per datatrove task, in recipe order: a local source
+    in pieces of ``shard_bytes``, a hub dataset (streamed) one task per file (``IterableDataset.num_shards``)."""
     tasks = []
     for s in sources:
-        n = HUB_SHARDS if s.streaming else max(1, math.ceil(source_bytes(s) / shard_bytes))
+        n = s.open_hub_dataset().num_shards if s.streaming else max(1, math.ceil(source_bytes(s) / shard_bytes))
         tasks.extend((s.name, i, n) for i in range(n))
     return tasks
 
@@ -80,7 +80,7 @@ def settings_key(sources: list[Any], data_args: Any, tokenizer: Any, shard_bytes
             "eos_id": conv.eos_id, "sources": [{k: getattr(s, k) for k in spec_keys} for s in sources],
             "clean": {k: getattr(data_args, k) for k in ("clean_nfkc", "clean_min_chars", "clean_min_ja_share",
                                                          "clean_dedup")},
-            "shard_bytes": shard_bytes, "hub_shards": HUB_SHARDS}
+            "shard_bytes": shard_bytes}
 
 
 def check_writable(out: str) -> None:
@@ -112,16 +112,14 @@ def check_output_dir(out: str, key: dict) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Stage 1: read, clean, tokenize, write (one datatrove task per shard)
 # ---------------------------------------------------------------------------------------------
-def shard_documents(source: Any, index: int, n: int, seed: int = 0):
-    """The training documents of one shard: a contiguous slice of a local source's training part, or one of
-    ``n`` interleaved shards of a streamed hub dataset (``IterableDataset.shard``)."""
+def shard_documents(source: Any, index: int, n: int):
+    """The training documents of one shard: a contiguous slice of a local source's training part, or file
+    ``index`` of the ``n`` of a streamed hub dataset (``IterableDataset.shard``)."""
     if source.streaming:
-        ds = source.open_hub_dataset()
-        ds = ds.shard(num_shards=min(n, ds.num_shards), index=index) if index < ds.num_shards else None
-        if ds is None:
-            return
-        for row in ds:
-            yield row[source.text_field]
+        from xlt.data.sources import _text_of
+
+        for row in source.open_hub_dataset().shard(num_shards=n, index=index):
+            yield _text_of(row, source.text_field, source.key, source.dataset)
         return
     train = source.split_holdout()[0]
     yield from train[len(train) * index // n: len(train) * (index + 1) // n]
