@@ -37,7 +37,7 @@ RUN_DIR = $(or $(OUTPUT_DIR),runs/smollm2-135m-ja)
 LAUNCH := $(BIN)/accelerate launch --config_file $(ACCELERATE_CONFIG)
 OUT_ARG := $(if $(OUTPUT_DIR),--output_dir $(OUTPUT_DIR))
 
-.PHONY: setup demo extend-tokenizer continue-pretrain sft evaluate report push check compare test test-fast lint bench
+.PHONY: setup demo extend-tokenizer prepare-data continue-pretrain sft evaluate report push check compare test test-fast lint bench
 
 setup:  ## virtual environment with the CPU torch build, xlt and the embedded default
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -57,6 +57,10 @@ demo:  ## the whole recipe on the embedded default: continued pretraining → SF
 extend-tokenizer:
 	$(PYTHON) recipes/extend_tokenizer.py --config $(or $(RECIPE),$(RECIPE_DIR)/tokenizer.yaml) \
 		$(if $(MODEL),--model $(MODEL)) $(OUT_ARG) $(ARGS)
+
+prepare-data:  ## tokenize the cpt recipe's sources once into token shards (datatrove) [ARGS="--processes 8 --json"]
+	$(BIN)/xlt data prepare --config $(or $(RECIPE),$(RECIPE_DIR)/cpt.yaml) \
+		$(if $(OUTPUT_DIR),--output_dir $(OUTPUT_DIR)/data) $(ARGS)
 
 continue-pretrain:
 	$(LAUNCH) recipes/cpt.py --config $(or $(RECIPE),$(RECIPE_DIR)/cpt.yaml) \

@@ -7,7 +7,8 @@ import pytest
 import yaml
 from data_fixtures import data_args, smol_tokenizer, write_small_corpus
 
-from xlt.data.preview import KEYS, add_data_commands, plot_preview, preview
+from xlt.commands.data import add_data_commands
+from xlt.data.preview import KEYS, plot_preview, preview
 from xlt.data.schedule import seq_len_at
 
 

@@ -10,15 +10,17 @@ import pytest
 
 from conftest import REPO
 from xlt.cli import main, run_recipe
-from xlt.report import SECTIONS, build_report
+from xlt.report import SECTIONS, build_report, ja_share_windows, training_history
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _log(step: int, tokens: int, ja: float, target: float, seq_len: int, loss: float) -> dict:
+def _log(step: int, tokens: int, ja: float, target: float, seq_len: int, loss: float,
+         cum_target: float | None = None) -> dict:
     return {"step": step, "loss": loss, "tokens_trained": tokens, "tokens_trained_ja": int(tokens * ja),
             "tokens_trained_en": tokens - int(tokens * ja), "ja_share_cum": ja, "ja_share_target": target,
-            "seq_len": seq_len, "learning_rate": 1e-4}
+            "ja_share_cum_target": ja if cum_target is None else cum_target, "seq_len": seq_len,
+            "learning_rate": 1e-4}
 
 
 def synthetic_run(root, mc: bool = True) -> str:
@@ -75,11 +77,29 @@ def test_report_names_every_section_and_writes_valid_pngs(tmp_path):
         _assert_png(os.path.join(run, "plots", f"{name}.png"))
     assert sorted(os.listdir(os.path.join(run, "plots"))) == sorted(f"{n}.png" for n in plots)
     # Figures from the sources: last log point's shares, per-source tokens, bpc, MC with its CI, speed.
-    assert "realised 0.580, target 0.650; over the whole run 0.580" in text
+    # A rising schedule met exactly: cumulative realised equals the cumulative target, the last window's realised
+    # share equals the schedule over that window; the instantaneous schedule (0.650) is no cumulative figure.
+    assert ("realised 0.580 cumulative, cumulative target 0.580; last window realised 0.640, schedule over that "
+            "window 0.640, schedule at that point 0.650; over the whole run 0.580.") in text
     assert "| dialogue-ja | 1,751 | 0.25 |" in text
     assert "| ja | 6.5 | 4.125 | 4.2 |" in text
     assert "| sft | 0.37 | 0.41 | [0.280, 0.470] | 100 |" in text
     assert "88.25" in text and "checkpoint-8/trainer_state.json`, 2 log points" in text
+
+
+def test_ja_share_windows_compare_like_with_like():
+    """Per window: realised share of the window's tokens; target: the schedule's mean over the window (from the
+    cumulative target), not the instantaneous share at its end."""
+    rows = [_log(1, 1000, 0.5, 0.6, 128, 3.0, cum_target=0.55), {"step": 1, "eval_loss": 3.0},
+            _log(2, 3000, 0.6, 0.8, 128, 2.0, cum_target=0.65)]
+    got = ja_share_windows(rows)
+    assert [(w["start"], w["end"]) for w in got] == [(0, 1000), (1000, 3000)]
+    assert got[0]["realised"] == 0.5 and got[1]["realised"] == (1800 - 500) / 2000
+    assert got[0]["target"] == pytest.approx(0.55) and got[1]["target"] == pytest.approx((1950 - 550) / 2000)
+    # A log without the cumulative target (older runs) still gets the realised windows, no made-up target.
+    old = [{k: v for k, v in r.items() if k != "ja_share_cum_target"} for r in rows]
+    assert [w["realised"] for w in ja_share_windows(old)] == [w["realised"] for w in got]
+    assert all("target" not in w for w in ja_share_windows(old))
 
 
 def test_unmeasured_sections_say_so_and_draw_nothing(tmp_path):
@@ -112,6 +132,10 @@ def test_report_from_a_real_cpt_run(tmp_path, tiny_model_dir):
                               "--output_dir", out, "--new_tokens", "64", "--train_tokens", "4096",
                               "--save_steps", "2", "--logging_steps", "2", "--eval_max_docs", "8"]) == 0
     text = open(build_report(out), encoding="utf-8").read()
+    rows = training_history(out)[0]
+    for r in rows:  # the log holds the cumulative target the plot compares the cumulative realised share with
+        assert abs(r["ja_share_cum"] - r["ja_share_cum_target"]) < 0.05, r
+    assert len(ja_share_windows(rows)) == 2 and "cumulative target" in text
     for name in ("loss", "ja_share", "seq_len", "tokens", "tokenizer"):
         _assert_png(os.path.join(out, "plots", f"{name}.png"))
     assert "2 log points" in text

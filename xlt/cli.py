@@ -362,8 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print DIR/compare.json's list (progress goes to stderr)")
     c.set_defaults(func=_compare)
 
+    from xlt.commands.data import add_data_commands
     from xlt.commands.tokenizer import add_tokenizer_commands
-    from xlt.data.preview import add_data_commands
 
     add_tokenizer_commands(sub)
     add_data_commands(sub)

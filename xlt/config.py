@@ -230,6 +230,12 @@ class DataArguments:
     clean_dedup: bool = field(default=True, metadata={"help": "Drop exact duplicate documents within a source."})
     stream_seed: int = field(default=0, metadata={"help": "Seed of the stream (shuffles of every source). Named so as "
                              "not to clash with TrainingArguments.data_seed."})
+    data_source: str = field(
+        default="stream", metadata={"help": "'stream': the in-memory stream (read, cleaned and tokenized during "
+                                    "training); 'shards': every rank reads its own rows by index from token shards "
+                                    "(xlt data prepare; prepared first when missing)."})
+    prepared_dir: Optional[str] = field(
+        default=None, metadata={"help": "data_source shards: the prepared folder (default OUTPUT_DIR/data)."})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -585,6 +591,8 @@ def validate_data_args(args: DataArguments) -> None:
         raise XltError(f"slw_schedule={args.slw_schedule!r}: expected linear or root")
     if not args.sources:
         raise XltError("sources: the recipe lists no data source")
+    if args.data_source not in ("stream", "shards"):
+        raise XltError(f"data_source={args.data_source!r}: expected stream or shards")
 
 
 @dataclass

@@ -10,6 +10,8 @@ import json
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from typing import Any
 
 
@@ -86,3 +88,19 @@ def resolve_shared(path: str) -> str:
     if shared and path.replace("\\", "/").startswith(SHARED_PREFIX):
         return os.path.join(shared, path[len(SHARED_PREFIX):])
     return path
+
+
+def wait_for(predicate: Callable[[], bool], what: str, poll_seconds: float = 2.0,
+             log: Callable[[str], None] = print, log_every: float = 60.0) -> None:
+    """Wait (without any collective, so no process-group timeout applies) until ``predicate()`` is true.
+
+    Used by the non-main processes while the main one builds something long (the tokenizer stage over
+    hundreds of millions of characters can outlast ``ddp_timeout``'s 30 minutes at a barrier). If the main
+    process dies, the launcher ends the others.
+    """
+    start = last = time.monotonic()
+    while not predicate():
+        time.sleep(poll_seconds)
+        if time.monotonic() - last >= log_every:
+            last = time.monotonic()
+            log(f"waiting for the main process: {what} ({last - start:.0f}s)")

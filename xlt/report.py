@@ -246,19 +246,63 @@ def _plot_loss(rows: list[dict[str, Any]], path: str) -> None:
     _save_figure(fig, path)
 
 
+def ja_share_windows(rows: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Per logging window (previous log point to this one): the realised Japanese share of the tokens trained in
+    the window, and the schedule's share over the same window when the log holds the cumulative target."""
+    out, prev = [], {"tokens_trained": 0, "tokens_trained_ja": 0, "ja_share_cum_target": 0.0}
+    for r in rows:
+        if "tokens_trained" not in r or "tokens_trained_ja" not in r:
+            continue
+        n = r["tokens_trained"] - prev["tokens_trained"]
+        if n > 0:
+            w = {"start": prev["tokens_trained"], "end": r["tokens_trained"],
+                 "realised": (r["tokens_trained_ja"] - prev["tokens_trained_ja"]) / n}
+            if "ja_share_cum_target" in r and "ja_share_cum_target" in prev:
+                w["target"] = (r["ja_share_cum_target"] * r["tokens_trained"]
+                               - prev["ja_share_cum_target"] * prev["tokens_trained"]) / n
+            out.append(w)
+        prev = r
+    return out
+
+
 def _plot_ja_share(rows: list[dict[str, Any]], path: str) -> None:
+    """Like against like: the share realised in each logging window against the schedule, and the cumulative
+    realised share against the cumulative target (the schedule's integral), never cumulative against instant."""
     x, xlabel = _x_tokens(rows)
-    fig = _figure()
-    ax = fig.add_subplot()
-    for key, label in (("ja_share_cum", "realised (cumulative)"), ("ja_share_target", "target (schedule)")):
+    fig = _figure(height=6.4)
+    top, bottom = fig.add_subplot(2, 1, 1), fig.add_subplot(2, 1, 2)
+    windows = ja_share_windows(rows)
+    for i, w in enumerate(windows):
+        top.plot([w["start"], w["end"]], [w["realised"]] * 2, color="C0", label="realised (per window)" if i == 0 else None)
+    pts = [(xi, r["ja_share_target"]) for xi, r in zip(x, rows) if "ja_share_target" in r]
+    top.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", color="C1", label="schedule")
+    for key, label in (("ja_share_cum", "realised (cumulative)"), ("ja_share_cum_target", "target (cumulative)")):
         pts = [(xi, r[key]) for xi, r in zip(x, rows) if key in r]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=label)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("Japanese share of tokens")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend()
+        bottom.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=label)
+    for ax in (top, bottom):
+        ax.set_ylabel("Japanese share of tokens")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    bottom.set_xlabel(xlabel)
     _save_figure(fig, path)
+
+
+def _ja_share_text(rows: list[dict[str, Any]], acc: dict[str, Any]) -> str:
+    last = [r for r in rows if "ja_share_cum" in r][-1]
+    text = f"At the last log point: realised {last['ja_share_cum']:.3f} cumulative"
+    if "ja_share_cum_target" in last:
+        text += f", cumulative target {last['ja_share_cum_target']:.3f}"
+    windows = ja_share_windows(rows)
+    if windows:
+        text += f"; last window realised {windows[-1]['realised']:.3f}"
+        if "target" in windows[-1]:
+            text += f", schedule over that window {windows[-1]['target']:.3f}"
+    if "ja_share_target" in last:
+        text += f", schedule at that point {last['ja_share_target']:.3f}"
+    if "ja_share_trained" in acc:
+        text += f"; over the whole run {acc['ja_share_trained']:.3f}"
+    return text + "."
 
 
 def _plot_seq_len(rows: list[dict[str, Any]], path: str) -> None:
@@ -433,11 +477,7 @@ def build_report(run_dir: str, dest: Optional[str] = None) -> str:
     if any("ja_share_cum" in r for r in rows):
         _plot_ja_share(rows, os.path.join(plots, "ja_share.png"))
         image("ja_share.png", "Japanese share realised vs target")
-        last = [r for r in rows if "ja_share_cum" in r][-1]
-        out.extend([f"At the last log point: realised {last['ja_share_cum']:.3f}"
-                    + (f", target {last['ja_share_target']:.3f}" if "ja_share_target" in last else "")
-                    + (f"; over the whole run {acc['ja_share_trained']:.3f}" if "ja_share_trained" in acc else "")
-                    + ".", ""])
+        out.extend([_ja_share_text(rows, acc), ""])
     else:
         missing("the training log has no ja_share_cum")
 

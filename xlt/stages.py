@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from typing import Optional
 
 from xlt.config import (
     CptArguments,
@@ -81,3 +82,31 @@ def recipe_push(args: object) -> None:
         from xlt.hub import push_run
 
         print(f"pushed: {push_run(args.output_dir, args.hub_repo_id)}")
+
+
+def prepare_data_stage(config: str, output_dir: Optional[str] = None, processes: int = 1) -> dict:
+    """``xlt data prepare``: the recipe's checks first (sources, files, fields, output), then the tokenizer stage
+    (reused when built), then the shards."""
+    from xlt.data.prepare import check_writable, prepare_data
+    from xlt.data.sources import heldout_texts, load_sources
+
+    model_args, tok_args, data_args, cpt_args, _, training_args = parse_recipe(
+        cpt_recipe_types(), ["--config", config], device_free=True)
+    sources = load_sources(data_args.sources, "sources")
+    out = output_dir or os.path.join(training_args.output_dir, "data")
+    if processes < 1:
+        raise XltError(f"--processes must be at least 1 (got {processes})")
+    from xlt.models import load_tokenizer
+    from xlt.train.checkpoint import claim_output_dir, fingerprint
+    from xlt.train.cpt import prepare_model_dir
+
+    # The tokenizer stage is built in the run directory, as xlt cpt builds it: the directory is claimed for it.
+    claim_output_dir(training_args.output_dir, "prepare", fingerprint(model_args, tok_args, {"sources": data_args.sources}))
+    check_writable(out)
+
+    eval_sources = load_sources(data_args.eval_sources, "eval_sources") if data_args.eval_sources else None
+    eval_texts = heldout_texts(sources, eval_sources, cpt_args.eval_max_docs)
+    model_dir, _ = prepare_model_dir(model_args, tok_args, sources, eval_texts, training_args.output_dir)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=model_args.trust_remote_code)
+    return prepare_data(sources, data_args, tokenizer, model_dir, out, processes,
+                        trust_remote_code=model_args.trust_remote_code)

@@ -76,7 +76,7 @@ def plot_preview(rows: list[dict], png_path: str, data_args: Optional[Any] = Non
     plt.close(fig)
 
 
-def _run_preview(ns: argparse.Namespace) -> int:
+def run_preview(ns: argparse.Namespace) -> int:
     try:
         return _preview_command(ns)
     except XltError as e:
@@ -116,15 +116,3 @@ def _preview_command(ns: argparse.Namespace) -> int:
     if ns.plot:
         print(f"plot: {ns.plot}")
     return 0
-
-
-def add_data_commands(subparsers: Any) -> None:
-    """Register ``xlt data preview``."""
-    data = subparsers.add_parser("data", help="inspect the continued-pretraining data stream")
-    sub = data.add_subparsers(dest="data_command", required=True)
-    p = sub.add_parser("preview", help="realised Japanese share and sequence length per step of a cpt recipe")
-    p.add_argument("--config", required=True, help="cpt recipe YAML")
-    p.add_argument("--steps", type=int, default=None, help="steps to preview (default: the whole run)")
-    p.add_argument("--plot", default=None, help="write the curriculum plot to this PNG")
-    p.add_argument("--json", action="store_true", help="print a JSON list of per-step records: " + ", ".join(KEYS))
-    p.set_defaults(func=_run_preview)

@@ -442,6 +442,12 @@ def _make_trainer_class():
                     logs[f"loss_{lang}"] = round(values[i] / values[n + i], 4)
             self._xlt_lang_loss = None
 
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            if getattr(dataset, "index_resume", False):  # shard rows: in order, the curriculum is the order
+                return torch.utils.data.SequentialSampler(dataset)
+            return super()._get_train_sampler(train_dataset)
+
         def _get_grad_norm(self, model, grad_norm=None):
             # transformers 5.24 computes the global (cross-rank) norm here on every optimizer step, clipping or
             # not (max_grad_norm 0: clip_grad_norm_ with max inf). Without it the guard checks the gradients itself.
@@ -469,10 +475,11 @@ def _make_trainer_class():
                     logs[f"tokens_trained_{lang}"] = n
                 logs["ja_share_cum"] = round(trained.get("ja", 0) / total, 4)
                 if self.xlt_data_args is not None:
-                    from xlt.data.schedule import ja_ratio, seq_len_at
+                    from xlt.data.schedule import cumulative_ja_share, ja_ratio, seq_len_at
 
                     args, total = self.xlt_data_args, self.xlt_tokens_per_step * self.args.max_steps
                     logs["ja_share_target"] = round(ja_ratio(total_trained(trained), total, args), 4)
+                    logs["ja_share_cum_target"] = cumulative_ja_share(total_trained(trained), total, args)
                     logs["seq_len"] = seq_len_at(total_trained(trained), total, args)
                 if self.xlt_guard is not None:
                     logs["skipped_steps"] = self.xlt_guard.skipped
@@ -546,7 +553,8 @@ def build_cpt_trainer(model: Any, tokenizer: Any, training_args: Any, stream: An
     from xlt.data.collate import PackedRowsCollator
     from xlt.train.callbacks import OnTrainBegin, ProgressPostfix, XltStateCallback
 
-    training_args.ignore_data_skip = True
+    # The stream restores its own position; shard rows are skipped by index by the Trainer (nothing is read).
+    training_args.ignore_data_skip = not getattr(stream, "index_resume", False)
     training_args.remove_unused_columns = False  # keep the per-token language; compute_loss takes it out
     state_writer, postfix = XltStateCallback(stream, plan.rows_per_step, guard), ProgressPostfix()
     collator = PackedRowsCollator(getattr(model.config, "_attn_implementation", None))  # the kernel it runs
@@ -563,6 +571,54 @@ def build_cpt_trainer(model: Any, tokenizer: Any, training_args: Any, stream: An
     trainer.xlt_kd = distiller  # xlt.train.kd.Distiller or None
     trainer.xlt_loss_implementation = loss_implementation  # chunked / liger / model (resolved)
     return trainer
+
+
+def prepared_dir_of(data_args: DataArguments, output_dir: str) -> str:
+    return data_args.prepared_dir or os.path.join(output_dir, "data")
+
+
+def check_prepared_data(data_args: DataArguments, sources: list[Source], tokenizer: Any, output_dir: str) -> None:
+    """``data_source: shards``: prepared data of other settings is refused (one line) before the model loads."""
+    if data_args.data_source != "shards":
+        return
+    from xlt.data.prepare import KEY_FILE, SHARD_BYTES, check_output_dir, settings_key
+
+    folder = prepared_dir_of(data_args, output_dir)
+    if os.path.isfile(os.path.join(folder, KEY_FILE)):
+        check_output_dir(folder, settings_key(sources, data_args, tokenizer, SHARD_BYTES))
+
+
+def build_cpt_data(model_args: ModelArguments, data_args: DataArguments, sources: list[Source], tokenizer: Any,
+                   model_dir: str, plan: StepPlan, output_dir: str) -> Any:
+    """The training data: the in-memory stream, or rows by index from token shards (``data_source: shards``)."""
+    if data_args.data_source == "shards":
+        from xlt.data.shards import build_shard_dataset
+
+        return build_shard_dataset(sources, data_args, tokenizer, model_dir,
+                                   prepared_dir_of(data_args, output_dir), plan.total_tokens,
+                                   plan.rows_per_step, plan.max_steps, build=is_main_process(),
+                                   trust_remote_code=model_args.trust_remote_code, log=_log)
+    from xlt.data.stream import build_pretrain_stream
+
+    return build_pretrain_stream(data_args, tokenizer, plan.total_tokens, plan.rows_per_step)
+
+
+def shard_report(stream: Any, resumed_step: int, plan: StepPlan, world_size: int, workers: int) -> Optional[dict]:
+    """report.json ``data`` of a run on shards (None on the in-memory stream): the prepared summary and the tokens
+    each rank read, counted in this launch plus the resumed steps' rows (each rank read its 1/world_size of them
+    before the relaunch); null with DataLoader workers, whose reads happen in other processes."""
+    import torch
+
+    if not getattr(stream, "index_resume", False):
+        return None
+    mine = stream.tokens_read + resumed_step * plan.tokens_per_step // world_size
+    read = [int(mine)]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        out: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(out, mine)
+        read = [int(x) for x in out]
+    return {"source": "shards", "prepared_dir": stream.prepared_dir, "tokens_read_per_rank": None if workers else read,
+            "prepared": stream.rows.data.summary}
 
 
 def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, sources, eval_sources, plan,
@@ -586,6 +642,7 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
 
     # -- phase: model ---------------------------------------------------------------------------
     tokenizer = load_tokenizer(model_dir, trust_remote_code=model_args.trust_remote_code)
+    check_prepared_data(data_args, sources, tokenizer, output_dir)  # before the weights load
     warn_pure_bf16(master_dtype)
     model = load_model(model_dir, master_dtype, attn, model_args.trust_remote_code)
     model.config.use_cache = False  # a cache disables the packed (per-document) attention mask
@@ -615,9 +672,7 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
             else ""))
 
     # -- phase: data ----------------------------------------------------------------------------
-    from xlt.data.stream import build_pretrain_stream
-
-    stream = build_pretrain_stream(data_args, tokenizer, plan.total_tokens, plan.rows_per_step)
+    stream = build_cpt_data(model_args, data_args, sources, tokenizer, model_dir, plan, output_dir)
     # Checkpoints here can only be this run's: claim_output_dir refuses a directory holding another run.
     resume_from = last_complete_checkpoint(output_dir) if cpt_args.resume else None
     from xlt.train.skip_step import SkipStepGuard
@@ -730,6 +785,10 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
             "new_tokens": tok_report["new_tokens"],
             "unreachable": tok_report.get("unreachable"),
         }
+    data_section = shard_report(stream, int(state["global_step"]) if resume_from else 0, plan, launcher.world_size,
+                                training_args.dataloader_num_workers)  # a collective: every process
+    if data_section is not None:
+        section["data"] = data_section
     if trainer.is_world_process_zero():
         update_report(output_dir, section)
     _log(f"done: {trainer.state.global_step} steps in {seconds:.0f}s; model in {final_dir} ({save_dtype})")

@@ -6,12 +6,10 @@ Every function here that takes part in a collective must be called on every rank
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable
 from typing import Any, Optional
 
 from xlt.config import XltError
-from xlt.io import atomic_save_dir
+from xlt.io import atomic_save_dir, wait_for  # noqa: F401 (wait_for: the launch helpers import it from here)
 
 
 def _dist():
@@ -210,22 +208,6 @@ def check_replicas(model: Any, accelerator: Any, step: int) -> Optional[bool]:
         raise XltError(f"replicas out of sync at step {step}: the processes hold different weights for replicated "
                        "parameters (a decision was taken on one rank only); stopping before saving a wrong model")
     return ok
-
-
-def wait_for(predicate: Callable[[], bool], what: str, poll_seconds: float = 2.0,
-             log: Callable[[str], None] = print, log_every: float = 60.0) -> None:
-    """Wait (without any collective, so no process-group timeout applies) until ``predicate()`` is true.
-
-    Used by the non-main processes while the main one builds something long (the tokenizer stage over
-    hundreds of millions of characters can outlast ``ddp_timeout``'s 30 minutes at a barrier). If the main
-    process dies, the launcher ends the others.
-    """
-    start = last = time.monotonic()
-    while not predicate():
-        time.sleep(poll_seconds)
-        if time.monotonic() - last >= log_every:
-            last = time.monotonic()
-            log(f"waiting for the main process: {what} ({last - start:.0f}s)")
 
 
 def file_equals_json(path: str, value: Any) -> bool:
