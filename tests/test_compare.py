@@ -9,7 +9,7 @@ import os
 import pytest
 import yaml
 
-from conftest import REPO, SHARED, tiny_llama
+from conftest import REPO, SHARED, shared_file, tiny_llama
 from xlt.config import XltError
 
 CPT = str(REPO / "recipes/smollm2-135m-ja/cpt.yaml")
@@ -95,8 +95,7 @@ def test_heldout_text_must_not_be_a_training_source(tmp_path, no_model_loading):
 def test_shipped_comparison_file_is_valid(no_model_loading, monkeypatch):
     from xlt.compare import load_config
 
-    if not (SHARED / "ja_wiki_paragraphs.jsonl").is_file():
-        pytest.skip(f"{SHARED} not present")
+    shared_file("ja_wiki_paragraphs.jsonl")
     monkeypatch.setenv("XLT_SHARED_DATA", str(SHARED))
     monkeypatch.chdir(REPO)
     cfg = load_config(str(SHIPPED))
