@@ -3,6 +3,7 @@ line, and a failed real-tokenizer fetch is not retried on every test."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 
@@ -61,3 +62,16 @@ def test_missing_prerequisites_skip_locally_with_one_line(tmp_path, monkeypatch)
     monkeypatch.setattr(conftest, "IN_CI", True)
     with pytest.raises(pytest.fail.Exception, match="shared data .*no-such-file.jsonl not present"):
         conftest.shared_file("no-such-file.jsonl")
+
+
+def test_every_documented_mutant_still_applies_to_the_source(capsys):
+    """tests/mutants.py (run by hand: it launches minutes of tests) patches exact source text; this keeps its
+    replacements in step with the code."""
+    import mutants
+
+    assert mutants.main(["--check"]) == 0
+    names = [m["name"] for m in json.loads(capsys.readouterr().out)["mutants"]]
+    assert names == ["packer_document_boundary_off_by_one", "schedule_integral_off_by_one_step",
+                     "guard_decides_per_rank", "new_rows_share_base_lr", "bpc_counts_bytes_as_characters"]
+    readme = (conftest.REPO / "tests" / "README.md").read_text(encoding="utf-8")
+    assert all(f"`{n}`" in readme for n in names)  # each one documented
