@@ -75,3 +75,21 @@ def test_every_documented_mutant_still_applies_to_the_source(capsys):
                      "guard_decides_per_rank", "new_rows_share_base_lr", "bpc_counts_bytes_as_characters"]
     readme = (conftest.REPO / "tests" / "README.md").read_text(encoding="utf-8")
     assert all(f"`{n}`" in readme for n in names)  # each one documented
+
+
+def test_the_slow_marker_means_the_embedded_model_runs():
+    """``slow`` (pyproject.toml, tests/README.md): exactly the tests that load the embedded SmolLM2-135M's weights."""
+    import ast
+
+    needle = "load_model(" + '"smollm2-135m"'  # split so that this test does not match itself
+    loads, slow = set(), set()
+    for path in sorted((conftest.REPO / "tests").glob("test_*.py")):
+        source = path.read_text(encoding="utf-8")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+                name = f"{path.name}::{node.name}"
+                if needle in (ast.get_source_segment(source, node) or ""):
+                    loads.add(name)
+                if any("mark.slow" in ast.unparse(d) for d in node.decorator_list):
+                    slow.add(name)
+    assert loads and slow == loads
