@@ -173,7 +173,10 @@ SHIPPED = sorted(glob.glob(str(REPO / "recipes/*/cpt.yaml")) + glob.glob(str(REP
 
 @pytest.mark.parametrize("recipe", SHIPPED, ids=lambda p: "/".join(p.split("/")[-2:]))
 def test_one_step_changes_the_weights_under_each_shipped_recipe(recipe, tmp_path):
-    """Pure-bf16 AdamW at LR 1e-5 changed ~15% of the weights; fp32 master weights change nearly all."""
+    """Pure-bf16 AdamW at LR 1e-5 changed ~15% of the weights; fp32 master weights change nearly all. What is the
+    recipe's here: the load dtype (xlt's master_weights_dtype decision on its keys), bf16 and the learning rate; the
+    step itself is a plain Trainer step of a tiny Llama (the recipes' full path runs in tests/test_recipes_miniature.py,
+    in fp32)."""
     from xlt.train.runtime import master_weights_dtype
 
     keys = yaml.safe_load(open(recipe, encoding="utf-8"))
