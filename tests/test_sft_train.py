@@ -174,15 +174,30 @@ def lora_run(tmp_path_factory, tiny_model_dir):
         seen["batches"].append({k: v.detach().clone() for k, v in inputs.items() if k in ("input_ids", "position_ids")})
         return real_step(self, model, inputs, *args, **kwargs)
 
-    with pytest.MonkeyPatch.context() as mp:
+    import contextlib
+
+    log = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(log):
         mp.setattr(xlt.train.sft, "_sft_datasets", rows)
         mp.setattr(transformers.Trainer, "training_step", step)
         assert run_recipe("sft", ["--config", recipe]) == 0
+    seen["log"] = log.getvalue()
     lora_run_seen[str(tmp / "run")] = seen
     return tmp / "run"
 
 
 lora_run_seen: dict = {}
+
+
+def test_the_log_counts_every_dataset_as_the_report_does(lora_run):
+    """README: the counts (rows read, duplicates, capped, held out, cut, ...) are in the log and in report.json."""
+    counts = _report(lora_run)["sft"]["counts"]
+    logged = {}
+    for line in lora_run_seen[str(lora_run)]["log"].splitlines():
+        name, _, rest = line.removeprefix("[xlt sft] ").partition(": ")
+        if name in counts and rest:
+            logged[name] = {k: int(v) for k, v in (item.rsplit(" ", 1) for item in rest.split(", "))}
+    assert logged == counts and counts["chatterbot-ja"]["capped"] > 0
 
 
 def test_packing_never_cuts_an_example_across_rows(lora_run):
