@@ -27,21 +27,21 @@ def rigged_rows() -> list[dict]:
 
 
 def reference_scores(model, tok, rows: list[dict]) -> list[list[float]]:
-    """The scoring by hand: one plain forward pass of start + prompt + choice per choice, summing the log
+    """The scoring by hand: a plain forward pass of start + prompt + choice for each choice, summing the log
     probabilities of the choice's tokens (the continuation after the prompt without its trailing space)."""
     start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     out = []
     for row in rows:
         prompt = PROMPT.format(question=row["question"])
         ctx = [start] + tok(prompt.rstrip(" "), add_special_tokens=False)["input_ids"]
-        scores = []
-        for choice in row["choices"]:
-            whole = [start] + tok(prompt + choice, add_special_tokens=False)["input_ids"]
-            assert whole[: len(ctx)] == ctx
-            with torch.no_grad():
-                logp = torch.log_softmax(model(torch.tensor([whole])).logits[0].float(), -1)
-            scores.append(sum(float(logp[i - 1, whole[i]]) for i in range(len(ctx), len(whole))))
-        out.append(scores)
+        wholes = [[start] + tok(prompt + c, add_special_tokens=False)["input_ids"] for c in row["choices"]]
+        assert all(w[: len(ctx)] == ctx for w in wholes)
+        width = max(map(len, wholes))
+        # One batch per question, right-padded: causal attention never lets a position see the padding after it.
+        batch = torch.tensor([w + [start] * (width - len(w)) for w in wholes])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(batch).logits.float(), -1)
+        out.append([sum(float(logp[r, i - 1, w[i]]) for i in range(len(ctx), len(w))) for r, w in enumerate(wholes)])
     return out
 
 
