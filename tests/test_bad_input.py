@@ -6,14 +6,17 @@ Every case here ended in a traceback, an argparse usage dump, or a model load be
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
 import sys
+import tempfile
 
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, unavailable
 from xlt.cli import main, run_recipe
 
 RECIPES = REPO / "recipes/smollm2-135m-ja"
@@ -261,17 +264,38 @@ def test_output_dir_on_a_read_only_file_system(tmp_path, capsys, no_model_loadin
     assert_one_line(rc, err, "output_dir=/proc/xlt-run cannot be created: /proc is not writable")
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="permission bits do not bind root")
-def test_output_dir_under_a_read_only_parent(tmp_path, capsys, no_model_loading):
-    parent = tmp_path / "ro"
-    parent.mkdir()
-    parent.chmod(0o555)
+@contextlib.contextmanager
+def read_only_dir(path):
+    """``path`` made unwritable for this process: permission bits, or (root, whom they do not bind) the
+    immutable attribute (``chattr +i``, which binds root too); stops through ``unavailable`` when neither binds."""
+    path.mkdir()
+    root = os.geteuid() == 0
+    if root:
+        proc = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            unavailable(f"cannot make {path} read-only as root: chattr +i failed: {proc.stderr.strip()}")
+    else:
+        path.chmod(0o555)
     try:
-        rc, err = run_stage(tmp_path, capsys, "cpt", {"output_dir": str(parent / "run")})
+        try:
+            os.rmdir(tempfile.mkdtemp(dir=path))
+            unavailable(f"{path} is still writable after {'chattr +i' if root else 'chmod 555'}")
+        except OSError:
+            pass
+        yield path
     finally:
-        parent.chmod(0o755)
+        if root:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        else:
+            path.chmod(0o755)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_output_dir_under_a_read_only_parent(tmp_path, capsys, no_model_loading):
+    with read_only_dir(tmp_path / "ro") as parent:
+        rc, err = run_stage(tmp_path, capsys, "cpt", {"output_dir": str(parent / "run")})
+        assert list(parent.iterdir()) == []  # the write probe leaves nothing behind
     assert_one_line(rc, err, f"cannot be created: {parent} is not writable")
-    assert list(parent.iterdir()) == []  # the write probe leaves nothing behind
 
 
 def test_valid_recipes_still_parse(tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED
+from conftest import shared_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,9 +24,7 @@ def run_json(script: str, *args: str, env: dict | None = None) -> dict:
 
 
 def test_step_overhead_json():
-    data = Path(os.environ.get("XLT_SHARED_DATA", SHARED))
-    if not (data / "ja_wiki_paragraphs.jsonl").is_file():
-        pytest.skip(f"shared data not found in {data}")
+    data = shared_file("ja_wiki_paragraphs.jsonl").parent
     r = run_json("step_overhead.py", "--hidden", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1",
                  "--seq-len", "32", "--batch", "2", "--steps", "4", "--warmup", "1", "--rounds", "1",
                  env={"XLT_SHARED_DATA": str(data)})

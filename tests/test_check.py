@@ -159,10 +159,12 @@ def test_several_problems_reported_together(tmp_path, capsys, monkeypatch):
     assert rc == 1 and len(r["problems"]) == 4, r["problems"]
 
 
-def test_mecab_without_fugashi(capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "fugashi", None)  # import fugashi -> ImportError
+@pytest.mark.parametrize("missing", ["fugashi", "unidic_lite"])
+def test_mecab_without_fugashi(capsys, monkeypatch, missing):
+    """fugashi, and the dictionary unidic-lite: either missing is reported (fugashi imports without it)."""
+    monkeypatch.setitem(sys.modules, missing, None)  # import -> ImportError
     rc, r = run(capsys, "--config", "recipes/llama2-7b-ja/cpt.yaml", "--accelerate_config", FSDP2, *H100)
-    assert rc == 1 and [p for p in r["problems"] if p.startswith("mecab: needs")], r["problems"]
+    assert rc == 1 and [p for p in r["problems"] if p.startswith("mecab: needs") and "unidic-lite" in p], r["problems"]
 
 
 def test_lora_sizes_trainable_params_and_needs_peft(capsys, monkeypatch):

@@ -4,12 +4,13 @@ tiny two-arm comparison writes compare.json / .md / .png with loadable final mod
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
 import yaml
 
-from conftest import REPO, SHARED, tiny_llama
+from conftest import REPO, SHARED, shared_file, tiny_llama
 from xlt.config import XltError
 
 CPT = str(REPO / "recipes/smollm2-135m-ja/cpt.yaml")
@@ -92,18 +93,27 @@ def test_heldout_text_must_not_be_a_training_source(tmp_path, no_model_loading):
     assert "is a training source of arm 'base'" in _error(path)
 
 
-def test_shipped_comparison_file_is_valid(no_model_loading, monkeypatch):
+def test_shipped_comparison_file_is_valid(no_model_loading, monkeypatch, tmp_path):
+    """The shipped file parses; its ../shared/data/ held-out paths read $XLT_SHARED_DATA (a folder the default
+    path does not reach), and a file missing there is named."""
     from xlt.compare import load_config
 
-    if not (SHARED / "ja_wiki_paragraphs.jsonl").is_file():
-        pytest.skip(f"{SHARED} not present")
-    monkeypatch.setenv("XLT_SHARED_DATA", str(SHARED))
+    shared = tmp_path / "elsewhere"
+    shared.mkdir()
+    for name in ("ja_wiki_paragraphs.jsonl", "en_tinyshakespeare.txt"):
+        (shared / name).symlink_to(shared_file(name))
+    monkeypatch.setenv("XLT_SHARED_DATA", str(shared))
     monkeypatch.chdir(REPO)
     cfg = load_config(str(SHIPPED))
     assert cfg.arms[0].name == "base" and cfg.arms[0].recipe["tokenizer_mode"] == "none"
     assert any(a.recipe["tokenizer_mode"] == "extend" and a.recipe["embedding_init"] == "subword_mean"
                for a in cfg.arms)
     assert cfg.output_dir == "runs/compare"
+    assert cfg.heldout == {"ja": [str(shared / "ja_wiki_paragraphs.jsonl")],
+                           "en": [str(shared / "en_tinyshakespeare.txt")]}
+    (shared / "en_tinyshakespeare.txt").unlink()
+    with pytest.raises(XltError, match=f"heldout.en: file not found: {shared}/en_tinyshakespeare.txt"):
+        load_config(str(SHIPPED))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -122,6 +132,14 @@ def test_effective_params_count_the_head_matmul_not_the_lookup(tie):
     assert r["head_rows"] == 1000
 
 
+def _n_eff_by_hand(model) -> int:
+    """Parameters a token's forward pass multiplies by: all but the input embedding lookup, the head once."""
+    head = model.get_output_embeddings().weight
+    inp = model.get_input_embeddings().weight
+    total = sum(p.numel() for p in model.parameters())  # a tied matrix appears once in parameters()
+    return total - inp.numel() + (head.numel() if head is inp else 0)
+
+
 def test_arms_with_different_vocabularies_get_equal_flops_within_one_percent():
     from xlt.compare import effective_params, flops_spread, solve_tokens, training_flops
 
@@ -133,13 +151,42 @@ def test_arms_with_different_vocabularies_get_equal_flops_within_one_percent():
     tps = 512  # tokens per optimizer step
     budget = training_flops(n_eff["base"], 400 * tps)
     plans = {k: solve_tokens(budget, n_eff[k], init, tps) for k, (_, init) in arms.items()}
-    flops = {k: training_flops(n_eff[k], plans[k][1], arms[k][1]) for k in arms}
+    # Recomputed from the models themselves: 6 x (every parameter but the input lookup; a tied matrix once, as
+    # the head) x tokens, + the init's FLOPs.
+    flops = {k: 6 * _n_eff_by_hand(m) * plans[k][1] + init for k, (m, init) in arms.items()}
+    assert flops["base"] == training_flops(n_eff["base"], plans["base"][1])
     assert flops_spread(list(flops.values())) <= 0.01
     assert plans["base"] == (400, 400 * tps)
     # A larger head buys fewer tokens, a smaller one more; the init cost is paid in tokens.
     assert plans["swap"][1] > plans["base"][1] > plans["extend"][1] > plans["distilled"][1]
     for k in arms:
         assert all(abs(f / budget - 1) <= 0.01 for f in flops.values()), k
+
+
+def test_arms_whose_flops_differ_by_more_than_the_tolerance_are_refused(tmp_path, no_model_loading):
+    """plan_arms (run before any arm trains): whole steps that cannot bring an arm within 1% of the budget are one
+    line naming the spread and each arm's steps; within the tolerance the plan goes ahead."""
+    from xlt.compare import load_config, plan_arms
+
+    cfg = load_config(_write(tmp_path), output_dir=str(tmp_path / "out"))
+    prepared = {"base": {"params": {"n_eff": 1_000_000}, "init_flops": 0.0},
+                "extend": {"params": {"n_eff": 1_004_000}, "init_flops": 0.0}}
+    budget, plans = plan_arms(cfg, prepared)
+    assert budget == 6 * 1_000_000 * 4096  # by hand: 6 x N_eff x base tokens
+    tps = plans["base"]["tokens_per_step"]
+    assert plans["base"]["tokens"] == 4096 and 4096 % tps == 0
+    # extend: 0.4% more FLOPs per token; the nearest whole step count is within 1% only when steps are many.
+    steps = 4096 // tps
+    ext = plans["extend"]
+    assert ext["flops"] == 6 * 1_004_000 * ext["tokens"] and abs(ext["flops"] / budget - 1) <= 0.01
+    # 1.3 x the FLOPs per token: with few steps no whole count lands within 1% -> refused, naming the spread.
+    prepared["extend"]["params"]["n_eff"] = 1_300_000
+    best = min(abs(6 * 1_300_000 * k * tps / budget - 1) for k in range(1, steps + 2))
+    assert best > 0.01, (steps, best)  # the case really is out of reach
+    with pytest.raises(XltError, match=r"compute: the arms' FLOPs differ by \d+\.\d% \(> tolerance 1\.0%\)"):
+        plan_arms(cfg, prepared)
+    cfg.tolerance = 0.5
+    assert plan_arms(cfg, prepared)[1]["extend"]["steps"] >= 1
 
 
 def test_an_init_that_spends_the_budget_is_refused():
@@ -176,6 +223,20 @@ def compared(tmp_path_factory, tiny_model_dir):
     return str(path), out, rows
 
 
+def _greedy_text(model_dir: str) -> str:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from xlt.eval.speed import DEFAULT_PROMPTS
+
+    tok, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    enc = tok(DEFAULT_PROMPTS[0], return_tensors="pt")
+    with torch.no_grad():
+        ids = model.generate(**enc, do_sample=False, max_new_tokens=4 * 8 + 16, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id)[0, enc["input_ids"].shape[1]:]
+    return tok.decode(ids, skip_special_tokens=True).rstrip("\ufffd")  # trailing bytes of a character: not one
+
+
 def test_compare_writes_every_promised_figure(compared):
     _, out, rows = compared
     with open(os.path.join(out, "compare.json"), encoding="utf-8") as f:
@@ -187,7 +248,10 @@ def test_compare_writes_every_promised_figure(compared):
                     "en_bpc_step0", "chars_per_second", "curve", "overrides"):
             assert r[key] is not None, (r["name"], key)
         assert 0 < r["ja_bpc"] < 40 and 0 < r["en_bpc"] < 40
-        assert r["chars_per_second"] >= 0  # a random tiny model may write only special tokens
+        # Generation speed: characters per second of greedy text from the arm's own model, so zero exactly when
+        # that text (regenerated here, the first prompt, up to the token cap of 4 x 8 + 16) has no whole character.
+        assert math.isfinite(r["chars_per_second"])
+        assert (r["chars_per_second"] > 0) == bool(_greedy_text(os.path.join(out, r["name"], "cpt"))), r
         # The curve: step 0 (the init), the checkpoint the run left at step 4, the end.
         assert [p["step"] for p in r["curve"]] == [0, 4, 8]
         assert [p["tokens"] for p in r["curve"]] == [0, 512, 1024]
@@ -196,7 +260,17 @@ def test_compare_writes_every_promised_figure(compared):
         assert r["curve"][-1]["flops"] == r["flops"]
     base, ext = saved
     assert base["tokens"] == 1024 and base["overrides"] == {"tokenizer_mode": "none"}
-    assert abs(ext["flops"] - base["flops"]) / base["flops"] <= 0.01
+    # Equal compute, recomputed from each arm's saved model: 6 x N_eff x tokens trained.
+    by_hand = {}
+    for r in saved:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(os.path.join(out, r["name"], "cpt"))
+        with open(os.path.join(out, r["name"], "report.json"), encoding="utf-8") as f:
+            trained = sum(json.load(f)["tokens_trained"].values())
+        by_hand[r["name"]] = 6 * _n_eff_by_hand(model) * trained
+        assert r["flops"] == pytest.approx(by_hand[r["name"]], rel=1e-9)
+    assert abs(by_hand["extend"] - by_hand["base"]) / by_hand["base"] <= 0.01
     assert ext["head_rows"] > base["head_rows"]
     assert ext["ja_chars_per_token"] > base["ja_chars_per_token"]  # the extension packs Japanese tighter
     assert ext["ja_bpc_step0"] != base["ja_bpc_step0"]  # step 0 is the extended model, not the base

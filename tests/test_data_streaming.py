@@ -5,6 +5,7 @@ import json
 
 from data_fixtures import JA_WIKI, data_args, shared_sources, smol_tokenizer
 
+from conftest import shared_file
 from xlt.data.stream import build_pretrain_stream
 
 
@@ -12,7 +13,7 @@ def test_streamed_source_epochs_state_and_resume(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     folder = tmp_path / "hub_like"
     folder.mkdir()
-    lines = JA_WIKI.read_text(encoding="utf-8").splitlines()[:30]
+    lines = shared_file(JA_WIKI.name).read_text(encoding="utf-8").splitlines()[:30]
     (folder / "train.jsonl").write_text("\n".join(lines + lines[:5]) + "\n", encoding="utf-8")  # 5 duplicates
     sources = [{"name": "streamed", "lang": "ja", "dataset": str(folder)}, shared_sources(max_docs=300)[1]]
     args = data_args(sources, seq_len=128, ja_ratio_start=0.6)

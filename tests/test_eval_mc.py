@@ -7,10 +7,12 @@ import json
 import pytest
 import torch
 from test_eval_bpc import CopyModel
+from transformers import AutoTokenizer
 
 from conftest import shared_file, tiny_llama
 from xlt.config import XltError
 from xlt.eval.mc import PROMPT, load_mc_rows, multiple_choice, wilson_interval
+from xlt.models import load_model
 
 FRUIT = ["みかん", "りんご", "ぶどう", "バナナ", "メロン"]
 
@@ -22,6 +24,47 @@ def rigged_rows() -> list[dict]:
         q = f"{answer}、{answer}、{answer}。くり返した果物は何？"
         rows.append({"question": q, "choices": list(FRUIT), "label": label})
     return rows
+
+
+def reference_scores(model, tok, rows: list[dict]) -> list[list[float]]:
+    """The scoring by hand: a plain forward pass of start + prompt + choice for each choice, summing the log
+    probabilities of the choice's tokens (the continuation after the prompt without its trailing space)."""
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    out = []
+    for row in rows:
+        prompt = PROMPT.format(question=row["question"])
+        ctx = [start] + tok(prompt.rstrip(" "), add_special_tokens=False)["input_ids"]
+        wholes = [[start] + tok(prompt + c, add_special_tokens=False)["input_ids"] for c in row["choices"]]
+        assert all(w[: len(ctx)] == ctx for w in wholes)
+        width = max(map(len, wholes))
+        # One batch per question, right-padded: causal attention never lets a position see the padding after it.
+        batch = torch.tensor([w + [start] * (width - len(w)) for w in wholes])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(batch).logits.float(), -1)
+        out.append([sum(float(logp[r, i - 1, w[i]]) for i in range(len(ctx), len(w))) for r, w in enumerate(wholes)])
+    return out
+
+
+def reference_accuracy(rows: list[dict], scores: list[list[float]], norm: bool) -> tuple[int, int]:
+    """(correct answers by argmax, first on ties; rows whose top two are within 1e-3: a float-order flip there
+    is not a scoring difference)."""
+    correct = near_ties = 0
+    for row, raw in zip(rows, scores):
+        s = [x / len(c) for x, c in zip(raw, row["choices"])] if norm else raw
+        order = sorted(range(len(s)), key=lambda i: -s[i])
+        correct += max(range(len(s)), key=lambda i: s[i]) == row["label"]
+        near_ties += s[order[0]] - s[order[1]] < 1e-3
+    return correct, near_ties
+
+
+def assert_matches_reference(out: dict, rows: list[dict], scores: list[list[float]]) -> None:
+    n = len(rows)
+    assert out["n"] == n and out["skipped"] == 0
+    for key, ci, norm in (("accuracy", "ci95", False), ("accuracy_norm", "ci95_norm", True)):
+        k, ties = reference_accuracy(rows, scores, norm)
+        got = round(out[key] * n)
+        assert abs(got - k) <= ties and out[key] == got / n, (key, out[key], k, ties)
+        assert out[ci] == pytest.approx(list(wilson_interval(got, n)))
 
 
 def test_wilson_interval_matches_the_formula_by_hand():
@@ -41,17 +84,8 @@ def test_mc_finds_the_known_answer_and_scores_are_log_likelihoods(embedded_token
     # Against a plain forward pass of prompt + choice through a real transformer.
     model = tiny_llama(len(tok), seed=4).eval()
     r = multiple_choice(model, tok, rows[:2], batch_size=3)
-    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    for row, scores in zip(rows[:2], r["scores"]):
-        prompt = PROMPT.format(question=row["question"])
-        for choice, got in zip(row["choices"], scores):
-            ctx = [start] + tok(prompt.rstrip(" "), add_special_tokens=False)["input_ids"]
-            whole = [start] + tok(prompt + choice, add_special_tokens=False)["input_ids"]
-            assert whole[: len(ctx)] == ctx
-            with torch.no_grad():
-                logp = torch.log_softmax(model(torch.tensor([whole])).logits[0].float(), -1)
-            expected = sum(float(logp[i - 1, whole[i]]) for i in range(len(ctx), len(whole)))
-            assert got == pytest.approx(expected, rel=1e-4, abs=1e-4)
+    ref = reference_scores(model, tok, rows[:2])
+    assert sum(r["scores"], []) == pytest.approx(sum(ref, []), rel=1e-4, abs=1e-4)
     acc = sum(max(range(5), key=lambda i: s[i]) == row["label"] for row, s in zip(rows[:2], r["scores"])) / 2
     assert r["accuracy"] == acc
 
@@ -75,25 +109,24 @@ def test_mc_command_on_the_shared_jcommonsenseqa_file(tiny_model_dir, capsys):
     path = shared_file("jcommonsenseqa_valid.jsonl")
     assert main(["evaluate", "mc", "--model", tiny_model_dir, "--data", str(path), "--max-n", "20", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert {"accuracy", "accuracy_norm", "n", "ci95"} <= set(out) and out["skipped"] == 0
-    assert out["n"] == 20
-    for key, ci in (("accuracy", "ci95"), ("accuracy_norm", "ci95_norm")):
-        lo, hi = out[ci]
-        assert 0.0 <= lo <= out[key] <= hi <= 1.0
-        assert (out[key] * 20) == pytest.approx(round(out[key] * 20))
+    assert {"accuracy", "accuracy_norm", "n", "ci95"} <= set(out)
+    rows, _ = load_mc_rows(str(path), max_n=20)
+    model = load_model(tiny_model_dir).eval()  # the weights as the command loads them; the scoring by hand
+    assert_matches_reference(out, rows, reference_scores(model, AutoTokenizer.from_pretrained(tiny_model_dir), rows))
 
 
 @pytest.mark.slow
-def test_mc_with_the_demo_model_on_the_shared_file(capsys):
-    """The demo's base model (embedded SmolLM2-135M) on the first 40 shared questions: a real model's scores."""
+def test_mc_with_the_demo_model_on_the_shared_file(capsys, embedded_tokenizer):
+    """The demo's base model (embedded SmolLM2-135M) on the first 10 shared questions: its accuracy is the one
+    the hand scoring (a plain forward pass per choice) gives."""
     from xlt.cli import main
 
     path = shared_file("jcommonsenseqa_valid.jsonl")
-    assert main(["evaluate", "mc", "--model", "smollm2-135m", "--data", str(path), "--max-n", "40", "--json"]) == 0
+    assert main(["evaluate", "mc", "--model", "smollm2-135m", "--data", str(path), "--max-n", "10", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["n"] == 40 and out["skipped"] == 0
-    lo, hi = out["ci95"]
-    assert 0.0 <= lo <= out["accuracy"] <= hi <= 1.0 and hi - lo < 0.35
+    rows, _ = load_mc_rows(str(path), max_n=10)
+    model = load_model("smollm2-135m").eval()
+    assert_matches_reference(out, rows, reference_scores(model, embedded_tokenizer, rows))
 
 
 def test_a_file_with_no_usable_rows_is_one_line_naming_it(tmp_path, capsys):

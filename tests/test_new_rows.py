@@ -313,7 +313,6 @@ def test_warmup_in_a_real_run_and_resume_across_its_boundary(tmp_path, tiny_mode
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.slow
 def test_two_processes_train_like_one_with_new_row_settings(tmp_path, tiny_model_dir):
     """torchrun, 2 gloo processes x batch 2 = 1 process x batch 4, across the warm-up boundary: same weights."""
     import subprocess

@@ -91,6 +91,24 @@ def test_checkpoints_carry_stream_state_and_accounting(run_dir):
     assert sum(state["accounting"]["tokens_trained"].values()) == state["rows_consumed"] * 256
 
 
+def test_every_log_line_carries_the_monitoring_keys_and_the_report_names_the_kernel(run_dir):
+    """README "Monitoring": every log line has tokens_per_second, tokens_trained(_ja/_en), ja_share_cum,
+    ja_share_target, seq_len and skipped_steps (the Trainer's log history, kept in the checkpoint); "the attention
+    kernel used is written to report.json" (auto resolves to sdpa on a CPU, for both training stages)."""
+    ckpt = max((d for d in os.listdir(run_dir) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1]))
+    with open(os.path.join(run_dir, ckpt, "trainer_state.json"), encoding="utf-8") as f:
+        lines = [h for h in json.load(f)["log_history"] if "loss" in h]
+    assert [h["step"] for h in lines] == [2, 4, 6]
+    for h in lines:
+        assert h["tokens_per_second"] > 0 and h["skipped_steps"] == 0
+        assert h["tokens_trained"] == h["step"] * 1024 == h["tokens_trained_ja"] + h["tokens_trained_en"]
+        assert h["ja_share_cum"] == round(h["tokens_trained_ja"] / h["tokens_trained"], 4)
+        assert 0 < h["ja_share_target"] < 1 and 0 < h["seq_len"] <= 256 and h["seq_len"] % 8 == 0
+    with open(os.path.join(run_dir, "report.json"), encoding="utf-8") as f:
+        report = json.load(f)
+    assert report["cpt"]["attn_implementation"] == report["sft"]["attn_implementation"] == "sdpa"
+
+
 def test_same_run_again_resumes_and_does_nothing_more(run_dir, tiny_model_dir):
     stamps = {s: os.path.getmtime(os.path.join(run_dir, s, "model.safetensors")) for s in ("cpt", "sft")}
     with open(os.path.join(run_dir, "report.json"), encoding="utf-8") as f:

@@ -248,6 +248,9 @@ def test_recipe_runs_in_miniature(recipe, launcher, runs):
         assert cpt_rows >= fam.config["vocab_size"] + report["tokenizer"]["new_tokens"]
         assert cpt_rows % 64 == 0 and report["tokenizer"]["new_tokens"] <= NEW_TOKENS
     assert report["cpt"]["launcher"] == launcher and report["cpt"]["world_size"] == 2
+    # attn_implementation: auto (as shipped) resolves to sdpa on a CPU; report.json names the kernel used.
+    assert load_recipe(recipe, "cpt").get("attn_implementation") == "auto"
+    assert report["cpt"]["attn_implementation"] == report["sft"]["attn_implementation"] == "sdpa"
     if launcher == "fsdp2":
         for stage in ("cpt", "sft"):  # the Trainer's prepared model trains DTensor shards (xlt/train/fsdp.py)
             assert "trainable parameters are DTensor shards" in run.out[stage], run.out[stage][-3000:]

@@ -117,3 +117,30 @@ def test_cpt_from_a_bf16_model_saves_bf16(tmp_path, bf16_model_dir):
 def test_cpt_with_save_dtype_float32_keeps_fp32(tmp_path, bf16_model_dir):
     final = os.path.join(_cpt(tmp_path, bf16_model_dir, "--save_dtype", "float32"), "cpt")
     assert _tensor_dtypes(final) == {torch.float32} and _config_dtype(final) == "float32"
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_crash_mid_save_leaves_the_previous_final_model_whole(tmp_path, embedded_tokenizer, monkeypatch, lora):
+    """The final save is written into a temporary folder and swapped in: a crash after the weights were written
+    (here: the tokenizer's save fails) leaves the previous final model byte for byte, and no temporary folder."""
+    from peft import LoraConfig, get_peft_model
+
+    from xlt.train.distributed import save_final_model
+
+    def model(seed):
+        m = tiny_llama(len(embedded_tokenizer), seed=seed)
+        return get_peft_model(m, LoraConfig(r=4, target_modules=["q_proj"])) if lora else m
+
+    final = tmp_path / "out" / "cpt"
+    save_final_model(model(0), embedded_tokenizer, str(final))
+    before = {p.name: p.read_bytes() for p in final.iterdir()}
+    assert "model.safetensors" in before
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(embedded_tokenizer), "save_pretrained", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_final_model(model(1), embedded_tokenizer, str(final))
+    assert {p.name: p.read_bytes() for p in final.iterdir()} == before
+    assert sorted(p.name for p in final.parent.iterdir()) == ["cpt"]

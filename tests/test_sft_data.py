@@ -287,6 +287,24 @@ def test_an_unreachable_hub_dataset_is_one_quick_line(monkeypatch):
     check_sft_specs([{"adapter": "alpaca", "dataset": "fujiki/japanese_alpaca_data"}], hub=False)  # --offline
 
 
+def test_a_hub_layout_dataset_folder_is_checked_by_streaming_its_first_rows(tmp_path, monkeypatch):
+    """A local ``datasets`` folder (the hub layout: data files in a repository folder) passes the check, offline;
+    the same folder with rows of no known layout is one line naming the spec."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    good = tmp_path / "good"
+    (good / "data").mkdir(parents=True)
+    jsonl(good / "data" / "train.jsonl", FUJIKI_ALPACA)
+    check_sft_specs([{"adapter": "alpaca", "dataset": str(good), "split": "train"}])
+    check_sft_specs([{"adapter": "auto", "dataset": str(good), "split": "train"}], hub=False)  # --offline reads it too
+    bad = tmp_path / "bad"
+    (bad / "data").mkdir(parents=True)
+    jsonl(bad / "data" / "train.jsonl", [{"foo": "x", "bar": "y"}] * 3)
+    with pytest.raises(XltError) as e:
+        check_sft_specs([{"adapter": "auto", "dataset": str(bad), "split": "train"}])
+    assert one_line(e).startswith("sft_datasets[0]")
+
+
 def test_a_dataset_emptied_by_filtering_is_one_line(tmp_path):
     hh = jsonl(tmp_path / "hh.jsonl", [r | {"ng_translation": "1"} for r in HH_JA])
     ok = jsonl(tmp_path / "ok.jsonl", FUJIKI_ALPACA)

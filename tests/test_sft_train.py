@@ -159,8 +159,60 @@ def lora_run(tmp_path_factory, tiny_model_dir):
     data = yaml.safe_load(Path(recipe).read_text(encoding="utf-8"))
     data.pop("learning_rate")  # the LoRA default applies
     Path(recipe).write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
-    assert run_recipe("sft", ["--config", recipe]) == 0
+    import transformers
+
+    import xlt.train.sft
+
+    seen: dict = {"rows": None, "batches": []}  # xlt's tokenized examples, and every batch the trainer trained on
+    real_rows, real_step = xlt.train.sft._sft_datasets, transformers.Trainer.training_step
+
+    def rows(*args, **kwargs):
+        seen["rows"] = real_rows(*args, **kwargs)
+        return seen["rows"]
+
+    def step(self, model, inputs, *args, **kwargs):
+        seen["batches"].append({k: v.detach().clone() for k, v in inputs.items() if k in ("input_ids", "position_ids")})
+        return real_step(self, model, inputs, *args, **kwargs)
+
+    import contextlib
+
+    log = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(log):
+        mp.setattr(xlt.train.sft, "_sft_datasets", rows)
+        mp.setattr(transformers.Trainer, "training_step", step)
+        assert run_recipe("sft", ["--config", recipe]) == 0
+    seen["log"] = log.getvalue()
+    lora_run_seen[str(tmp / "run")] = seen
     return tmp / "run"
+
+
+lora_run_seen: dict = {}
+
+
+def test_the_log_counts_every_dataset_as_the_report_does(lora_run):
+    """README: the counts (rows read, duplicates, capped, held out, cut, ...) are in the log and in report.json."""
+    counts = _report(lora_run)["sft"]["counts"]
+    logged = {}
+    for line in lora_run_seen[str(lora_run)]["log"].splitlines():
+        name, _, rest = line.removeprefix("[xlt sft] ").partition(": ")
+        if name in counts and rest:
+            logged[name] = {k: int(v) for k, v in (item.rsplit(" ", 1) for item in rest.split(", "))}
+    assert logged == counts and counts["chatterbot-ja"]["capped"] > 0
+
+
+def test_packing_never_cuts_an_example_across_rows(lora_run):
+    """packing: true (TRL's padding-free bfd): every packed segment the trainer trained on (position_ids restart at
+    0) is one whole tokenized example, and over an epoch every example is trained whole, once."""
+    seen = lora_run_seen[str(lora_run)]
+    train = [tuple(r["input_ids"]) for r in seen["rows"][0]]
+    segments = []
+    for b in seen["batches"]:
+        for ids, pos in zip(b["input_ids"].tolist(), b["position_ids"].tolist()):
+            starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+            segments += [tuple(ids[a:z]) for a, z in zip(starts, starts[1:])]
+    assert segments and all(seg in train for seg in segments), "a packed segment is not a whole example"
+    epochs = 2
+    assert sorted(segments) == sorted(train * epochs)
 
 
 def test_lora_sft_reports_eval_loss_per_epoch_counts_and_saves_merged(lora_run, tiny_model_dir):

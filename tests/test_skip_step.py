@@ -80,6 +80,27 @@ def test_a_spike_is_skipped_and_leaves_weights_and_adam_state_bit_identical():
     assert not torch.equal(before[0]["0.weight"], run.model[0].weight)
 
 
+@pytest.mark.parametrize("clip", [True, False])
+def test_the_guard_makes_exactly_one_all_reduce_per_optimizer_step(tmp_path, monkeypatch, clip):
+    """Under a (1-process gloo) process group: every collective the guard issues over 6 steps of 3 micro-batches,
+    a skipped one among them, is counted: one all-reduce per optimizer step, none per micro-batch."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    calls = []
+    try:
+        for name in ("all_reduce", "all_gather", "all_gather_object", "broadcast", "broadcast_object_list",
+                     "reduce", "barrier"):
+            real = getattr(dist, name)
+            monkeypatch.setattr(dist, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+        run = Run(clip=clip, min_history=3, window=8)
+        skipped = [run.step(micro=3, scale=1e4 if k == 4 else 1.0) for k in range(6)]
+    finally:
+        dist.destroy_process_group()
+    assert skipped == [False] * 4 + [True, False]
+    assert calls == ["all_reduce"] * 6
+
+
 def test_a_gradient_norm_spike_alone_is_skipped():
     run = Run(min_history=5)
     for _ in range(8):

@@ -208,3 +208,39 @@ def test_check_computes_the_hsdp_mesh_and_refuses_a_mismatch(tmp_path, capsys):
             in p and "dp_replicate_size 4 = num_machines, dp_shard_size 8" in p], r["problems"]
     rc, r = _check(capsys, "--config", recipe, "--accelerate_config", _multi_node(tmp_path, 2, 16), *H100)
     assert [p for p in r["problems"] if "dp_shard_size 16 is not the 8 processes of one machine" in p], r["problems"]
+
+
+def test_launch_slurm_renders_an_accelerate_command_for_every_node(tmp_path, monkeypatch):
+    """recipes/launch.slurm: valid bash; run under a stand-in Slurm (4 nodes), srun gets one accelerate launch per
+    node that accelerate's own parser accepts: the HSDP config, 4 machines x 8 GPUs = 32 processes, the first node
+    as the rendezvous, this node's rank, the recipe given to sbatch."""
+    import shlex
+    import subprocess
+
+    from accelerate.commands.launch import launch_command_parser
+
+    script = REPO / "recipes" / "launch.slurm"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'gpu-a\\ngpu-b\\ngpu-c\\ngpu-d\\n'\n")
+    (bin_dir / "srun").write_text(f"#!/bin/sh\nprintf '%s\\0' \"$@\" > {tmp_path / 'srun-args'}\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_NODELIST="gpu-[a-d]",
+               SLURM_NNODES="4")
+    proc = subprocess.run(["bash", str(script), "recipes/mistral-7b-ja/cpt.yaml"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    argv = (tmp_path / "srun-args").read_text().split("\0")[:-1]
+    assert argv[:2] == ["bash", "-c"] and len(argv) == 3
+    inner = argv[2]
+    assert subprocess.run(["bash", "-n", "-c", inner]).returncode == 0
+    words = shlex.split(inner.replace("$SLURM_NODEID", "2"))  # what each node's shell expands
+    assert words[:2] == ["accelerate", "launch"]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    args = launch_command_parser().parse_args(words[2:])
+    assert args.config_file == "accelerate_configs/multi_node_fsdp2.yaml" and (REPO / args.config_file).is_file()
+    assert (args.num_machines, args.num_processes, args.machine_rank) == (4, 32, 2)
+    assert args.main_process_ip == "gpu-a" and args.training_script == "recipes/cpt.py"
+    assert args.training_script_args == ["--config", "recipes/mistral-7b-ja/cpt.yaml"]

@@ -8,6 +8,7 @@ import pytest
 from tok_fixtures import ROUND_TRIP, en_text, ja_split, smollm2_dir
 from tokenizers import Tokenizer
 
+from conftest import unavailable
 from xlt.tokenizer.extend import chars_per_token, extend_tokenizer_json, unreachable_tokens
 from xlt.tokenizer.merges import BYTE_LEVEL, is_whole_text, merges_as_pairs, read_tokenizer_json, token_bytes
 
@@ -124,7 +125,11 @@ def test_nfkc_option(base_tj):
 
 
 def test_mecab_boundaries(base_tj):
-    pytest.importorskip("fugashi")
+    try:
+        import fugashi  # noqa: F401
+        import unidic_lite  # noqa: F401
+    except ImportError:
+        unavailable("fugashi / unidic-lite not installed (pip install 'xlt[mecab]', part of make setup)")
     from xlt.tokenizer.merges import _mecab_boundaries
 
     train, _ = ja_split()

@@ -11,6 +11,7 @@ import torch
 from tok_fixtures import EN_TEXT, JA_WIKI, ROUND_TRIP, en_text, ja_split, smollm2_dir, tiny_model_dir
 from tokenizers import Tokenizer
 
+from conftest import shared_file
 from xlt.commands.tokenizer import add_tokenizer_commands
 from xlt.config import TokenizerArguments, XltError
 from xlt.tokenizer.extend import build_tokenizer_stage
@@ -61,6 +62,7 @@ def test_swap_stage(tmp_path):
 
 
 def test_stats_function_and_command(tmp_path, capsys):
+    shared_file(JA_WIKI.name)
     tok, fam = load_fast_tokenizer(smollm2_dir())
     _, held = ja_split()
     ja = tokenizer_stats(tok, held, fam, "s")
@@ -80,6 +82,7 @@ def test_stats_function_and_command(tmp_path, capsys):
 
 
 def test_extend_command(tmp_path, capsys):
+    shared_file(JA_WIKI.name)
     src = tiny_model_dir(tmp_path, smollm2_dir(), tied=True)
     out = tmp_path / "ext"
     assert _run(["tokenizer", "extend", "--model", src, "--corpus", str(JA_WIKI), "--new-tokens", "500",
@@ -100,6 +103,8 @@ def test_extend_command(tmp_path, capsys):
     (["--corpus", "no-such-corpus", "--new-tokens", "10"], "neither a file nor an embedded corpus"),
 ])
 def test_extend_command_errors(tmp_path, argv, msg):
+    shared_file(JA_WIKI.name)
+    shared_file(EN_TEXT.name)
     with pytest.raises(XltError, match=msg):
         _run(["tokenizer", "extend", "--output", str(tmp_path / "o")] + argv)
     assert not (tmp_path / "o").exists()  # nothing written, no model loaded

@@ -8,9 +8,10 @@ import shutil
 from functools import lru_cache
 from pathlib import Path
 
-DATA = Path(os.environ.get("XLT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-JA_WIKI = DATA / "ja_wiki_paragraphs.jsonl"
-EN_TEXT = DATA / "en_tinyshakespeare.txt"
+from conftest import SHARED, shared_file
+
+JA_WIKI = SHARED / "ja_wiki_paragraphs.jsonl"  # read through shared_file (one behaviour when missing)
+EN_TEXT = SHARED / "en_tinyshakespeare.txt"
 
 ROUND_TRIP = [
     "東京都は日本の首都であり、人口は約1400万人です。",
@@ -27,7 +28,7 @@ ROUND_TRIP = [
 
 @lru_cache(maxsize=1)
 def ja_docs() -> tuple[str, ...]:
-    with open(JA_WIKI, encoding="utf-8") as f:
+    with open(shared_file(JA_WIKI.name), encoding="utf-8") as f:
         return tuple(json.loads(line)["text"] for line in f if line.strip())
 
 
@@ -39,7 +40,7 @@ def ja_split() -> tuple[list[str], list[str]]:
 
 @lru_cache(maxsize=1)
 def en_text() -> str:
-    return EN_TEXT.read_text(encoding="utf-8")
+    return shared_file(EN_TEXT.name).read_text(encoding="utf-8")
 
 
 def smollm2_dir() -> str:
