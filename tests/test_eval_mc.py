@@ -190,6 +190,9 @@ def test_evaluate_run_reports_mc_for_base_cpt_and_sft(tmp_path, tiny_model_dir, 
     for stage in ("base", "cpt", "sft"):
         assert mc[stage]["n"] == 6 and mc[stage]["ci95"][0] <= mc[stage]["accuracy"] <= mc[stage]["ci95"][1]
     assert mc["base"] == mc["cpt"]  # the same weights: the same answers
+    assert report["speed"]["sft"]["tokens_per_second"] > 0  # the model card states it with the device
+    assert report["speed"]["sft"]["device"] == f"CPU, {torch.get_num_threads()} thread" + \
+        ("s" if torch.get_num_threads() > 1 else "")
     assert set(report["bpc"]) == {"ja", "wiki"} and report["eval"]["heldout_files"] == [str(wiki)]
     assert report["bpc"]["wiki"]["base"] == report["bpc"]["wiki"]["cpt"] != report["bpc"]["wiki"]["sft"]
     table = format_table(report)
