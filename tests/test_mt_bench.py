@@ -613,3 +613,39 @@ def test_backend_vllm_without_vllm_is_one_line_before_a_model_loads(tmp_path, mo
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--backend vllm: vLLM is not installed" in err and "Traceback" not in err
     assert not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input at the command line: one line, or a counted failure, never a traceback or a silent zero
+# ---------------------------------------------------------------------------------------------
+def test_a_file_in_another_layout_given_as_questions_is_one_line_before_any_work(tmp_path, capsys, no_model_loading):
+    from xlt.cli import main
+
+    answers = str(shared_file(BENCH + f"model_answer_{ELYZA}.jsonl"))  # FastChat answers, not questions
+    assert main(["evaluate", "mt-bench", "--model", "smollm2-135m", "--judge", "smollm2-135m", "--questions", answers,
+                 "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"questions: {answers}:1: 'category' missing or not a string (FastChat question layout" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_judge_that_never_gives_a_verdict_is_counted_not_a_zero(tmp_path, capsys):
+    from xlt.cli import main
+    from xlt.hub import model_card
+    from xlt.report import format_table
+
+    server = CannedJudge(["I cannot rate this.", "Neither this."])
+    try:
+        args = _endpoint_args(server.url, tmp_path, "--categories", "writing", "--max-questions", "1",
+                              "--verdict-retries", "0")
+        assert main([*args, "--json"]) == 0
+        r = json.loads(capsys.readouterr().out)
+        assert r == {"score": None, "turn1": None, "turn2": None, "categories": {}, "n": 2, "unparsed": 2}
+        assert main(args) == 0  # resumed: the two counted failures are read back, not asked again
+        assert capsys.readouterr().out.startswith("MT-Bench score - (turn 1 -, turn 2 -) over 2 judgments, "
+                                                  "2 without a rating")
+    finally:
+        server.close()
+    report = {"mt_bench": {**r, "judge": "j"}}
+    assert "| overall | - |" in model_card("org/name", report) and "0.0" not in format_table(report)
