@@ -649,3 +649,21 @@ def test_a_judge_that_never_gives_a_verdict_is_counted_not_a_zero(tmp_path, caps
         server.close()
     report = {"mt_bench": {**r, "judge": "j"}}
     assert "| overall | - |" in model_card("org/name", report) and "0.0" not in format_table(report)
+
+
+@pytest.mark.slow
+def test_demo_model_answers_and_judges_a_slice_as_the_readme_run(tmp_path, capsys):
+    """The README's CPU run on one question: the embedded instruct model answers (its chat template) and judges."""
+    from xlt.cli import main
+
+    args = ["evaluate", "mt-bench", "--model", "smollm2-135m", "--judge", "smollm2-135m", "--backend", "transformers",
+            "--questions", str(shared_file(BENCH + "question.jsonl")), "--categories", "writing", "--max-questions",
+            "1", "--max-new-tokens", "8", "--judge-max-tokens", "8", "--output", str(tmp_path), "--json"]
+    assert main(args) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["n"] == 2 and 0 <= r["unparsed"] <= 2
+    answer = mtb.load_answers(str(tmp_path / "model_answer" / "smollm2-135m.jsonl"))[71]["choices"][0]["turns"]
+    rows = mtb.load_judgments(str(tmp_path / "model_judgment" / "smollm2-135m_single.jsonl"))
+    assert len(answer) == 2 and all(answer) and [j["turn"] for j in rows] == [1, 2]
+    assert answer[1] in rows[1]["user_prompt"] and all(j["judgment"] for j in rows)
+    assert r["unparsed"] == sum(j["score"] == -1 for j in rows)
