@@ -140,7 +140,7 @@ def test_model_card_of_a_kept_tokenizer_states_figures_and_no_na_rows():
     assert "see REPORT.md" not in card.split("Generation speed")[1].splitlines()[0]
     # A bare report: what was not measured is left out, not printed as n/a.
     bare = model_card("me/test-ja", {"bpc": {"ja": {"base": 6.5}}})
-    assert "n/a" not in bare and "Generation speed" not in bare and "Tokens trained" not in bare
+    assert "n/a" not in bare and "Generation speed" not in bare and "- Continued pretraining" not in bare
 
 
 def test_model_card_of_an_extended_tokenizer_states_the_change():
@@ -152,7 +152,7 @@ def test_model_card_of_an_extended_tokenizer_states_the_change():
     tokr = {"mode": "extend", "init": "subword_mean", "vocab_size": {"base": 49152, "extended": 50176}}
     card = model_card("me/test-ja", report, {"cpt": {"tokenizer_mode": "extend"}}, tokr)
     assert "- Mode: extend; new tokens: 1,024; embedding init: subword_mean" in card
-    assert "- Vocabulary size: base 49,152 -> extended 50,176" in card
+    assert "- Vocabulary size: base 49152 -> extended 50176" in card
     assert "ja characters per token on the tokenizer stage's sample: base 0.56 -> extended 1.21" in card
     assert "Japanese characters per token: 1.250 (1,000 characters" in card
     assert "; the base model's tokenizer: 0.800" in card and "n/a" not in card

@@ -90,7 +90,7 @@ def _tokenizer_lines(report: dict[str, Any], rc: dict[str, Any], tokr: dict[str,
     sizes, the tokenizer stage's characters per token); then Japanese characters per token of this model."""
     tok = report.get("tokenizer") or {}
     mode = tokr.get("mode") or tok.get("mode") or rc.get("tokenizer_mode")
-    lines = ["## Tokenizer", ""]
+    lines = ["## Tokenizer change", ""]
     vocab = facts.get("vocab_size")
     if mode == "none":
         lines.append("- The base model's tokenizer, kept unchanged (`tokenizer_mode: none`)"
@@ -102,7 +102,7 @@ def _tokenizer_lines(report: dict[str, Any], rc: dict[str, Any], tokr: dict[str,
                                       + ([f"embedding init: {init}"] if init else [])))
         vs = tokr.get("vocab_size") or {}
         if vs.get("base") and vs.get("extended"):
-            lines.append(f"- Vocabulary size: base {vs['base']:,} -> extended {vs['extended']:,}")
+            lines.append(f"- Vocabulary size: base {vs['base']} -> extended {vs['extended']}")
         elif vocab:
             lines.append(f"- Vocabulary size: {vocab:,}")
         for lang in ("ja", "en"):
@@ -140,6 +140,8 @@ def tokenizer_facts(run_dir: str, model_dir: str, report: dict[str, Any]) -> dic
     count it, its characters per token on the run's held-out Japanese text (``heldout/ja.jsonl``)."""
     from xlt.models import load_tokenizer
 
+    if not any(os.path.isfile(os.path.join(model_dir, n)) for n in ("tokenizer.json", "tokenizer_config.json")):
+        return {}  # a model folder without its tokenizer: nothing to count with
     tokenizer = load_tokenizer(model_dir)
     facts: dict[str, Any] = {"vocab_size": len(tokenizer)}
     heldout = os.path.join(run_dir, "heldout", "ja.jsonl")
@@ -198,14 +200,17 @@ def model_card(repo: str, report: dict[str, Any], run: Optional[dict[str, Any]] 
                                                 for d in rs["sft_datasets"]))
     lines.append("")
 
+    lines += ["## Tokens per language", ""]
     if trained:
         total = sum(trained.values()) or 1
-        lines += ["## Tokens per language", "", f"- Tokens trained: {sum(trained.values()):,} ("
-                  + ", ".join(f"{k} {v:,} = {v / total:.1%}" for k, v in trained.items()) + ")"]
+        lines.append(f"- Tokens trained: {sum(trained.values()):,} ("
+                     + ", ".join(f"{k} {v:,} = {v / total:.1%}" for k, v in trained.items()) + ")")
         by_src = cpt.get("accounting", {}).get("tokens_by_source", {})
         if by_src:
             lines.append("- By source: " + ", ".join(f"{k} {v:,}" for k, v in by_src.items()))
-        lines.append("")
+    else:
+        lines.append("- not recorded (report.json has no tokens_trained)")
+    lines.append("")
 
     lines += ["## Hyper-parameters", ""]
     lines += _cpt_line(cpt)
