@@ -245,18 +245,13 @@ def _answers(o: MtBenchOptions, questions: list[dict]) -> tuple[dict, str, str, 
     check_stale_answers(path, o.model, o.replace_stale)
     t0 = time.perf_counter()
     backend = pick_backend(o.backend)
-    if any(q["question_id"] not in _answered(path) for q in questions):
-        _log(f"answering with {o.model} on {backend}")
+    _log(f"answers of {o.model} on {backend} (questions already in {path} are kept)")
     chat = answering_chat(o.model, backend, trust_remote_code=o.trust_remote_code)
     answers = generate_answers(chat, questions, path, model_id, o.max_new_tokens)
     del chat
     gc.collect()
     _free_gpu()
     return answers, model_id, path, time.perf_counter() - t0
-
-
-def _answered(path: str) -> set:
-    return set(mtb.load_answers(path)) if os.path.isfile(path) else set()
 
 
 def _free_gpu() -> None:
@@ -294,7 +289,6 @@ def check_early(o: MtBenchOptions) -> None:
         from xlt.eval.mt_bench_models import pick_backend
 
         pick_backend(o.backend)
-    if o.model:
         check_model_spec(o.model)
     if o.judge:
         check_model_spec(o.judge)
