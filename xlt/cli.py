@@ -7,7 +7,7 @@
     xlt evaluate bpc --model DIR --data FILE [FILE ...] [--stride S] [--text-field text] [--max-docs N] --json
     xlt evaluate mc --model DIR --data FILE [--max-n N] --json
     xlt evaluate harness --model DIR --tasks jcommonsenseqa --data-dir DIR --json
-    xlt evaluate mt-bench --model DIR (--judge MODEL | --judge-url URL --judge-model NAME) [--json]
+    xlt evaluate mt-bench --model DIR (--judge MODEL | --judge-url URL --judge-model NAME) [--backend vllm] [--json]
     xlt tokenizer extend|stats ...      xlt data preview ...
     xlt chat --model RUN_DIR/sft [--max-new-tokens N]   (one instruction per line on stdin)
     xlt report RUN_DIR                  xlt push RUN_DIR --repo-id ORG/NAME [--private] [--dry-run --output DIR]
@@ -148,6 +148,9 @@ def _add_mt_bench(ev: argparse._SubParsersAction) -> None:
     t.add_argument("--judge-max-tokens", type=int, default=JUDGE_MAX_TOKENS, help="longest verdict (default %(default)s, FastChat's; smaller on CPU)")
     t.add_argument("--verdict-retries", type=int, default=2,
                    help="times a verdict without a rating is asked again (endpoints; a greedy local judge repeats itself)")
+    t.add_argument("--backend", choices=("auto", "transformers", "vllm"), default="auto",
+                   help="answer generation: vllm (its offline engine, on a GPU), transformers, or auto (default: "
+                        "vllm when it is installed and a CUDA GPU is there)")
     t.add_argument("--trust-remote-code", action="store_true")
     t.add_argument("--json", action="store_true",
                    help='print {"score", "turn1", "turn2", "categories": {name: score}, "n", "unparsed"}')

@@ -56,12 +56,114 @@ def _source_line(src: dict[str, Any]) -> str:
     return f"- `{src.get('name')}` ({src.get('lang')}, {src.get('domain', 'general')}): {where}; licence: {_licence(src)}"
 
 
+def _cpt_line(cpt: dict[str, Any]) -> list[str]:
+    """The continued-pretraining figures that were recorded (steps, tokens per step, loss, mode)."""
+    parts = []
+    if cpt.get("steps") is not None:
+        parts.append(f"{cpt['steps']} steps" + (f" x {cpt['tokens_per_step']} tokens per step"
+                                               if cpt.get("tokens_per_step") is not None else ""))
+    parts += [f"{name} {cpt[key]}" for key, name in (("train_loss", "final train loss"), ("mode", "mode"))
+              if cpt.get(key) is not None]
+    return ["- Continued pretraining: " + ", ".join(parts)] if parts else []
+
+
+def _ja_chars_per_token(report: dict[str, Any], facts: dict[str, Any]) -> list[str]:
+    """The model's tokenizer on Japanese text: the evaluate stage's count on the run's held-out Japanese text
+    (``eval.detail``, final stage), else what :func:`tokenizer_facts` measured on that text at push time."""
+    detail = (report.get("eval") or {}).get("detail") or {}
+    stage = next((s for s in ("sft", "cpt") if f"{s}/ja" in detail), None)
+    measured = detail.get(f"{stage}/ja") if stage else facts.get("ja")
+    if not measured or not measured.get("tokens"):
+        return []
+    line = (f"- Japanese characters per token: {measured['chars'] / measured['tokens']:.3f} "
+            f"({measured['chars']:,} characters of the run's held-out Japanese text in {measured['tokens']:,} "
+            "tokens of this model's tokenizer: its cost on Japanese text)")
+    base = detail.get("base/ja")
+    if stage and base and base.get("tokens") and base["tokens"] != measured["tokens"]:
+        line += f"; the base model's tokenizer: {base['chars'] / base['tokens']:.3f}"
+    return [line]
+
+
+def _tokenizer_lines(report: dict[str, Any], rc: dict[str, Any], tokr: dict[str, Any],
+                     facts: dict[str, Any]) -> list[str]:
+    """The Tokenizer section: the kept tokenizer, or the change (mode, new tokens, embedding init, vocabulary
+    sizes, the tokenizer stage's characters per token); then Japanese characters per token of this model."""
+    tok = report.get("tokenizer") or {}
+    mode = tokr.get("mode") or tok.get("mode") or rc.get("tokenizer_mode")
+    lines = ["## Tokenizer change", ""]
+    vocab = facts.get("vocab_size")
+    if mode == "none":
+        lines.append("- The base model's tokenizer, kept unchanged (`tokenizer_mode: none`)"
+                     + (f": {vocab:,} tokens" if vocab else ""))
+    elif mode:
+        new = tok.get("new_tokens", tokr.get("new_tokens"))
+        init = tokr.get("init") or rc.get("embedding_init")
+        lines.append("- " + "; ".join([f"Mode: {mode}"] + ([f"new tokens: {new:,}"] if new is not None else [])
+                                      + ([f"embedding init: {init}"] if init else [])))
+        vs = tokr.get("vocab_size") or {}
+        if vs.get("base") and vs.get("extended"):
+            lines.append(f"- Vocabulary size: base {vs['base']} -> extended {vs['extended']}")
+        elif vocab:
+            lines.append(f"- Vocabulary size: {vocab:,}")
+        for lang in ("ja", "en"):
+            c = tok.get(f"{lang}_chars_per_token") or {}
+            if c.get("base") is not None and c.get("extended") is not None:
+                lines.append(f"- {lang} characters per token on the tokenizer stage's sample: base {c['base']} "
+                             f"-> extended {c['extended']}")
+    elif vocab:
+        lines.append(f"- Vocabulary size: {vocab:,}")
+    return lines + _ja_chars_per_token(report, facts) + [""]
+
+
+def _speed_lines(speed: dict[str, Any]) -> list[str]:
+    """Generation speed of the final stage the evaluate stage timed (greedy, one prompt at a time), with the
+    base model's for comparison."""
+    def figures(s: dict[str, Any]) -> str:
+        parts = [f"{s['tokens_per_second']:.1f} tokens/s"] if "tokens_per_second" in s else []
+        parts += [f"{s['chars_per_second']:.1f} Japanese characters/s"] if "chars_per_second" in s else []
+        return ", ".join(parts)
+
+    timed = {k: v for k, v in speed.items() if isinstance(v, dict) and figures(v)}
+    stage = next((s for s in ("sft", "cpt", "base") if s in timed), None)
+    if stage is None:
+        return []
+    device = timed[stage].get("device")
+    line = (f"Generation speed ({stage} model, greedy, one prompt at a time"
+            + (f", {device}" if device else "") + f"): {figures(timed[stage])}")
+    if stage != "base" and "base" in timed:
+        line += f"; the base model: {figures(timed['base'])}"
+    return [line + ".", ""]
+
+
+def tokenizer_facts(run_dir: str, model_dir: str, report: dict[str, Any]) -> dict[str, Any]:
+    """What the card states about the pushed model's tokenizer: its size and, when the evaluate stage did not
+    count it, its characters per token on the run's held-out Japanese text (``heldout/ja.jsonl``)."""
+    from xlt.models import load_tokenizer
+
+    if not any(os.path.isfile(os.path.join(model_dir, n)) for n in ("tokenizer.json", "tokenizer_config.json")):
+        return {}  # a model folder without its tokenizer: nothing to count with
+    tokenizer = load_tokenizer(model_dir)
+    facts: dict[str, Any] = {"vocab_size": len(tokenizer)}
+    heldout = os.path.join(run_dir, "heldout", "ja.jsonl")
+    detail = (report.get("eval") or {}).get("detail") or {}
+    if not any(k.endswith("/ja") for k in detail) and os.path.isfile(heldout):
+        from xlt.data.sources import read_documents
+
+        docs = [d for d in read_documents(heldout) if d]
+        if docs:
+            facts["ja"] = {"chars": sum(map(len, docs)),
+                           "tokens": sum(len(tokenizer(d, add_special_tokens=False)["input_ids"]) for d in docs)}
+    return facts
+
+
 def model_card(repo: str, report: dict[str, Any], run: Optional[dict[str, Any]] = None,
-               tokenizer_report: Optional[dict[str, Any]] = None) -> str:
-    """A model card from the run's figures: base model, tokenizer change (vocab sizes, chars/token), data sources
-    and curriculum, tokens per language, hyper-parameters, evaluation results, data licences, intended use and
-    limits, how to load. ``run`` is ``xlt_run.json`` (the recipe settings), ``tokenizer_report`` the tokenizer
-    stage's ``tokenizer_report.json``; both optional (the card then says what is not recorded)."""
+               tokenizer_report: Optional[dict[str, Any]] = None, facts: Optional[dict[str, Any]] = None) -> str:
+    """A model card from the run's figures: base model, tokenizer (its Japanese characters per token, and for an
+    extended one the change), data sources and curriculum, tokens per language, hyper-parameters, evaluation
+    results with the generation speed, data licences, intended use and limits, how to load. ``run`` is
+    ``xlt_run.json`` (the recipe settings), ``tokenizer_report`` the tokenizer stage's ``tokenizer_report.json``,
+    ``facts`` what :func:`tokenizer_facts` measured on the pushed model; all optional. A figure that was not
+    measured and a setting that did not apply are left out, never printed as 'n/a'."""
     run = run or {}
     tokr = tokenizer_report or {}
     cpt = report.get("cpt", {})
@@ -84,18 +186,7 @@ def model_card(repo: str, report: dict[str, Any], run: Optional[dict[str, Any]] 
     lines += ["## Base model", "", f"`{base}`" + (f" (revision `{rc['model_revision']}`)"
                                                   if rc.get("model_revision") else ""), ""]
 
-    lines += ["## Tokenizer change", ""]
-    tok = report.get("tokenizer", {})
-    vs = tokr.get("vocab_size", {})
-    mode = tokr.get("mode") or rc.get("tokenizer_mode", "n/a")
-    lines.append(f"- Mode: {mode}; new tokens: {tok.get('new_tokens', tokr.get('new_tokens', 'n/a'))}; "
-                 f"embedding init: {tokr.get('init') or rc.get('embedding_init', 'n/a')}")
-    lines.append(f"- Vocabulary size: base {vs.get('base', 'n/a')} -> extended {vs.get('extended', 'n/a')}")
-    for lang in ("ja", "en"):
-        c = tok.get(f"{lang}_chars_per_token")
-        if c:
-            lines.append(f"- {lang} characters per token: base {c.get('base')} -> extended {c.get('extended')}")
-    lines.append("")
+    lines += _tokenizer_lines(report, rc, tokr, facts or {})
 
     lines += ["## Data sources and curriculum", ""]
     lines += [_source_line(s) for s in sources] or ["- not recorded (no xlt_run.json)"]
@@ -118,12 +209,11 @@ def model_card(repo: str, report: dict[str, Any], run: Optional[dict[str, Any]] 
         if by_src:
             lines.append("- By source: " + ", ".join(f"{k} {v:,}" for k, v in by_src.items()))
     else:
-        lines.append("- Tokens trained: n/a")
+        lines.append("- not recorded (report.json has no tokens_trained)")
     lines.append("")
 
     lines += ["## Hyper-parameters", ""]
-    lines.append(f"- Continued pretraining: {cpt.get('steps', 'n/a')} steps x {cpt.get('tokens_per_step', 'n/a')} "
-                 f"tokens per step, final train loss {cpt.get('train_loss', 'n/a')}, mode {cpt.get('mode', 'n/a')}")
+    lines += _cpt_line(cpt)
     keys = ("learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm",
             "per_device_train_batch_size", "gradient_accumulation_steps", "seq_len", "train_tokens", "torch_dtype")
     if rc:
@@ -146,8 +236,7 @@ def model_card(repo: str, report: dict[str, Any], run: Optional[dict[str, Any]] 
         from xlt.report import mt_bench_markdown
 
         lines += mt_bench_markdown(report["mt_bench"])
-    if report.get("speed"):
-        lines += ["Generation speed: see REPORT.md.", ""]
+    lines += _speed_lines(report.get("speed") or {})
     gen = report.get("generation")
     if gen:
         lines += ["Sample:", "", f"> {gen['prompt']}", "", gen["output"], ""]
@@ -255,7 +344,8 @@ def stage_upload(run_dir: str, model_dir: str, repo_id: str, dest: str, copy: bo
         build_report(run_dir, dest=dest)
         _place(os.path.join(run_dir, "report.json"), os.path.join(dest, "report.json"), copy)
     card = model_card(repo_id, report, _read_json(os.path.join(run_dir, "xlt_run.json")),
-                      _read_json(os.path.join(run_dir, "tokenizer", "tokenizer_report.json")))
+                      _read_json(os.path.join(run_dir, "tokenizer", "tokenizer_report.json")),
+                      tokenizer_facts(run_dir, model_dir, report))
     with open(os.path.join(dest, "README.md"), "w", encoding="utf-8") as f:
         f.write(card)
     return sorted(os.path.relpath(os.path.join(r, n), dest) for r, _, ns in os.walk(dest) for n in ns)

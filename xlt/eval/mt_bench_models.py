@@ -67,15 +67,21 @@ class LocalChat:
         self.model: Any = None
         self._warned = False
 
+    def _load_format(self) -> None:
+        """The tokenizer and the prompt format with its stop ids."""
+        from xlt.models import load_tokenizer, resolve_model
+
+        self.tokenizer = load_tokenizer(self.spec, trust_remote_code=self.trust_remote_code)
+        self.prompt_format, self.stop_ids = model_format(resolve_model(self.spec), self.tokenizer)
+
     def _load(self) -> None:
         """Tokenizer, format and weights (on the GPU when there is one, as ``xlt evaluate speed``)."""
         import torch
 
-        from xlt.models import load_model, load_tokenizer, resolve_model
+        from xlt.models import load_model
 
         if self.model is None:
-            self.tokenizer = load_tokenizer(self.spec, trust_remote_code=self.trust_remote_code)
-            self.prompt_format, self.stop_ids = model_format(resolve_model(self.spec), self.tokenizer)
+            self._load_format()
             device = "cuda" if torch.cuda.is_available() else "cpu"
             self.model = load_model(self.spec, trust_remote_code=self.trust_remote_code).to(device).eval()
 
@@ -118,9 +124,67 @@ class LocalChat:
         with torch.no_grad():
             out = self.model.generate(input_ids=inp, attention_mask=torch.ones_like(inp), max_new_tokens=max_new_tokens,
                                       eos_token_id=self.stop_ids, pad_token_id=pad, **sample)
-        new = out[0, len(ids):].tolist()
+        return self.decode(out[0, len(ids):].tolist())
+
+    def decode(self, new: list[int]) -> str:
+        """The answer: the new tokens up to the first stop token, special tokens dropped, stripped."""
         cut = next((i for i, t in enumerate(new) if t in self.stop_ids), len(new))
         return self.tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
+
+
+def vllm_available() -> bool:
+    """Whether ``import vllm`` works (it is installed only on GPU machines)."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def pick_backend(name: str) -> str:
+    """``transformers`` or ``vllm``: ``auto`` is vLLM when it imports and a CUDA GPU is there."""
+    if name not in ("auto", "transformers", "vllm"):
+        raise XltError(f"mt-bench: --backend {name!r}: expected auto, transformers or vllm")
+    if name == "vllm" and not vllm_available():
+        raise XltError("mt-bench: --backend vllm: vLLM is not installed (pip install vllm, on a GPU machine); "
+                       "--backend transformers answers without it")
+    if name == "auto":
+        import torch
+
+        return "vllm" if torch.cuda.is_available() and vllm_available() else "transformers"
+    return name
+
+
+class VllmChat(LocalChat):
+    """The answering model on vLLM's offline engine (``vllm.LLM``), in the same format as :class:`LocalChat`:
+    the prompt token ids are built here (the SFT format the model was trained with, not vLLM's chat template)
+    and sent as a ``TokensPrompt``; generation stops at the model's stop ids; greedy at temperature 0, else
+    sampled with a fixed seed. The answer is decoded here too, so both backends cut and strip alike."""
+
+    def _load(self) -> None:
+        from vllm import LLM
+
+        from xlt.models import resolve_model
+
+        if self.model is None:
+            self._load_format()
+            path = resolve_model(self.spec)
+            self.model = LLM(model=path, tokenizer=path, trust_remote_code=self.trust_remote_code, seed=0)
+
+    def complete(self, messages: list[dict], temperature: float, max_new_tokens: int) -> str:
+        from vllm import SamplingParams
+
+        ids = self.prompt_ids(messages)
+        params = SamplingParams(n=1, temperature=temperature if temperature >= 1e-4 else 0.0,
+                                max_tokens=max_new_tokens, stop_token_ids=list(self.stop_ids), seed=0)
+        out = self.model.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
+        return self.decode(list(out[0].outputs[0].token_ids))
+
+
+def answering_chat(spec: str, backend: str, trust_remote_code: bool = False) -> LocalChat:
+    """The model that answers, on ``backend`` (already picked by :func:`pick_backend`)."""
+    cls = VllmChat if backend == "vllm" else LocalChat
+    return cls(spec, trust_remote_code=trust_remote_code)
 
 
 def chat_completions_url(url: str) -> str:

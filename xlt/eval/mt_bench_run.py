@@ -45,6 +45,7 @@ class MtBenchOptions:
     verdict_retries: int = 2
     trust_remote_code: bool = False
     replace_stale: bool = False  # the evaluate stage: answers of an earlier model are set aside, not an error
+    backend: str = "auto"  # answer generation: transformers, vllm, or auto (vllm when installed on a GPU)
 
 
 def _log(msg: str) -> None:
@@ -234,7 +235,7 @@ def make_judge(o: MtBenchOptions) -> Any:
 
 def _answers(o: MtBenchOptions, questions: list[dict]) -> tuple[dict, str, str, float]:
     """``(answers, model_id, answers path, seconds generating)``: read from ``--answers`` or generated."""
-    from xlt.eval.mt_bench_models import LocalChat, model_name
+    from xlt.eval.mt_bench_models import answering_chat, model_name, pick_backend
 
     if o.answers:
         answers = mtb.load_answers(o.answers)
@@ -243,11 +244,22 @@ def _answers(o: MtBenchOptions, questions: list[dict]) -> tuple[dict, str, str, 
     path = os.path.join(o.output, "model_answer", f"{_file_name(model_id)}.jsonl")
     check_stale_answers(path, o.model, o.replace_stale)
     t0 = time.perf_counter()
-    chat = LocalChat(o.model, trust_remote_code=o.trust_remote_code)
+    backend = pick_backend(o.backend)
+    _log(f"answers of {o.model} on {backend} (questions already in {path} are kept)")
+    chat = answering_chat(o.model, backend, trust_remote_code=o.trust_remote_code)
     answers = generate_answers(chat, questions, path, model_id, o.max_new_tokens)
     del chat
     gc.collect()
+    _free_gpu()
     return answers, model_id, path, time.perf_counter() - t0
+
+
+def _free_gpu() -> None:
+    """The answering model's GPU memory back before the judge loads (vLLM reserves most of the GPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _newest_file(folder: str) -> float:
@@ -274,6 +286,9 @@ def check_early(o: MtBenchOptions) -> None:
     check_numbers(o)
     check_judge(o)
     if o.model:
+        from xlt.eval.mt_bench_models import pick_backend
+
+        pick_backend(o.backend)
         check_model_spec(o.model)
     if o.judge:
         check_model_spec(o.judge)

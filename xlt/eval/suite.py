@@ -62,6 +62,16 @@ def generate(model: Any, tokenizer: Any, prompt_ids: list[int], max_new_tokens: 
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
+def device_name(model: Any) -> str:
+    """Where ``model`` runs, as the model card states a speed: the GPU's name, or the CPU and its threads."""
+    import torch
+
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {torch.get_num_threads()} thread" + ("s" if torch.get_num_threads() > 1 else "")
+
+
 def evaluate_run(args: EvalArguments) -> dict:
     """Bits per character of every stage present in the run; writes the ``bpc`` section of report.json.
 
@@ -111,8 +121,8 @@ def evaluate_run(args: EvalArguments) -> dict:
             from xlt.eval.speed import generation_speed
 
             r = generation_speed(model, tokenizer, max_chars=args.speed_max_chars)
-            speed[stage] = {k: r[k] for k in ("chars_per_second", "chars_per_token", "tokens_per_second", "chars",
-                                              "tokens", "seconds")}
+            speed[stage] = {**{k: r[k] for k in ("chars_per_second", "chars_per_token", "tokens_per_second", "chars",
+                                                 "tokens", "seconds")}, "device": device_name(model)}
             _log(f"{stage}: {r['chars_per_second']:.1f} chars/s, {r['chars_per_token']:.3f} chars/token")
         if stage == "sft":
             from xlt.data.sft_format import generation_prompt_ids, stop_token_ids
