@@ -248,8 +248,8 @@ def test_busy_endpoint_is_retried_and_a_changed_answer_is_judged_again(tmp_path,
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--max-questions", "-1"], "--max-questions=-1 must be at least 1"),
-    (["--judge-max-tokens", "0"], "--judge-max-tokens=0 must be at least 1"),
+    (["--max-questions", "-1"], "--max-questions=-1 must be >= 1"),
+    (["--judge-max-tokens", "0"], "--judge-max-tokens=0 must be >= 1"),
     (["--judge-url", "http://127.0.0.1:9/v1"], "--judge-url and --judge-model go together"),
     (["--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "j", "--judge", "smollm2-135m"], "not both"),
     ([], "no judge"),
