@@ -120,11 +120,11 @@ def cpt_types() -> list[type]:
 # The comparison file: every check before any model loads
 # ---------------------------------------------------------------------------------------------------------
 def _yaml_mapping(path: str, what: str) -> dict:
-    from xlt.config import _check_yaml
+    from xlt.config import read_recipe_yaml
 
     if not os.path.isfile(path):
         raise XltError(f"{what} not found: {path}")
-    return _check_yaml(path)
+    return read_recipe_yaml(path)
 
 
 def _positive_number(value: Any, key: str) -> float:
@@ -369,10 +369,10 @@ def parse_arm(arm: Arm, output_dir: str, train_tokens: int, recipe_dir: str) -> 
     import yaml
 
     from xlt.config import parse_recipe
-    from xlt.io import _atomic_write_text
+    from xlt.io import atomic_write_text
 
     path = os.path.join(recipe_dir, f"{arm.name}.yaml")
-    _atomic_write_text(path, yaml.safe_dump(arm_recipe(arm, output_dir, train_tokens), allow_unicode=True,
+    atomic_write_text(path, yaml.safe_dump(arm_recipe(arm, output_dir, train_tokens), allow_unicode=True,
                                             sort_keys=False))
     return parse_recipe(cpt_types(), ["--config", path])
 
@@ -731,12 +731,12 @@ def plot(rows: Sequence[dict], path: str) -> None:
     """``path``: Japanese and English bits per character against training FLOPs, one line per arm (and budget);
     with arms of several new-token counts, a third panel: Japanese bits per character minus the base arm's against
     the new tokens, one line per budget."""
-    from xlt.report import _figure, _save_figure
+    from xlt.report import new_figure, save_figure
 
     counts = sorted({r.get("new_tokens", 0) for r in rows})
     panels = 3 if len(counts) > 1 else 2
     several = len({r["budget_flops"] for r in rows}) > 1
-    fig = _figure(5.0 * panels, 3.8)
+    fig = new_figure(5.0 * panels, 3.8)
     for i, lang in enumerate(LANGS):
         ax = fig.add_subplot(1, panels, i + 1)
         for r in rows:
@@ -766,14 +766,14 @@ def plot(rows: Sequence[dict], path: str) -> None:
         ax.set_title("does the extension pay?")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def write_outputs(output_dir: str, rows: list[dict], texts: Mapping[str, list[str]]) -> None:
-    from xlt.io import _atomic_write_text
+    from xlt.io import atomic_write_text
 
     atomic_write_json(os.path.join(output_dir, "compare.json"), rows)
-    _atomic_write_text(os.path.join(output_dir, "compare.md"), _markdown(rows, texts))
+    atomic_write_text(os.path.join(output_dir, "compare.md"), _markdown(rows, texts))
     plot(rows, os.path.join(output_dir, "compare.png"))
 
 

@@ -501,7 +501,7 @@ def parse_recipe(dataclass_types: Sequence[type], argv: Optional[Sequence[str]] 
         path = argv[i + 1]
         if not os.path.isfile(path):
             raise XltError(f"recipe file not found: {path}")
-        mapping = _check_yaml(path)
+        mapping = read_recipe_yaml(path)
         validate.check_recipe_mapping(mapping, dataclass_types)
     decision = None
     if any(hasattr(t, "bf16") and hasattr(t, "use_cpu") for t in dataclass_types):
@@ -558,7 +558,7 @@ def _settle_precision(argv: list[str], mapping: dict, device_free: bool,
     return argv, decision
 
 
-def _check_yaml(path: str) -> dict:
+def read_recipe_yaml(path: str) -> dict:
     """The recipe's YAML mapping; one-line errors for a file that is not UTF-8, not YAML, or not a mapping."""
     import yaml
 

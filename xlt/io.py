@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 
-def _atomic_write_text(path: str, text: str) -> None:
+def atomic_write_text(path: str, text: str) -> None:
     """Write to a uniquely named temporary file in the same folder, fsync, then rename over ``path``."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -32,11 +32,11 @@ def _atomic_write_text(path: str, text: str) -> None:
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
-    _atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False))
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False))
 
 
 def atomic_write_jsonl(path: str, rows: list[dict]) -> None:
-    _atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def atomic_save_dir(save_fn, final_dir: str) -> None:

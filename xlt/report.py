@@ -8,7 +8,7 @@ import tempfile
 from typing import Any, Optional
 
 from xlt.config import XltError
-from xlt.io import _atomic_write_text as atomic_write_text
+from xlt.io import atomic_write_text
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -88,14 +88,14 @@ def _plot_mt_bench(categories: dict[str, float], path: str) -> None:
     names = list(categories)
     angles = [2 * math.pi * i / len(names) for i in range(len(names))]
     values = [categories[n] for n in names]
-    fig = _figure(5, 5)
+    fig = new_figure(5, 5)
     ax = fig.add_subplot(projection="polar")
     ax.plot(angles + angles[:1], values + values[:1], marker="o")
     ax.fill(angles + angles[:1], values + values[:1], alpha=0.2)
     ax.set_xticks(angles)
     ax.set_xticklabels(names)
     ax.set_ylim(0, 10)
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +201,7 @@ def training_history(run_dir: str) -> tuple[list[dict[str, Any]], str]:
     return rows, ("TensorBoard events in runs/" if rows else "")
 
 
-def _save_figure(fig: Any, path: str) -> None:
+def save_figure(fig: Any, path: str) -> None:
     """Save a figure as PNG atomically (temporary file in the same folder, then rename)."""
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
@@ -216,7 +216,7 @@ def _save_figure(fig: Any, path: str) -> None:
             os.unlink(tmp)
 
 
-def _figure(width: float = 6.4, height: float = 3.6) -> Any:
+def new_figure(width: float = 6.4, height: float = 3.6) -> Any:
     # A bare Figure renders with the Agg canvas without touching pyplot's global backend state.
     from matplotlib.figure import Figure
 
@@ -231,7 +231,7 @@ def _x_tokens(rows: list[dict[str, Any]]) -> tuple[list[float], str]:
 
 def _plot_loss(rows: list[dict[str, Any]], path: str) -> None:
     x, xlabel = _x_tokens(rows)
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     langs = sorted({k[len("loss_"):] for r in rows for k in r if k.startswith("loss_")})
     if langs:
@@ -243,7 +243,7 @@ def _plot_loss(rows: list[dict[str, Any]], path: str) -> None:
     ax.set_ylabel("training loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def ja_share_windows(rows: list[dict[str, Any]]) -> list[dict[str, float]]:
@@ -269,7 +269,7 @@ def _plot_ja_share(rows: list[dict[str, Any]], path: str) -> None:
     """Like against like: the share realised in each logging window against the schedule, and the cumulative
     realised share against the cumulative target (the schedule's integral), never cumulative against instant."""
     x, xlabel = _x_tokens(rows)
-    fig = _figure(height=6.4)
+    fig = new_figure(height=6.4)
     top, bottom = fig.add_subplot(2, 1, 1), fig.add_subplot(2, 1, 2)
     windows = ja_share_windows(rows)
     for i, w in enumerate(windows):
@@ -285,7 +285,7 @@ def _plot_ja_share(rows: list[dict[str, Any]], path: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     bottom.set_xlabel(xlabel)
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def _ja_share_text(rows: list[dict[str, Any]], acc: dict[str, Any]) -> str:
@@ -308,14 +308,14 @@ def _ja_share_text(rows: list[dict[str, Any]], acc: dict[str, Any]) -> str:
 def _plot_seq_len(rows: list[dict[str, Any]], path: str) -> None:
     x, xlabel = _x_tokens(rows)
     pts = [(xi, r["seq_len"]) for xi, r in zip(x, rows) if "seq_len" in r]
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", marker=".")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("sequence length (tokens)")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def _bars(ax: Any, groups: list[str], series: dict[str, list[float]], fmt: str = "{:.3g}") -> None:
@@ -333,7 +333,7 @@ def _bars(ax: Any, groups: list[str], series: dict[str, list[float]], fmt: str =
 
 def _plot_tokens(acc: dict[str, Any], trained: dict[str, int], path: str) -> None:
     by_source = acc.get("tokens_by_source", {})
-    fig = _figure(9.0, 3.6)
+    fig = new_figure(9.0, 3.6)
     ax1, ax2 = fig.subplots(1, 2)
     langs = list(trained)
     _bars(ax1, langs, {"trained": [trained[k] for k in langs],
@@ -344,32 +344,32 @@ def _plot_tokens(acc: dict[str, Any], trained: dict[str, int], path: str) -> Non
     _bars(ax2, srcs, {"trained": [by_source[s] for s in srcs]}, "{:,.0f}")
     ax2.set_title("tokens per source")
     ax2.tick_params(axis="x", labelrotation=20)
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def _plot_tokenizer(tok: dict[str, Any], path: str) -> None:
     langs = [lang for lang in ("ja", "en") if f"{lang}_chars_per_token" in tok]
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     _bars(ax, langs, {kind: [tok[f"{lang}_chars_per_token"].get(kind, float("nan")) for lang in langs]
                       for kind in ("base", "extended")}, "{:.3f}")
     ax.set_ylabel("characters per token (higher = cheaper)")
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def _plot_bpc(bpc: dict[str, dict[str, float]], path: str) -> None:
     langs = list(bpc)
     stages = [s for s in STAGES if any(s in row for row in bpc.values())]
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     _bars(ax, langs, {s: [bpc[lang].get(s, float("nan")) for lang in langs] for s in stages}, "{:.3f}")
     ax.set_ylabel("bits per character (lower = better)")
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def _plot_mc(mc: dict[str, dict[str, Any]], path: str) -> None:
     stages = [s for s in STAGES if s in mc] + [s for s in mc if s not in STAGES]
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     series = {"accuracy": [mc[s].get("accuracy", float("nan")) for s in stages]}
     if any("accuracy_norm" in mc[s] for s in stages):
@@ -384,7 +384,7 @@ def _plot_mc(mc: dict[str, dict[str, Any]], path: str) -> None:
                     fmt="none", ecolor="black", capsize=3)
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def _speed_rows(speed: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -410,12 +410,12 @@ def _plot_speed(rows: dict[str, dict[str, float]], path: str) -> None:
     if not metrics:
         metrics = sorted({m for r in rows.values() for m in r})[:2]
     names = [os.path.basename(n.rstrip("/")) or n for n in rows]
-    fig = _figure(4.2 * len(metrics), 3.6)
+    fig = new_figure(4.2 * len(metrics), 3.6)
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     for ax, m in zip(axes, metrics):
         _bars(ax, names, {m: [r.get(m, float("nan")) for r in rows.values()]}, "{:.3g}")
         ax.set_title(m.replace("_", " "))
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def _md_table(header: list[str], rows: list[list[Any]]) -> list[str]:

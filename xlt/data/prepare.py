@@ -116,10 +116,10 @@ def shard_documents(source: Any, index: int, n: int):
     """The training documents of one shard: a contiguous slice of a local source's training part, or file
     ``index`` of the ``n`` of a streamed hub dataset (``IterableDataset.shard``)."""
     if source.streaming:
-        from xlt.data.sources import _text_of
+        from xlt.data.sources import text_of
 
         for row in source.open_hub_dataset().shard(num_shards=n, index=index):
-            yield _text_of(row, source.text_field, source.key, source.dataset)
+            yield text_of(row, source.text_field, source.key, source.dataset)
         return
     train = source.split_holdout()[0]
     yield from train[len(train) * index // n: len(train) * (index + 1) // n]

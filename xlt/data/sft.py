@@ -341,9 +341,9 @@ def _parquet_table(path: str, where: str) -> Any:
     # pyarrow directly (what `datasets` reads parquet with): no dataset cache written for a local file.
     import pyarrow.parquet as pq
 
-    from xlt.data.sources import _parquet
+    from xlt.data.sources import read_parquet_checked
 
-    return _parquet(path, where, pq.read_table)
+    return read_parquet_checked(path, where, pq.read_table)
 
 
 def _rows(spec: dict, where: str) -> tuple[list[str], Iterator[tuple[str, dict]], str]:

@@ -120,7 +120,7 @@ class Source:
         ds = ds.shuffle(seed=seed, buffer_size=10_000)
         ds.set_epoch(epoch)
         for row in ds:
-            yield _text_of(row, self.text_field, self.key, self.dataset)
+            yield text_of(row, self.text_field, self.key, self.dataset)
 
     def open_hub_dataset(self):
         """The ``datasets.IterableDataset`` of a hub source (streaming=True)."""
@@ -206,13 +206,13 @@ def read_documents(path: str, text_field: str = "text", max_docs: Optional[int] 
                 if not line.strip():
                     continue
                 row = _json_line(line, path, lineno)
-                docs.append(_text_of(row, text_field, key, f"{path}:{lineno}"))
+                docs.append(text_of(row, text_field, key, f"{path}:{lineno}"))
                 if max_docs is not None and len(docs) >= max_docs:
                     break
     elif path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        table = _parquet(path, key, pq.read_table)
+        table = read_parquet_checked(path, key, pq.read_table)
         if text_field not in table.column_names:
             raise XltError(f"{key}: {path} has no field {text_field!r} (fields: {', '.join(table.column_names)})")
         docs = [t for t in table.column(text_field).to_pylist() if isinstance(t, str)]
@@ -225,7 +225,7 @@ def read_documents(path: str, text_field: str = "text", max_docs: Optional[int] 
     return docs
 
 
-def _text_of(row: Any, text_field: str, key: str, where: str) -> str:
+def text_of(row: Any, text_field: str, key: str, where: str) -> str:
     if not isinstance(row, dict) or text_field not in row:
         fields = ", ".join(row) if isinstance(row, dict) else type(row).__name__
         raise XltError(f"{key}: {where} has no field {text_field!r} (fields: {fields})")
@@ -235,7 +235,7 @@ def _text_of(row: Any, text_field: str, key: str, where: str) -> str:
     return text
 
 
-def _parquet(path: str, key: str, read: Any) -> Any:
+def read_parquet_checked(path: str, key: str, read: Any) -> Any:
     """``read(path)`` (a pyarrow reader), with a file that is not parquet reported in one line."""
     import pyarrow as pa
 
@@ -256,7 +256,7 @@ def _check_text_field(path: str, text_field: str, key: str) -> None:
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        names = _parquet(path, key, pq.read_schema).names
+        names = read_parquet_checked(path, key, pq.read_schema).names
         if text_field not in names:
             raise XltError(f"{key}: {path} has no field {text_field!r} (fields: {', '.join(names)})")
         return
@@ -272,7 +272,7 @@ def _check_text_field(path: str, text_field: str, key: str) -> None:
         row = _json_line(line, path, lineno)
         if not isinstance(row, dict):
             raise XltError(f"{key}: {path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
-        _text_of(row, text_field, key, path if first else f"{path}:{lineno}")
+        text_of(row, text_field, key, path if first else f"{path}:{lineno}")
         first = False
 
 
@@ -288,7 +288,7 @@ def heldout_texts(sources: list[Source], eval_sources: Optional[list[Source]] = 
             if not eval_sources:
                 continue  # a streamed training source has no held-out split
             # A streamed evaluation set: its first documents, in order (no shuffle: the same every run).
-            docs = [_text_of(row, s.text_field, s.key, s.dataset)
+            docs = [text_of(row, s.text_field, s.key, s.dataset)
                     for row in itertools.islice(s.open_hub_dataset(), max_docs or 1000)]
         else:
             docs = s.all_documents() if eval_sources else s.split_holdout()[1]

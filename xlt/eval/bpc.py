@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 
 
-def _context_token(tokenizer: Any) -> int:
+def context_token(tokenizer: Any) -> int:
     for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
         if tid is not None:
             return int(tid)
@@ -98,7 +98,7 @@ def bits_per_char(model: Any, tokenizer: Any, texts: Sequence[str], max_length: 
     texts = [t for t in texts if t]
     if not texts:
         raise ValueError("bits_per_char: no non-empty text to evaluate")
-    start = _context_token(tokenizer)
+    start = context_token(tokenizer)
     stride = resolve_stride(max_length, stride)
     windows: list[tuple[list[int], int]] = []
     n_tokens = 0

@@ -204,11 +204,11 @@ def multiple_choice(model: Any, tokenizer: Any, rows: list[dict], batch_size: in
     Returns ``{"accuracy", "accuracy_norm", "n", "ci95", "ci95_norm", "scores"}`` where ``scores`` holds,
     per row, the raw log-likelihood of each choice. Ties go to the first choice (``argmax``).
     """
-    from xlt.eval.bpc import _context_token
+    from xlt.eval.bpc import context_token
 
     if not rows:
         raise ValueError("multiple_choice: no rows")
-    start = _context_token(tokenizer)
+    start = context_token(tokenizer)
     pairs = [_split_continuation(tokenizer, prompt.format(question=r["question"]), c, start)
              for r in rows for c in r["choices"]]
     was_training = model.training

@@ -31,7 +31,7 @@ from xlt.config import XltError
 
 BYTE_LEVEL = "byte_level"
 METASPACE = "metaspace"
-_BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+BYTE_TOKEN_RE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 _PUA_START = 0xF0000  # Supplementary Private Use Area-A/B: 131K code points, never in real text
 
 
@@ -145,7 +145,7 @@ def token_bytes(token: str, family: str) -> bytes:
     if family == BYTE_LEVEL:
         dec = byte_decoder()
         return bytes(dec[c] for c in token)
-    m = _BYTE_TOKEN.match(token)
+    m = BYTE_TOKEN_RE.match(token)
     if m:
         return bytes([int(m.group(1), 16)])
     return token.replace("▁", " ").encode("utf-8")
@@ -241,7 +241,7 @@ class _UnitWords:
     def byte_of(self, tok: str) -> Optional[int]:
         b = self._byte.get(tok, -1)
         if b == -1:
-            m = _BYTE_TOKEN.match(tok) if self.family == METASPACE else None
+            m = BYTE_TOKEN_RE.match(tok) if self.family == METASPACE else None
             b = self._byte[tok] = int(m.group(1), 16) if m else None
         return b
 

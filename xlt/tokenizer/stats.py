@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Optional
 
-from xlt.tokenizer.merges import _BYTE_TOKEN, BYTE_LEVEL, detect_family, is_whole_text, read_tokenizer_json
+from xlt.tokenizer.merges import BYTE_LEVEL, BYTE_TOKEN_RE, detect_family, is_whole_text, read_tokenizer_json
 
 
 def load_fast_tokenizer(spec: str):
@@ -43,7 +43,7 @@ def tokenizer_stats(tok, texts: list[str], family: Optional[str] = None, name: s
             if unk_id is not None and i == unk_id:
                 unk_n += 1
             if t not in cache:
-                cache[t] = bool(_BYTE_TOKEN.match(t)) if family != BYTE_LEVEL else not is_whole_text(t, BYTE_LEVEL)
+                cache[t] = bool(BYTE_TOKEN_RE.match(t)) if family != BYTE_LEVEL else not is_whole_text(t, BYTE_LEVEL)
             fallback += cache[t]
     n = max(1, n_tok)
     return {"tokenizer": name, "family": family, "vocab_size": tok.get_vocab_size(with_added_tokens=True),

@@ -29,13 +29,13 @@ def barrier() -> None:
         dist.barrier()
 
 
-def _is_sharded(param: Any) -> bool:
+def is_sharded(param: Any) -> bool:
     from torch.distributed.tensor import DTensor, Shard
 
     return isinstance(param, DTensor) and any(isinstance(p, Shard) for p in param.placements)
 
 
-def _is_deepspeed(accelerator: Any) -> bool:
+def is_deepspeed(accelerator: Any) -> bool:
     return accelerator is not None and str(getattr(accelerator, "distributed_type", "")).endswith("DEEPSPEED")
 
 
@@ -47,10 +47,10 @@ def gather_full_state_dict(model: Any, accelerator: Any = None) -> dict:
     goes through ``accelerator.get_state_dict``. Replicated parameters (one process, DDP) are read as they are.
     Non-main processes may get an empty dict.
     """
-    if _is_deepspeed(accelerator):
+    if is_deepspeed(accelerator):
         return accelerator.get_state_dict(model)
     module = accelerator.unwrap_model(model, keep_torch_compile=False) if accelerator is not None else model
-    if any(_is_sharded(p) for p in module.parameters()):
+    if any(is_sharded(p) for p in module.parameters()):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -185,10 +185,10 @@ def replicas_in_sync(model: Any, accelerator: Any = None) -> Optional[bool]:
     import torch
 
     dist = _dist()
-    if dist is None or dist.get_world_size() == 1 or _is_deepspeed(accelerator):
+    if dist is None or dist.get_world_size() == 1 or is_deepspeed(accelerator):
         return None
     module = accelerator.unwrap_model(model, keep_torch_compile=False) if accelerator is not None else model
-    replicated = [p for p in module.parameters() if not _is_sharded(p)]
+    replicated = [p for p in module.parameters() if not is_sharded(p)]
     if not replicated:
         return None
     from torch.distributed.tensor import DTensor

@@ -95,14 +95,14 @@ def setup_fsdp(training_args: Any, launcher: Launcher) -> Optional[str]:
 
 def sharding_summary(model: Any, optimizer: Any = None) -> dict:
     """How many trainable parameters (and optimizer parameters) are dim-0 sharded DTensors."""
-    from xlt.train.distributed import _is_sharded
+    from xlt.train.distributed import is_sharded
 
     params = [p for p in model.parameters() if p.requires_grad]
-    out = {"parameters": len(params), "sharded": sum(_is_sharded(p) for p in params)}
+    out = {"parameters": len(params), "sharded": sum(is_sharded(p) for p in params)}
     if optimizer is not None:
         opt = [p for g in optimizer.param_groups for p in g["params"]]
         out["optimizer_parameters"] = len(opt)
-        out["optimizer_sharded"] = sum(_is_sharded(p) for p in opt)
+        out["optimizer_sharded"] = sum(is_sharded(p) for p in opt)
     return out
 
 

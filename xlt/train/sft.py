@@ -88,9 +88,9 @@ def learning_rate_given(argv: Sequence[str]) -> bool:
     if any(a == "--learning_rate" or a.startswith("--learning_rate=") for a in argv):
         return True
     if "--config" in argv and argv.index("--config") + 1 < len(argv):
-        from xlt.config import _check_yaml
+        from xlt.config import read_recipe_yaml
 
-        return "learning_rate" in _check_yaml(argv[argv.index("--config") + 1])
+        return "learning_rate" in read_recipe_yaml(argv[argv.index("--config") + 1])
     return False
 
 
@@ -248,10 +248,10 @@ def sample_generations(trainer: Any, tokenizer: Any, sft_args: SftArguments, sto
     weights (FSDP2, DeepSpeed): every rank generates (each forward is a collective; ``synced_gpus`` keeps
     the ranks stepping together) and all return the same list.
     """
-    from xlt.train.distributed import _is_deepspeed, _is_sharded
+    from xlt.train.distributed import is_deepspeed, is_sharded
 
     model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
-    sharded = _is_deepspeed(trainer.accelerator) or any(_is_sharded(p) for p in model.parameters())
+    sharded = is_deepspeed(trainer.accelerator) or any(is_sharded(p) for p in model.parameters())
     if not sharded and not trainer.is_world_process_zero():
         return []
     was_training = model.training
