@@ -19,6 +19,7 @@ Why our own code: ``npm pack`` is the ordinary client; no Python library reads n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -94,11 +95,9 @@ def _cached_failure(name: str, version: str) -> str | None:
     if key in _FAILED:
         return _FAILED[key]
     marker = _failure_marker(name, version)
-    try:
+    with contextlib.suppress(OSError):  # no marker: no recorded failure
         if time.time() - marker.stat().st_mtime < FAILURE_TTL_S:
             return marker.read_text(encoding="utf-8").strip()
-    except OSError:
-        pass
     return None
 
 

@@ -264,6 +264,14 @@ def test_output_dir_on_a_read_only_file_system(tmp_path, capsys, no_model_loadin
     assert_one_line(rc, err, "output_dir=/proc/xlt-run cannot be created: /proc is not writable")
 
 
+def _writable(path) -> bool:
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=path))
+    except OSError:
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def read_only_dir(path):
     """``path`` made unwritable for this process: permission bits, or (root, whom they do not bind) the
@@ -278,11 +286,8 @@ def read_only_dir(path):
     else:
         path.chmod(0o555)
     try:
-        try:
-            os.rmdir(tempfile.mkdtemp(dir=path))
+        if _writable(path):
             unavailable(f"{path} is still writable after {'chattr +i' if root else 'chmod 555'}")
-        except OSError:
-            pass
         yield path
     finally:
         if root:

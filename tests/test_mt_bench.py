@@ -138,7 +138,7 @@ class CannedJudge:
                 self.wfile.write(data)
 
             def log_message(self, *args):
-                pass
+                """No request log on stderr (the tests read it)."""
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"

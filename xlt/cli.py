@@ -27,6 +27,7 @@ from typing import Optional
 
 from xlt import stages
 from xlt.config import XltError
+from xlt.validate import check_cli_numbers
 
 
 def run_recipe(name: str, argv: Optional[Sequence[str]] = None) -> int:
@@ -281,7 +282,6 @@ def sft_preview_parser() -> argparse.ArgumentParser:
 def _sft_preview(argv: Sequence[str]) -> int:
     """``xlt sft preview --config RECIPE [--n N] [--json]``; other ``--key value`` pairs override the recipe."""
     from xlt.data.sft_format import preview_main
-    from xlt.validate import check_cli_numbers
 
     p = sft_preview_parser()
     ns, rest = p.parse_known_args(list(argv))
@@ -386,8 +386,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return check_main(argv[1:])
     if argv[:2] == ["evaluate", "run"]:
         return run_recipe("evaluate", argv[2:])
-    from xlt.validate import check_cli_numbers
-
     parser = build_parser()
     ns = parser.parse_args(argv)
 

@@ -104,8 +104,11 @@ class CompareConfig:
     arms: list[Arm]
     heldout: dict[str, list[str]]
     eval: EvalSettings
-    budgets: int = 1              # several: ``compute.flops`` / ``base_train_tokens`` was a list (see budget_configs)
-    amounts: tuple[float, ...] = ()
+    amounts: tuple[float, ...] = ()  # every budget given (``compute.flops`` / ``base_train_tokens`` as a list)
+
+    @property
+    def budgets(self) -> int:
+        return len(self.amounts) or 1
 
 
 _log = logger("xlt compare")
@@ -344,7 +347,7 @@ def load_config(path: str, output_dir: Optional[str] = None) -> CompareConfig:
                 raise XltError(f"{path}: arm {arm.name!r}: {e}") from None
     return CompareConfig(path, recipe_path, out, amount if given[0] == "flops" else None,
                          int(amount) if given[0] == "base_train_tokens" else None, tolerance, arms, heldout, settings,
-                         budgets=len(amounts), amounts=tuple(amounts))
+                         amounts=tuple(amounts))
 
 
 def budget_configs(cfg: CompareConfig) -> list[CompareConfig]:
@@ -353,7 +356,7 @@ def budget_configs(cfg: CompareConfig) -> list[CompareConfig]:
     if cfg.budgets == 1:
         return [cfg]
     flops_given = cfg.flops is not None
-    return [dataclasses.replace(cfg, output_dir=os.path.join(cfg.output_dir, f"budget-{k + 1}"), budgets=1,
+    return [dataclasses.replace(cfg, output_dir=os.path.join(cfg.output_dir, f"budget-{k + 1}"),
                                 amounts=(a,), flops=a if flops_given else None,
                                 base_train_tokens=None if flops_given else int(a))
             for k, a in enumerate(cfg.amounts)]
@@ -666,13 +669,18 @@ def recommendation(rows: Sequence[dict]) -> dict:
     return rec
 
 
+def by_budget(rows: Sequence[dict]) -> dict[float, list[dict]]:
+    """The rows grouped by their budget, in the order the budgets first appear."""
+    groups: dict[float, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["budget_flops"], []).append(r)
+    return groups
+
+
 def summarise(rows: list[dict]) -> None:
     """Add to every row its budget's verdicts: ``best_at_budget`` (lowest Japanese bits per character),
     ``on_pareto_front`` and ``recommendation`` (the same object on every row of a budget)."""
-    budgets: dict[float, list[dict]] = {}
-    for r in rows:
-        budgets.setdefault(r["budget_flops"], []).append(r)
-    for group in budgets.values():
+    for group in by_budget(rows).values():
         best = min(group, key=lambda r: r["ja_bpc"])["name"]
         front, rec = set(pareto_front(group)), recommendation(group)
         for r in group:
@@ -703,10 +711,7 @@ def _markdown(rows: Sequence[dict], texts: Mapping[str, list[str]]) -> str:
     held = ", ".join(f"{lang} {len(d)} documents / {sum(map(len, d)):,} characters" for lang, d in texts.items())
     out = ["# xlt compare", "", f"Held-out text: {held}.",
            "Bits per character: lower is better; in brackets the difference to the base arm.", ""]
-    budgets: dict[float, list[dict]] = {}
-    for r in rows:
-        budgets.setdefault(r["budget_flops"], []).append(r)
-    for budget, group in budgets.items():
+    for budget, group in by_budget(rows).items():
         spread = flops_spread([r["flops"] for r in group])
         out += [f"## Budget {budget:.4g} training FLOPs per arm", "",
                 f"6 · N_eff · tokens + init; the arms' FLOPs differ by {spread:.2%}.", "", format_table(group), ""]
@@ -750,10 +755,7 @@ def plot(rows: Sequence[dict], path: str) -> None:
         ax.legend(fontsize="small")
     if panels == 3:
         ax = fig.add_subplot(1, 3, 3)
-        by_budget: dict[float, list[dict]] = {}
-        for r in rows:
-            by_budget.setdefault(r["budget_flops"], []).append(r)
-        for budget, group in by_budget.items():
+        for budget, group in by_budget(rows).items():
             base = next((r for r in group if r["name"] == "base"), None)
             if base is None:
                 continue

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Optional, TextIO
 
 
-def logger(tag: str, stream: Optional[TextIO] = None) -> Callable[[str], None]:
-    """A function that prints ``[tag] message`` to ``stream`` (default: the stdout of the moment) and flushes."""
+def logger(tag: str, stderr: bool = False) -> Callable[[str], None]:
+    """A function that prints ``[tag] message`` to the stdout (or ``stderr``) of the moment and flushes."""
 
     def log(msg: str) -> None:
-        print(f"[{tag}] {msg}", file=stream or sys.stdout, flush=True)
+        print(f"[{tag}] {msg}", file=sys.stderr if stderr else sys.stdout, flush=True)
 
     return log

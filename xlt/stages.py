@@ -89,6 +89,9 @@ def prepare_data_stage(config: str, output_dir: Optional[str] = None, processes:
     (reused when built), then the shards."""
     from xlt.data.prepare import check_writable, prepare_data
     from xlt.data.sources import heldout_texts, load_sources
+    from xlt.models import load_tokenizer
+    from xlt.train.checkpoint import claim_output_dir, fingerprint
+    from xlt.train.cpt import prepare_model_dir
 
     model_args, tok_args, data_args, cpt_args, _, training_args = parse_recipe(
         cpt_recipe_types(), ["--config", config], device_free=True)
@@ -96,10 +99,6 @@ def prepare_data_stage(config: str, output_dir: Optional[str] = None, processes:
     out = output_dir or os.path.join(training_args.output_dir, "data")
     if processes < 1:
         raise XltError(f"--processes must be at least 1 (got {processes})")
-    from xlt.models import load_tokenizer
-    from xlt.train.checkpoint import claim_output_dir, fingerprint
-    from xlt.train.cpt import prepare_model_dir
-
     # The tokenizer stage is built in the run directory, as xlt cpt builds it: the directory is claimed for it.
     claim_output_dir(training_args.output_dir, "prepare", fingerprint(model_args, tok_args, {"sources": data_args.sources}))
     check_writable(out)

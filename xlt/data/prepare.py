@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from xlt import validate
 from xlt.config import XltError
 from xlt.data.clean import REASONS, Cleaner, doc_hash
 from xlt.io import atomic_write_json
@@ -84,14 +85,9 @@ def settings_key(sources: list[Any], data_args: Any, tokenizer: Any, shard_bytes
 
 
 def check_writable(out: str) -> None:
-    try:
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, ".xlt-write-probe")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.unlink(probe)
-    except OSError as e:
-        raise XltError(f"--output_dir: cannot write {out} ({e.strerror or e})") from None
+    """``out`` can be written (``xlt.validate.check_output_dir``'s probe), then created."""
+    validate.check_output_dir(out, "--output_dir")
+    os.makedirs(out, exist_ok=True)
 
 
 def check_output_dir(out: str, key: dict) -> bool:

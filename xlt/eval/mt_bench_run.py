@@ -10,13 +10,13 @@ import gc
 import json
 import os
 import secrets
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from xlt.config import XltError
 from xlt.eval import mt_bench as mtb
+from xlt.log import logger
 
 DEFAULT_QUESTIONS = "../shared/data/japanese_mt_bench/question.jsonl"
 DEFAULT_OUTPUT = "runs/mt_bench"
@@ -48,8 +48,7 @@ class MtBenchOptions:
     backend: str = "auto"  # answer generation: transformers, vllm, or auto (vllm when installed on a GPU)
 
 
-def _log(msg: str) -> None:
-    print(f"[mt-bench] {msg}", file=sys.stderr, flush=True)
+_log = logger("mt-bench", stderr=True)  # stdout carries --json
 
 
 def _file_name(name: str) -> str:

@@ -12,11 +12,10 @@ from xlt.config import EvalArguments, XltError
 from xlt.data.sources import read_documents
 from xlt.eval.bpc import bits_per_char
 from xlt.io import update_report
+from xlt.log import logger
 from xlt.models import check_model_spec, load_model, load_tokenizer
 
-
-def _log(msg: str) -> None:
-    print(f"[xlt evaluate] {msg}", flush=True)
+_log = logger("xlt evaluate")
 
 
 def heldout_from_run(run_dir: str, max_docs: int) -> dict[str, list[str]]:
