@@ -130,19 +130,14 @@ def probe(out: str, stage: str, argv: list[str]) -> int:
         def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
             micro["n"] += 1
 
-    original = cpt_module._make_trainer_class
+    original = cpt_module.CptTrainer
 
-    def patched():
-        base = original()
+    class Probed(original):
+        def __init__(self, *a, **k):
+            k["callbacks"] = list(k.get("callbacks") or []) + [AfterMicroBatch()]
+            super().__init__(*a, **k)
 
-        class Probed(base):
-            def __init__(self, *a, **k):
-                k["callbacks"] = list(k.get("callbacks") or []) + [AfterMicroBatch()]
-                super().__init__(*a, **k)
-
-        return Probed
-
-    cpt_module._make_trainer_class = patched
+    cpt_module.CptTrainer = Probed
     rc = run_recipe(stage, argv)
     events["micro_batches"] = micro["n"]
     with open(os.path.join(out, f"probe-{rank}.json"), "w", encoding="utf-8") as f:

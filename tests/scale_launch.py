@@ -187,20 +187,13 @@ def _patched_cpt(hook) -> int:
     import xlt.train.cpt as cpt_module
     from xlt.cli import run_recipe
 
-    original = cpt_module._make_trainer_class
+    class Hooked(cpt_module.CptTrainer):
+        def training_step(self, *a, **k):
+            loss = super().training_step(*a, **k)
+            hook(self)
+            return loss
 
-    def patched():
-        cls = original()
-
-        class Hooked(cls):
-            def training_step(self, *a, **k):
-                loss = super().training_step(*a, **k)
-                hook(self)
-                return loss
-
-        return Hooked
-
-    cpt_module._make_trainer_class = patched
+    cpt_module.CptTrainer = Hooked
     return run_recipe("cpt", sys.argv[sys.argv.index("--") + 1:])
 
 

@@ -65,26 +65,21 @@ def main() -> int:
             if state.global_step in single:
                 self._write(f"after_step{state.global_step}", model, optimizer)
 
-    original = cpt_module._make_trainer_class
+    original = cpt_module.CptTrainer
 
-    def patched():
-        base = original()
+    class Injected(original):
+        def __init__(self, *a, **k):
+            k["callbacks"] = list(k.get("callbacks") or []) + [Dump(), SaveGuard(self)]
+            super().__init__(*a, **k)
 
-        class Injected(base):
-            def __init__(self, *a, **k):
-                k["callbacks"] = list(k.get("callbacks") or []) + [Dump(), SaveGuard(self)]
-                super().__init__(*a, **k)
-
-            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-                out = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                           num_items_in_batch=num_items_in_batch)
-                kind = event(self.state.global_step + 1) if model.training else None
-                if kind and self.accelerator.process_index == 1:
-                    factor = 1e4 if kind == "spike" else float("nan")
-                    out = (out[0] * factor, *out[1:]) if return_outputs else out * factor
-                return out
-
-        return Injected
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                       num_items_in_batch=num_items_in_batch)
+            kind = event(self.state.global_step + 1) if model.training else None
+            if kind and self.accelerator.process_index == 1:
+                factor = 1e4 if kind == "spike" else float("nan")
+                out = (out[0] * factor, *out[1:]) if return_outputs else out * factor
+            return out
 
     class SaveGuard(TrainerCallback):
         def __init__(self, trainer) -> None:  # noqa: ANN001
@@ -95,7 +90,7 @@ def main() -> int:
             with open(os.path.join(dump, f"guard_step{state.global_step}_rank{rank}.json"), "w") as f:
                 json.dump(guard.state_dict() if guard is not None else None, f)
 
-    cpt_module._make_trainer_class = patched
+    cpt_module.CptTrainer = Injected
     rc = run_recipe("cpt", argv)
     with open(os.path.join(dump, f"rc_rank{rank}.txt"), "w") as f:
         f.write(str(rc))

@@ -137,7 +137,7 @@ def cpt_trainer(model, tmp_path):
 
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=len(ROWS), use_cpu=True,
                              report_to=[], max_steps=1)
-    plan = SimpleNamespace(rows_per_step=len(ROWS), tokens_per_step=len(ROWS) * SEQ)
+    plan = SimpleNamespace(rows_per_step=len(ROWS), tokens_per_step=len(ROWS) * SEQ, max_steps=1)
     return build_cpt_trainer(model, None, args, None, None, plan, None, loss_by_language_steps=1)
 
 
@@ -179,11 +179,11 @@ def test_flash_packed_loss_equals_the_per_document_loss_at_batch_2(tmp_path, tor
     logged = trainer.state.log_history[-1]
     for i, lang in enumerate(("ja", "en")):
         assert logged[f"loss_{lang}"] == pytest.approx(float(sums[i] / counts[i]), abs=1.5e-4)
-    from xlt.train.cpt import loss_by_language
+    from xlt.train.losses import logits_language_sums
 
     with torch.no_grad():
         logits = model(**{k: v for k, v in inputs.items() if k != LANG_KEY}).logits
-    s, c = loss_by_language(logits, inputs["labels"], inputs[LANG_KEY], 2)
+    s, c = logits_language_sums(logits, inputs["labels"], inputs[LANG_KEY], 2)
     torch.testing.assert_close(c, counts)
     torch.testing.assert_close(s, sums, rtol=1e-5, atol=1e-4)
     # The Trainer counts the scored tokens on the (B, S) rows before they are flattened: the same number.
@@ -218,7 +218,7 @@ def test_sdpa_packed_loss_equals_the_per_document_loss(tmp_path):
     sums, counts = per_document(model, segments)
     model.config._attn_implementation = "sdpa"
     trainer = cpt_trainer(model, tmp_path)
-    assert trainer.xlt_collator.layout == "position_ids"
+    assert trainer.data_collator.layout == "position_ids"
     inputs = trainer._prepare_inputs(trainer.data_collator(features))
     assert inputs["input_ids"].shape == (len(ROWS), SEQ)
     with torch.no_grad():

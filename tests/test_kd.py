@@ -142,34 +142,30 @@ def _cpt_args(model, out, *extra):
 
 
 def _recording_trainer(record):
-    """A patch of cpt._make_trainer_class: each micro-batch's training loss, its plain LM loss (the Trainer's own
-    compute_loss on the same inputs) and input ids, by global step; the trainer itself in ``record['trainer']``."""
+    """A subclass of cpt.CptTrainer recording each micro-batch's training loss, its plain LM loss (the Trainer's
+    own compute_loss on the same inputs) and input ids, by global step; the trainer itself in ``record['trainer']``.
+    Returns (the cpt module, the original class, the recording class)."""
+    from transformers import Trainer
+
     import xlt.train.cpt as cpt_module
     from xlt.data.stream import LANG_KEY
 
-    original = cpt_module._make_trainer_class
+    original = cpt_module.CptTrainer
 
-    def patched():
-        from transformers import Trainer
+    class Recording(original):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            record["trainer"] = self
 
-        cls = original()
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            clean = {k: v for k, v in inputs.items() if k != LANG_KEY}
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            with torch.no_grad():
+                lm = Trainer.compute_loss(self, model, dict(clean), num_items_in_batch=num_items_in_batch)
+            record["steps"].append((self.state.global_step, float(loss.detach()), float(lm), clean["input_ids"].clone()))
+            return loss
 
-        class Recording(cls):
-            def __init__(self, *a, **k):
-                super().__init__(*a, **k)
-                record["trainer"] = self
-
-            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-                clean = {k: v for k, v in inputs.items() if k != LANG_KEY}
-                loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-                with torch.no_grad():
-                    lm = Trainer.compute_loss(self, model, dict(clean), num_items_in_batch=num_items_in_batch)
-                record["steps"].append((self.state.global_step, float(loss.detach()), float(lm), clean["input_ids"].clone()))
-                return loss
-
-        return Recording
-
-    return cpt_module, original, patched
+    return cpt_module, original, Recording
 
 
 def test_kd_in_a_real_run_window_loss_flops_and_resume(tmp_path, tiny_model_dir, capsys):
@@ -187,11 +183,11 @@ def test_kd_in_a_real_run_window_loss_flops_and_resume(tmp_path, tiny_model_dir,
     record = {"steps": []}
     cpt_module, original, patched = _recording_trainer(record)
     full = str(tmp_path / "full")
-    cpt_module._make_trainer_class = patched
+    cpt_module.CptTrainer = patched
     try:
         assert run_recipe("cpt", _cpt_args(tiny_model_dir, full)) == 0
     finally:
-        cpt_module._make_trainer_class = original
+        cpt_module.CptTrainer = original
     log = capsys.readouterr().out
     assert "distillation from the base model: weight 2, temperature 1, first 2 of 4 steps" in log
     assert "loss chunked (the distillation window's steps: model, from the logits)" in log
@@ -230,23 +226,18 @@ def test_kd_in_a_real_run_window_loss_flops_and_resume(tmp_path, tiny_model_dir,
             if state.global_step >= 1:
                 raise KeyboardInterrupt
 
-    def interrupted():
-        cls = original()
-
-        class Interrupted(cls):
-            def __init__(self, *a, **k):
-                k["callbacks"] = list(k.get("callbacks") or []) + [StopAt1()]
-                super().__init__(*a, **k)
-
-        return Interrupted
+    class Interrupted(original):
+        def __init__(self, *a, **k):
+            k["callbacks"] = list(k.get("callbacks") or []) + [StopAt1()]
+            super().__init__(*a, **k)
 
     part = str(tmp_path / "part")
-    cpt_module._make_trainer_class = interrupted
+    cpt_module.CptTrainer = Interrupted
     try:
         with pytest.raises(KeyboardInterrupt):
             run_recipe("cpt", _cpt_args(tiny_model_dir, part))
     finally:
-        cpt_module._make_trainer_class = original
+        cpt_module.CptTrainer = original
     assert run_recipe("cpt", _cpt_args(tiny_model_dir, part)) == 0
     with open(os.path.join(part, "report.json"), encoding="utf-8") as f:
         assert json.load(f)["cpt"]["distill_flops"] == cpt["distill_flops"]

@@ -105,13 +105,13 @@ def _hidden_loss_flat(model, ids, labels, position_ids):
 
 
 def test_per_language_sums_equal_loss_by_language():
-    from xlt.train.cpt import loss_by_language
+    from xlt.train.losses import logits_language_sums
 
     model = tiny_llama(V, hidden=32)
     ids, labels, langs = _batch()
     with torch.no_grad():
         logits = model(input_ids=ids).logits
-    want = loss_by_language(logits, labels, langs, 2)
+    want = logits_language_sums(logits, labels, langs, 2)
     _, got = _hidden_loss(model, ids, labels, langs=langs, n_langs=2)
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
     assert torch.equal(got[1], want[1]) and got[1].sum() == (labels[:, 1:] != -100).sum()
@@ -167,11 +167,11 @@ def test_bad_loss_implementation_is_one_line_before_any_work(tmp_path, capsys, n
 def test_cpt_run_with_the_chunked_loss_ends_with_the_model_paths_weights(tmp_path, tiny_model_dir, monkeypatch):
     from test_scale import cpt_args, weights
 
-    import xlt.train.losses as losses
+    import xlt.train.trainer as trainer
     from xlt.cli import run_recipe
 
-    calls, real = [], losses.chunked_causal_lm_loss
-    monkeypatch.setattr(losses, "chunked_causal_lm_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls, real = [], trainer.chunked_causal_lm_loss
+    monkeypatch.setattr(trainer, "chunked_causal_lm_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
     runs = {}
     for impl in ("model", "chunked"):
         out = str(tmp_path / impl)

@@ -287,24 +287,19 @@ def test_warmup_in_a_real_run_and_resume_across_its_boundary(tmp_path, tiny_mode
             if state.global_step >= 1:
                 raise KeyboardInterrupt
 
-    original = cpt_module._make_trainer_class
+    original = cpt_module.CptTrainer
 
-    def patched():
-        cls = original()
+    class Interrupted(original):
+        def __init__(self, *a, **k):
+            k["callbacks"] = list(k.get("callbacks") or []) + [StopAt1()]
+            super().__init__(*a, **k)
 
-        class Interrupted(cls):
-            def __init__(self, *a, **k):
-                k["callbacks"] = list(k.get("callbacks") or []) + [StopAt1()]
-                super().__init__(*a, **k)
-
-        return Interrupted
-
-    cpt_module._make_trainer_class = patched
+    cpt_module.CptTrainer = Interrupted
     try:
         with pytest.raises(KeyboardInterrupt):
             run_recipe("cpt", _cpt_args(tiny_model_dir, part))
     finally:
-        cpt_module._make_trainer_class = original
+        cpt_module.CptTrainer = original
     assert run_recipe("cpt", _cpt_args(tiny_model_dir, part)) == 0
     assert "new-rows warm-up done after 2 steps" in capsys.readouterr().out
     a = load_file(os.path.join(full, "cpt", "model.safetensors"))

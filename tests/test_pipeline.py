@@ -140,24 +140,19 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_model_dir):
             if state.global_step >= 2:
                 raise KeyboardInterrupt
 
-    original = cpt_module._make_trainer_class
+    original = cpt_module.CptTrainer
 
-    def patched():
-        cls = original()
+    class Interrupted(original):
+        def __init__(self, *a, **k):
+            k["callbacks"] = list(k.get("callbacks") or []) + [StopAt2()]
+            super().__init__(*a, **k)
 
-        class Interrupted(cls):
-            def __init__(self, *a, **k):
-                k["callbacks"] = list(k.get("callbacks") or []) + [StopAt2()]
-                super().__init__(*a, **k)
-
-        return Interrupted
-
-    cpt_module._make_trainer_class = patched
+    cpt_module.CptTrainer = Interrupted
     try:
         with pytest.raises(KeyboardInterrupt):
             run_recipe("cpt", cpt_args(tiny_model_dir, part, *common))
     finally:
-        cpt_module._make_trainer_class = original
+        cpt_module.CptTrainer = original
     assert not os.path.exists(os.path.join(part, "cpt"))
     assert run_recipe("cpt", cpt_args(tiny_model_dir, part, *common)) == 0
     a = load_file(os.path.join(full, "cpt", "model.safetensors"))

@@ -386,7 +386,7 @@ def test_lora_cpt_with_new_rows_under_two_processes(tmp_path, tiny_model_dir):
 # loss by language: measured on logging steps from the forward pass's own logits
 # ---------------------------------------------------------------------------------------------------------
 def test_loss_by_language_equals_a_direct_computation():
-    from xlt.train.cpt import loss_by_language
+    from xlt.train.losses import logits_language_sums
 
     torch.manual_seed(0)
     logits = torch.randn(2, 600, 50)
@@ -394,7 +394,7 @@ def test_loss_by_language_equals_a_direct_computation():
     labels[:, 0] = labels[0, 300] = -100
     langs = torch.zeros(2, 600, dtype=torch.long)
     langs[0, 200:] = 1
-    sums, counts = loss_by_language(logits, labels, langs, 2)
+    sums, counts = logits_language_sums(logits, labels, langs, 2)
     ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1),
                                            ignore_index=-100, reduction="none").reshape(2, 599).double()
     tgt_lang, valid = langs[:, 1:], labels[:, 1:] != -100

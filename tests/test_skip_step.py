@@ -214,11 +214,10 @@ def test_recipe_keys_are_checked_at_parse_time():
 def test_deepspeed_with_the_guard_on_is_refused_at_trainer_setup(tiny_model_dir, tmp_path):
     from transformers import TrainingArguments
 
-    from xlt.train.cpt import _make_trainer_class
+    from xlt.train.trainer import CptTrainer
 
-    trainer = _make_trainer_class()(model=torch.nn.Linear(2, 2), args=TrainingArguments(
-        output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=1))
-    trainer.xlt_guard = SkipStepGuard(SkipStepConfig())
+    trainer = CptTrainer(model=torch.nn.Linear(2, 2), args=TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=1), guard=SkipStepGuard(SkipStepConfig()))
     trainer.is_deepspeed_enabled = True  # what the Trainer sets when accelerate runs DeepSpeed
     with pytest.raises(XltError, match="not supported under DeepSpeed"):
         trainer.train()

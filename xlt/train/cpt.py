@@ -9,7 +9,11 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Optional
+
+import torch
+from transformers import AutoConfig
 
 from xlt.config import (
     CptArguments,
@@ -19,18 +23,23 @@ from xlt.config import (
     XltError,
     validate_data_args,
 )
-from xlt.data.sources import LANGS, Source, heldout_texts, load_sources
+from xlt.data.collate import PackedRowsCollator
+from xlt.data.prepare import KEY_FILE, SHARD_BYTES, check_output_dir, settings_key
+from xlt.data.schedule import validate_schedule
+from xlt.data.shards import build_shard_dataset
+from xlt.data.sources import Source, heldout_texts, load_sources
 from xlt.data.steps import StepPlan, plan_steps
-from xlt.data.stream import LANG_KEY
+from xlt.data.stream import build_pretrain_stream, check_languages
 from xlt.io import atomic_save_dir, atomic_write_json, atomic_write_jsonl, update_report
 from xlt.log import logger
 from xlt.models import check_model_spec, load_model, load_tokenizer, resolve_model, resolve_revision
+from xlt.tokenizer.extend import build_tokenizer_stage, check_tokenizer_inputs
+from xlt.train.callbacks import ProgressPostfix, Throughput, TokenAccounting, XltStateCallback
 from xlt.train.checkpoint import (
     STATE_FILE,
     claim_output_dir,
     fingerprint,
     last_complete_checkpoint,
-    rotate_complete_checkpoints,
 )
 from xlt.train.distributed import (
     base_save_dtype,
@@ -41,8 +50,11 @@ from xlt.train.distributed import (
     wait_for,
 )
 from xlt.train.fsdp import check_fsdp_launch, setup_fsdp, sharding_check
+from xlt.train.kd import Distiller, kd_settings
 from xlt.train.lock import run_lock
-from xlt.train.lora import LoraSettings
+from xlt.train.lora import LoraSettings, apply_lora, check_lora_targets
+from xlt.train.losses import resolve_loss_implementation
+from xlt.train.new_rows import new_rows_settings
 from xlt.train.runtime import (
     Launcher,
     apply_throughput_keys,
@@ -55,6 +67,8 @@ from xlt.train.runtime import (
     trains_on_cuda,
     warn_pure_bf16,
 )
+from xlt.train.skip_step import SkipStepGuard
+from xlt.train.trainer import CptTrainer
 
 # TrainingArguments that change what a run computes (the rest — logging, saving, paths — may differ on resume).
 _RUN_KEYS = ("learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "adam_beta1",
@@ -68,9 +82,6 @@ _log = logger("xlt cpt")
 def check_cpt_inputs(model_args: ModelArguments, tok_args: TokenizerArguments, data_args: DataArguments,
                      cpt_args: CptArguments, training_args: Any) -> tuple[list[Source], Optional[list[Source]], StepPlan]:
     """Every check that needs no model: keys, files, text fields, schedule, model spec, run length."""
-    from xlt.data.schedule import validate_schedule
-    from xlt.data.stream import check_languages
-
     validate_data_args(data_args)
     validate_schedule(data_args)
     sources = load_sources(data_args.sources, "sources")
@@ -81,8 +92,6 @@ def check_cpt_inputs(model_args: ModelArguments, tok_args: TokenizerArguments, d
     if tok_args.tokenizer_mode not in ("none", "extend", "swap"):
         raise XltError(f"tokenizer_mode={tok_args.tokenizer_mode!r}: expected none, extend or swap")
     if tok_args.tokenizer_mode != "none":
-        from xlt.tokenizer.extend import check_tokenizer_inputs
-
         if tok_args.tokenizer_corpus:
             load_sources(tok_args.tokenizer_corpus, "tokenizer_corpus")
         check_tokenizer_inputs(model_args.model, tok_args)
@@ -98,10 +107,6 @@ def check_model_runtime(model_args: Any) -> tuple[str, str]:
 
 def cpt_loss_implementation(cpt_args: CptArguments, training_args: Any) -> str:
     """``loss_implementation`` resolved for this run's device (xlt/train/losses.py)."""
-    import torch
-
-    from xlt.train.losses import resolve_loss_implementation
-
     cuda = torch.cuda.is_available() and not getattr(training_args, "use_cpu", False)
     return resolve_loss_implementation(cpt_args.loss_implementation, cuda=cuda)
 
@@ -138,8 +143,6 @@ def prepare_model_dir(model_args: ModelArguments, tok_args: TokenizerArguments, 
     base = resolve_model(model_args.model)
     if tok_args.tokenizer_mode == "none":
         return base, None
-    from xlt.tokenizer.extend import build_tokenizer_stage
-
     tok_dir = os.path.join(output_dir, "tokenizer")
     key = tokenizer_stage_key(model_args.model, tok_args, sources)
     key_file = os.path.join(tok_dir, "xlt_tokenizer_key.json")
@@ -173,8 +176,6 @@ def run_tokenizer_stage(model_args: ModelArguments, tok_args: TokenizerArguments
     sources = load_sources(data_args.sources, "sources")
     eval_sources = load_sources(data_args.eval_sources, "eval_sources") if data_args.eval_sources else None
     check_model_spec(model_args.model)
-    from xlt.tokenizer.extend import check_tokenizer_inputs
-
     check_tokenizer_inputs(model_args.model, tok_args)
     claim_output_dir(out.output_dir, "tokenizer", fingerprint(model_args, tok_args))
     eval_texts = heldout_texts(sources, eval_sources, cpt_args.eval_max_docs)
@@ -182,336 +183,92 @@ def run_tokenizer_stage(model_args: ModelArguments, tok_args: TokenizerArguments
     return report
 
 
-def loss_by_language(logits: Any, labels: Any, langs: Any, n_langs: int) -> tuple[Any, Any]:
-    """Per-language sums of next-token cross-entropy and token counts of one batch (no gradient, no host sync).
-
-    Position t predicts ``labels[t + 1]`` (the causal shift the model's own loss uses); the target's language
-    decides the bucket; ignored labels (-100, each segment's first token) count nowhere. The fp32 upcast runs a
-    chunk of positions at a time (xlt/train/losses.py), the buckets are one one-hot reduction.
-    """
-    from xlt.train.losses import logits_language_sums
-
-    return logits_language_sums(logits, labels, langs, n_langs)
-
-
 def peak_device_memory_gb() -> Optional[float]:
     """The most GPU memory this process's tensors held so far (CUDA's allocator), in GiB; None on a CPU, where the
     process's resident size says nothing comparable to ``xlt check``'s per-GPU estimate."""
-    import torch
-
     return round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None
 
 
-def total_trained(trained: dict) -> int:
-    return int(sum(trained.values()))
+@dataclass
+class CptRun:
+    """One launch of continued pretraining: the parsed recipe and what ``run_cpt``'s input phase checked and
+    decided (no model loaded), then what each later phase adds."""
 
+    model_args: ModelArguments
+    tok_args: TokenizerArguments
+    data_args: DataArguments
+    cpt_args: CptArguments
+    training_args: Any
+    sources: list[Source]
+    eval_sources: Optional[list[Source]]
+    plan: StepPlan
+    settings: dict
+    master_dtype: str
+    attn: str
+    launcher: Launcher
+    t0: float
+    lora: Optional[LoraSettings] = None
+    new_rows: Any = None  # NewRowsSettings
+    kd: Any = None  # KdSettings
+    loss_impl: str = "model"
+    # -- set by the phases
+    save_dtype: str = ""
+    model_dir: str = ""
+    tok_report: Optional[dict] = None
+    tokenizer: Any = None
+    model: Any = None
+    new_rows_opt: Optional[tuple] = None  # (NewRowsSettings, row ids) once the model is loaded
+    throughput: Optional[dict] = None
+    checkpointing: str = ""
+    precision: Optional[dict] = None
+    stream: Any = None
+    guard: Any = None
+    resume_from: Optional[str] = None
+    resumed_step: int = 0
+    distiller: Any = None
+    sharding: Any = None  # FSDP2's sharding check (a callback), where launched so
+    trainer: Optional[CptTrainer] = None
+    result: Any = None  # what trainer.train returned
+    peak_gb: Optional[float] = None  # training's peak device memory, before the gathered save
+    in_sync: Optional[bool] = None  # replicas equal at the end
+    final_dir: str = ""
 
-def _make_trainer_class():
-    import torch
-    from transformers import Trainer
-
-    from xlt.train.skip_step import SkipStepCallback, SkipStepOptimizer, check_backend
-
-    class XltTrainer(Trainer):
-        """Trainer plus: the skip-step guard on the optimizer step, token accounting and tokens/s in every log,
-        checkpoints marked complete (and replicas compared) before any old one is rotated away.
-
-        The guard (``xlt_guard``, a ``SkipStepGuard``) wraps the raw optimizer before accelerate does, is fed
-        each micro-batch loss (a device tensor, no sync) and the grad norm the clipper reduced, and judges
-        each step on values all-reduced over the processes (xlt/train/skip_step.py).
-        """
-
-        xlt_guard = None
-        xlt_stream = None
-        xlt_rows_per_step = 1
-        xlt_tokens_per_step = 0
-        xlt_state_writer = None
-        xlt_data_args = None
-        xlt_loss_by_language_steps = 10
-        xlt_replicas_in_sync: Optional[bool] = None
-        xlt_new_rows = None  # (NewRowsSettings, new row ids): the new rows' own AdamW treatment (xlt/train/new_rows.py)
-        xlt_kd = None  # Distiller: the distillation term from the base model early in training (xlt/train/kd.py)
-        xlt_collator = None  # PackedRowsCollator: the batch layout the attention kernel keeps per-document
-        _xlt_kd_acc = None  # [summed KL, scored positions] since the last log (kd_loss)
-        _xlt_new_rows_opt = None
-        _xlt_head_module = None  # the output head module and how the loss applies it (_xlt_head)
-        _xlt_projection = None
-        _xlt_last_log: Optional[tuple[float, int]] = None
-        _xlt_lang_loss: Optional[list] = None
-        xlt_loss_implementation = "model"  # chunked / liger / model (resolve_loss_implementation)
-
-        def _guard_on(self) -> bool:
-            return self.xlt_guard is not None and self.xlt_guard.enabled
-
-        def train(self, *args: Any, **kwargs: Any):
-            check_backend(self, self.xlt_guard)  # DeepSpeed steps and clips itself: refuse before any work
-            if self._guard_on() and not any(isinstance(c, SkipStepCallback) for c in self.callback_handler.callbacks):
-                self.add_callback(SkipStepCallback(self.xlt_guard))
-            return super().train(*args, **kwargs)
-
-        def create_optimizer(self, *args: Any, **kwargs: Any):
-            opt = super().create_optimizer(*args, **kwargs)
-            if self.xlt_new_rows is not None and self._xlt_new_rows_opt is None:
-                from xlt.train.new_rows import wrap_new_rows
-
-                # Inside the skip-step wrapper: a skipped step never reaches it.
-                settings, ids = self.xlt_new_rows
-                self.optimizer = opt = self._xlt_new_rows_opt = wrap_new_rows(
-                    opt, self.model, ids, settings, step_of=lambda: self.state.global_step)
-            if self._guard_on() and not isinstance(opt, SkipStepOptimizer):
-                self.optimizer = opt = SkipStepOptimizer(opt, self.xlt_guard)
-            return opt
-
-        def _prepare_inputs(self, inputs):
-            # Each process's own rows, after accelerate's dispatch: flattened here on the flash path (see
-            # xlt/data/collate.py), before compute_loss and the forward pass see them.
-            inputs = super()._prepare_inputs(inputs)
-            return self.xlt_collator.for_model(inputs) if self.xlt_collator is not None else inputs
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            if self._xlt_new_rows_opt is not None:
-                self._xlt_new_rows_opt.arm()  # the next optimizer step is a training step
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            if self._guard_on():
-                # The Trainer divides each micro-batch loss by the accumulation steps; undo it so the guard
-                # averages micro-batch losses. A tensor op: nothing is read back until the optimizer step.
-                self.xlt_guard.record_loss(loss * self.current_gradient_accumulation_steps, self.state.global_step + 1)
-            return loss
-
-        def _run_epoch(self, *args: Any, **kwargs: Any):
-            # Resumed from the last checkpoint of a finished run (a crash before the final save): an
-            # IterableDataset run counts max_steps as one epoch, so the Trainer would start "epoch 1" and train
-            # one step too many. Nothing is left to train: stop, and let the caller save the model.
-            if self.state.max_steps and self.state.global_step >= self.state.max_steps:
-                self.control.should_training_stop = True
-                return None
-            return super()._run_epoch(*args, **kwargs)
-
-        def _save_checkpoint(self, model, trial) -> None:
-            # The Trainer rotates old checkpoints inside _save_checkpoint, before xlt_state.json marks the new one
-            # complete: a crash in between would leave nothing to resume. Save with rotation off, compare the
-            # replicas, mark the checkpoint complete, and only then rotate (complete checkpoints only).
-            limit = self.args.save_total_limit
-            self.args.save_total_limit = None
-            try:
-                super()._save_checkpoint(model, trial)
-            finally:
-                self.args.save_total_limit = limit
-            self.xlt_replicas_in_sync = check_replicas(self.model_wrapped, self.accelerator, self.state.global_step)
-            run_dir = self._get_output_dir(trial=trial)
-            if self.xlt_kd is not None:  # the teacher's compute so far, before the checkpoint is marked complete
-                from xlt.train.kd import KD_STATE_FILE
-
-                kd_state = self.xlt_kd.state()  # a collective: every process
-                if self.args.should_save:
-                    atomic_write_json(os.path.join(run_dir, f"checkpoint-{self.state.global_step}", KD_STATE_FILE),
-                                      kd_state)
-            if self.args.should_save and self.xlt_state_writer is not None:
-                self.xlt_state_writer.write(run_dir, self.state.global_step)
-            self.accelerator.wait_for_everyone()
-            if self.args.should_save:
-                rotate_complete_checkpoints(run_dir, limit)
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            # The stream sends each token's language; the model must not see it. On the micro-batches of every
-            # xlt_loss_by_language_steps-th step only, the per-token losses are summed by language and reported at
-            # the next log: the other steps pay nothing. The LM loss comes from the last hidden states without the
-            # full logits (xlt_loss_implementation chunked / liger, xlt/train/losses.py) except on the steps that
-            # carry the distillation term (xlt/train/kd.py), which needs the student's logits, and under "model".
-            langs = inputs.pop(LANG_KEY, None)
-            every = self.xlt_loss_by_language_steps
-            measure = langs is not None and every > 0 and (self.state.global_step + 1) % every == 0
-            kd = self.xlt_kd is not None and self.xlt_kd.teacher is not None and model.training
-            if kd and not self.xlt_kd.settings.active_at(self.state.global_step):
-                self.xlt_kd.release()  # the window is over (global_step: the same on every process)
-                kd = False
-            if (self.xlt_loss_implementation in ("chunked", "liger") and not kd and not return_outputs
-                    and "labels" in inputs and self.label_smoother is None and self.compute_loss_func is None
-                    and self._xlt_head() is not None):
-                loss, by_lang = self._xlt_hidden_loss(model, inputs, num_items_in_batch, langs if measure else None)
-                if by_lang is not None:
-                    self._xlt_add_lang_loss(*by_lang)
-                return loss
-            if not measure and not kd:
-                return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                            num_items_in_batch=num_items_in_batch)
-            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
-                                                 num_items_in_batch=num_items_in_batch)
-            logits = getattr(outputs, "logits", None) if not isinstance(outputs, dict) else outputs.get("logits")
-            if kd:
-                loss = loss + self._xlt_kd_term(logits, inputs, num_items_in_batch)
-            if measure and logits is not None:
-                self._xlt_add_lang_loss(*loss_by_language(logits, inputs["labels"], langs, len(LANGS)))
-            return (loss, outputs) if return_outputs else loss
-
-        def _xlt_add_lang_loss(self, sums, counts) -> None:
-            if self._xlt_lang_loss is None:
-                self._xlt_lang_loss = [torch.zeros_like(sums), torch.zeros_like(counts)]
-            self._xlt_lang_loss[0] += sums
-            self._xlt_lang_loss[1] += counts
-
-        def _xlt_head(self):
-            """The output head's projection for the loss from hidden states (xlt/train/losses.py
-            ``head_projection``), or None where only the model's logits will do (a peft-wrapped head under FSDP2:
-            those steps use the logits path, said once in the log)."""
-            from xlt.train.losses import head_projection, output_head
-
-            if self._xlt_head_module is None:
-                self._xlt_head_module = output_head(self.accelerator.unwrap_model(self.model_wrapped))
-                self._xlt_projection = head_projection(self._xlt_head_module)
-                if self._xlt_projection is None and self.is_world_process_zero():
-                    print(f"[xlt cpt] loss: the model's logits ({self.xlt_loss_implementation} needs a plain output "
-                          f"head under FSDP2; this one is wrapped by peft)", flush=True)
-            return self._xlt_projection
-
-        def _xlt_hidden_loss(self, model, inputs, num_items_in_batch, langs):
-            """The LM loss from the last hidden states, normalised as the Trainer's compute_loss normalises the
-            model's loss, and (with ``langs``) the per-language sums of the same tokens.
-
-            The wrapped model runs as usual (DDP / FSDP2 hooks fire, the hidden states are one of its outputs) with
-            ``logits_to_keep`` an empty index: the head projects no position. The head is then called per chunk.
-            """
-            from xlt.train.losses import (
-                chunked_causal_lm_loss,
-                forward_hidden,
-                liger_causal_lm_loss,
-                per_token_ce,
-                shift_targets,
-            )
-
-            labels, shift = inputs["labels"], inputs.get("shift_labels")
-            hidden = forward_hidden(model, {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")})
-            head, project = self._xlt_head_module, self._xlt_head()
-            vocab = int(head.weight.shape[0])
-            items = num_items_in_batch if self.model_accepts_loss_kwargs else None
-            if self.xlt_loss_implementation == "liger" and type(head) is torch.nn.Linear and head.bias is None:
-                loss = liger_causal_lm_loss(hidden, head.weight.to(hidden.dtype), labels, items, shift)
-                by_lang = None
-                if langs is not None:  # one extra no-grad projection on the measured steps only
-                    from xlt.train.losses import language_sums, shift_langs
-
-                    with torch.no_grad():
-                        targets = shift_targets(labels, shift).to(hidden.device)
-                        ce = per_token_ce(hidden.detach(), project, targets, vocab)
-                        by_lang = language_sums(ce, targets, shift_langs(langs), len(LANGS))
-            else:  # chunked, or liger on a head it cannot take (a peft wrapper, a bias)
-                loss, by_lang = chunked_causal_lm_loss(hidden, project, labels, vocab, items, shift, langs, len(LANGS))
-            if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and items is not None:
-                scale = self.accelerator.num_processes // self.get_tp_size()  # as Trainer.compute_loss scales
-                loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
-            return loss, by_lang
-
-        def _xlt_kd_term(self, logits, inputs, num_items_in_batch):
-            """``kd_weight`` x the micro-batch's distillation term, normalised as the Trainer normalises the LM loss
-            (by the scored tokens of the whole accumulated step over every process, or as a micro-batch mean that
-            the Trainer then divides by the accumulation steps), so the step's term is the mean over its scored
-            positions."""
-            total, n = self.xlt_kd.kd_sum(logits, inputs)
-            if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
-                term = total / num_items_in_batch
-                if self.args.average_tokens_across_devices:
-                    term = term * (self.accelerator.num_processes // self.get_tp_size())
-            else:
-                term = total / max(n, 1)
-            acc = torch.stack([total.detach().double(), torch.tensor(float(n), dtype=torch.float64,
-                                                                        device=total.device)])
-            self._xlt_kd_acc = acc if self._xlt_kd_acc is None else self._xlt_kd_acc + acc
-            return self.xlt_kd.settings.weight * term
-
-        def _log_kd(self, logs: dict) -> None:
-            """``kd_loss``: the mean distillation KL (before kd_weight) over the positions scored since the last log."""
-            if self._xlt_kd_acc is None:
-                return
-            acc = self._xlt_kd_acc
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(acc)
-            if acc[1] > 0:
-                logs["kd_loss"] = round(float(acc[0] / acc[1]), 4)
-            self._xlt_kd_acc = None
-
-        def _log_loss_by_language(self, logs: dict) -> None:
-            """``loss_<lang>`` over the tokens measured since the last log (summed over every process)."""
-            if self._xlt_lang_loss is None:
-                return
-            both = torch.cat(self._xlt_lang_loss)
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(both)
-            values, n = both.tolist(), len(LANGS)  # the log's one host sync
-            for i, lang in enumerate(LANGS):
-                if values[n + i] > 0:
-                    logs[f"loss_{lang}"] = round(values[i] / values[n + i], 4)
-            self._xlt_lang_loss = None
-
-        def _get_train_sampler(self, train_dataset=None):
-            dataset = train_dataset if train_dataset is not None else self.train_dataset
-            if getattr(dataset, "index_resume", False):  # shard rows: in order, the curriculum is the order
-                return torch.utils.data.SequentialSampler(dataset)
-            return super()._get_train_sampler(train_dataset)
-
-        def _get_grad_norm(self, model, grad_norm=None):
-            # transformers 5.24 computes the global (cross-rank) norm here on every optimizer step, clipping or
-            # not (max_grad_norm 0: clip_grad_norm_ with max inf). Without it the guard checks the gradients itself.
-            grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-            if self._guard_on():
-                self.xlt_guard.record_grad_norm(grad_norm, self.state.global_step + 1)
-            return grad_norm
-
-        def log(self, logs: dict, start_time: Optional[float] = None) -> None:
-            if "loss" in logs:
-                self._log_loss_by_language(logs)  # every process: an all-reduce
-                self._log_kd(logs)  # idem, while the distillation window has left a sum
-                now, step = time.time(), self.state.global_step
-                if self._xlt_last_log is not None and step > self._xlt_last_log[1]:
-                    dt = max(now - self._xlt_last_log[0], 1e-9)
-                    logs["tokens_per_second"] = round((step - self._xlt_last_log[1]) * self.xlt_tokens_per_step / dt, 1)
-                self._xlt_last_log = (now, step)
-            # Only the main process iterates the stream (accelerate dispatches batches from it).
-            if self.xlt_stream is not None and "loss" in logs and self.is_world_process_zero():
-                acc = self.xlt_stream.accounting_at(self.state.global_step * self.xlt_rows_per_step)
-                trained = acc.get("tokens_trained", {})
-                total = sum(trained.values()) or 1
-                logs["tokens_trained"] = total
-                for lang, n in trained.items():
-                    logs[f"tokens_trained_{lang}"] = n
-                logs["ja_share_cum"] = round(trained.get("ja", 0) / total, 4)
-                if self.xlt_data_args is not None:
-                    from xlt.data.schedule import cumulative_ja_share, ja_ratio, seq_len_at
-
-                    args, total = self.xlt_data_args, self.xlt_tokens_per_step * self.args.max_steps
-                    logs["ja_share_target"] = round(ja_ratio(total_trained(trained), total, args), 4)
-                    logs["ja_share_cum_target"] = cumulative_ja_share(total_trained(trained), total, args)
-                    logs["seq_len"] = seq_len_at(total_trained(trained), total, args)
-                if self.xlt_guard is not None:
-                    logs["skipped_steps"] = self.xlt_guard.skipped
-            super().log(logs, start_time)
-
-        def on_train_begin_xlt(self) -> None:
-            """Called from the Trainer's on_train_begin, after a resumed checkpoint's state is loaded."""
-            self._xlt_last_log = (time.time(), self.state.global_step)
-
-    return XltTrainer
+    @property
+    def output_dir(self) -> str:
+        return self.training_args.output_dir
 
 
 def run_cpt(model_args: ModelArguments, tok_args: TokenizerArguments, data_args: DataArguments,
             cpt_args: CptArguments, training_args: Any, lora: Optional[LoraSettings] = None) -> dict:
     """Run (or resume) continued pretraining; returns the report section it wrote."""
+    run = check_run(model_args, tok_args, data_args, cpt_args, training_args, lora)
+    _log(run.plan.describe())
+    with run_lock(run.output_dir, "cpt"):
+        eval_texts = claim_run_dir(run)
+        load_cpt_model(run, eval_texts)
+        done = build_run_data(run)
+        if done is not None:
+            return done
+        build_distiller(run)
+        train(run)
+        save(run)
+        return write_report(run)
+
+
+def check_run(model_args: ModelArguments, tok_args: TokenizerArguments, data_args: DataArguments,
+              cpt_args: CptArguments, training_args: Any, lora: Optional[LoraSettings]) -> CptRun:
+    """Phase inputs: every check and decision that needs no model; ``training_args.max_steps`` set from the plan."""
     t0 = time.time()
-    output_dir = training_args.output_dir
     lora = lora if lora is not None and lora.use_lora else None
-    # -- phase: inputs (no model loaded yet) ---------------------------------------------------
     sources, eval_sources, plan = check_cpt_inputs(model_args, tok_args, data_args, cpt_args, training_args)
     master_dtype, attn = check_model_runtime(model_args)
     if lora is not None:
         check_lora_model(model_args, lora)
     check_throughput_keys(model_args, trains_on_cuda(training_args), capability=cuda_capability(),
                           lora=lora is not None)
-    from xlt.train.new_rows import new_rows_settings
-
     new_rows = new_rows_settings(cpt_args, tok_args.tokenizer_mode, training_args, plan.max_steps, lora is not None)
     launcher = Launcher.from_env()
     check_fsdp_launch(training_args, launcher)
-    from xlt.train.kd import kd_settings
-
     kd = kd_settings(cpt_args, tok_args.tokenizer_mode, plan.max_steps, lora is not None, launcher.kind)
     loss_impl = cpt_loss_implementation(cpt_args, training_args)
     training_args.max_steps = plan.max_steps
@@ -520,18 +277,12 @@ def run_cpt(model_args: ModelArguments, tok_args: TokenizerArguments, data_args:
                            exclude=("resume", "eval_max_docs", "max_consecutive_skips", "loss_by_language_steps",
                                     "loss_implementation", "save_dtype", "compile_blocks",
                                     "activation_checkpointing_every"))
-    _log(plan.describe())
-    with run_lock(output_dir, "cpt"):
-        return _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, sources, eval_sources,
-                               plan, settings, master_dtype, attn, launcher, t0, lora, new_rows, kd, loss_impl)
+    return CptRun(model_args, tok_args, data_args, cpt_args, training_args, sources, eval_sources, plan, settings,
+                  master_dtype, attn, launcher, t0, lora, new_rows, kd, loss_impl)
 
 
 def check_lora_model(model_args: ModelArguments, lora: LoraSettings) -> None:
     """The LoRA target modules exist in the model (its config only; no weights are read)."""
-    from transformers import AutoConfig
-
-    from xlt.train.lora import check_lora_targets
-
     config = AutoConfig.from_pretrained(resolve_model(model_args.model), trust_remote_code=model_args.trust_remote_code)
     check_lora_targets(config, lora)
 
@@ -546,31 +297,22 @@ def new_row_ids(model: Any, base_spec: str, trust_remote_code: bool = False) -> 
 def build_cpt_trainer(model: Any, tokenizer: Any, training_args: Any, stream: Any, data_args: DataArguments,
                       plan: StepPlan, guard: Any, callbacks: Optional[list] = None,
                       loss_by_language_steps: int = 10, new_rows: Optional[tuple] = None,
-                      distiller: Any = None, loss_implementation: str = "model") -> Any:
+                      distiller: Any = None, loss_implementation: str = "model") -> CptTrainer:
     """The Trainer of continued pretraining, wired as ``run_cpt`` runs it: skip-step guard, xlt state in every
-    checkpoint, token accounting / tokens/s / sequence length in the logs, progress postfix. The stream
-    restores its own position, so the Trainer must not skip batches on resume (``ignore_data_skip``)."""
-    from xlt.data.collate import PackedRowsCollator
-    from xlt.train.callbacks import OnTrainBegin, ProgressPostfix, XltStateCallback
-
-    # The stream restores its own position; shard rows are skipped by index by the Trainer (nothing is read).
+    checkpoint, loss by language / token accounting / tokens/s / sequence length in the logs, progress postfix.
+    The stream restores its own position, so the Trainer must not skip batches on resume (``ignore_data_skip``);
+    shard rows are skipped by index by the Trainer (nothing is read)."""
     training_args.ignore_data_skip = not getattr(stream, "index_resume", False)
     training_args.remove_unused_columns = False  # keep the per-token language; compute_loss takes it out
-    state_writer, postfix = XltStateCallback(stream, plan.rows_per_step, guard), ProgressPostfix()
-    collator = PackedRowsCollator(getattr(model.config, "_attn_implementation", None))  # the kernel it runs
-    trainer = _make_trainer_class()(model=model, args=training_args, train_dataset=stream,
-                                    data_collator=collator, processing_class=tokenizer,
-                                    callbacks=[state_writer, postfix, *(callbacks or [])])
-    trainer.xlt_collator = collator
-    postfix.handler = trainer.callback_handler
-    trainer.add_callback(OnTrainBegin(trainer.on_train_begin_xlt))
-    trainer.xlt_guard, trainer.xlt_stream, trainer.xlt_rows_per_step = guard, stream, plan.rows_per_step
-    trainer.xlt_tokens_per_step, trainer.xlt_state_writer = plan.tokens_per_step, state_writer
-    trainer.xlt_data_args, trainer.xlt_loss_by_language_steps = data_args, loss_by_language_steps
-    trainer.xlt_new_rows = new_rows  # (NewRowsSettings, ids) or None
-    trainer.xlt_kd = distiller  # xlt.train.kd.Distiller or None
-    trainer.xlt_loss_implementation = loss_implementation  # chunked / liger / model (resolved)
-    return trainer
+    fields = [Throughput(plan.tokens_per_step),
+              TokenAccounting(stream, plan.rows_per_step, plan.tokens_per_step, plan.max_steps, data_args, guard)]
+    state_writer = XltStateCallback(stream, plan.rows_per_step, guard)
+    return CptTrainer(model=model, args=training_args, train_dataset=stream,
+                      data_collator=PackedRowsCollator(getattr(model.config, "_attn_implementation", None)),
+                      processing_class=tokenizer,
+                      callbacks=[*fields, state_writer, ProgressPostfix(), *(callbacks or [])],
+                      guard=guard, state_writer=state_writer, new_rows=new_rows, distiller=distiller,
+                      loss_implementation=loss_implementation, loss_by_language_steps=loss_by_language_steps)
 
 
 def prepared_dir_of(data_args: DataArguments, output_dir: str) -> str:
@@ -581,8 +323,6 @@ def check_prepared_data(data_args: DataArguments, sources: list[Source], tokeniz
     """``data_source: shards``: prepared data of other settings is refused (one line) before the model loads."""
     if data_args.data_source != "shards":
         return
-    from xlt.data.prepare import KEY_FILE, SHARD_BYTES, check_output_dir, settings_key
-
     folder = prepared_dir_of(data_args, output_dir)
     if os.path.isfile(os.path.join(folder, KEY_FILE)):
         check_output_dir(folder, settings_key(sources, data_args, tokenizer, SHARD_BYTES))
@@ -592,14 +332,10 @@ def build_cpt_data(model_args: ModelArguments, data_args: DataArguments, sources
                    model_dir: str, plan: StepPlan, output_dir: str) -> Any:
     """The training data: the in-memory stream, or rows by index from token shards (``data_source: shards``)."""
     if data_args.data_source == "shards":
-        from xlt.data.shards import build_shard_dataset
-
         return build_shard_dataset(sources, data_args, tokenizer, model_dir,
                                    prepared_dir_of(data_args, output_dir), plan.total_tokens,
                                    plan.rows_per_step, plan.max_steps, build=is_main_process(),
                                    trust_remote_code=model_args.trust_remote_code, log=_log)
-    from xlt.data.stream import build_pretrain_stream
-
     return build_pretrain_stream(data_args, tokenizer, plan.total_tokens, plan.rows_per_step)
 
 
@@ -607,8 +343,6 @@ def shard_report(stream: Any, resumed_step: int, plan: StepPlan, world_size: int
     """report.json ``data`` of a run on shards (None on the in-memory stream): the prepared summary and the tokens
     each rank read, counted in this launch plus the resumed steps' rows (each rank read its 1/world_size of them
     before the relaunch); null with DataLoader workers, whose reads happen in other processes."""
-    import torch
-
     if not getattr(stream, "index_resume", False):
         return None
     mine = stream.tokens_read + resumed_step * plan.tokens_per_step // world_size
@@ -621,175 +355,190 @@ def shard_report(stream: Any, resumed_step: int, plan: StepPlan, world_size: int
             "prepared": stream.rows.data.summary}
 
 
-def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, sources, eval_sources, plan,
-                    settings, master_dtype, attn, launcher, t0, lora=None, new_rows=None, kd=None,
-                    loss_impl="model") -> dict:
-    output_dir = training_args.output_dir
-    eval_texts = heldout_texts(sources, eval_sources, cpt_args.eval_max_docs)
-    # The main process claims the directory and writes the held-out split first; the others then find it.
-    with training_args.main_process_first(local=False, desc="xlt run directory"):
-        claim_output_dir(output_dir, "cpt", settings)
+def claim_run_dir(run: CptRun) -> dict[str, list[str]]:
+    """Phase run directory: claimed for these settings with the held-out split written (the main process first;
+    the others then find it); the model pinned to its revision. Returns the held-out texts by language."""
+    eval_texts = heldout_texts(run.sources, run.eval_sources, run.cpt_args.eval_max_docs)
+    with run.training_args.main_process_first(local=False, desc="xlt run directory"):
+        claim_output_dir(run.output_dir, "cpt", run.settings)
         for lang, docs in eval_texts.items():
-            path = os.path.join(output_dir, "heldout", f"{lang}.jsonl")
+            path = os.path.join(run.output_dir, "heldout", f"{lang}.jsonl")
             if not os.path.isfile(path):
                 atomic_write_jsonl(path, [{"text": d} for d in docs])
-    model_args.model = resolve_revision(model_args.model, model_args.model_revision)
-    save_dtype = base_save_dtype(model_args.save_dtype, model_args.model, model_args.trust_remote_code)
+    margs = run.model_args
+    margs.model = resolve_revision(margs.model, margs.model_revision)
+    run.save_dtype = base_save_dtype(margs.save_dtype, margs.model, margs.trust_remote_code)
+    return eval_texts
 
-    # -- phase: tokenizer: built by the main process; the others wait for it without a barrier timeout ---------
-    model_dir, tok_report = prepare_model_dir(model_args, tok_args, sources, eval_texts, output_dir,
-                                              build=is_main_process())
 
-    # -- phase: model ---------------------------------------------------------------------------
-    tokenizer = load_tokenizer(model_dir, trust_remote_code=model_args.trust_remote_code)
-    check_prepared_data(data_args, sources, tokenizer, output_dir)  # before the weights load
-    warn_pure_bf16(master_dtype)
-    model = load_model(model_dir, master_dtype, attn, model_args.trust_remote_code)
+def load_cpt_model(run: CptRun, eval_texts: dict[str, list[str]]) -> None:
+    """Phases tokenizer and model: the tokenizer stage built by the main process (the others wait for it without
+    a barrier timeout), prepared data of other settings refused, then the weights, LoRA, the new rows and the
+    throughput keys."""
+    margs = run.model_args
+    run.model_dir, run.tok_report = prepare_model_dir(margs, run.tok_args, run.sources, eval_texts, run.output_dir,
+                                                      build=is_main_process())
+    run.tokenizer = load_tokenizer(run.model_dir, trust_remote_code=margs.trust_remote_code)
+    check_prepared_data(run.data_args, run.sources, run.tokenizer, run.output_dir)  # before the weights load
+    warn_pure_bf16(run.master_dtype)
+    model = load_model(run.model_dir, run.master_dtype, run.attn, margs.trust_remote_code)
     model.config.use_cache = False  # a cache disables the packed (per-document) attention mask
-    if lora is not None:
-        from xlt.train.lora import apply_lora
-
-        new_ids = new_row_ids(model, model_args.model, model_args.trust_remote_code) if tok_report else []
-        model = apply_lora(model, lora, new_ids, seed=training_args.seed)
+    if run.lora is not None:
+        new_ids = new_row_ids(model, margs.model, margs.trust_remote_code) if run.tok_report else []
+        model = apply_lora(model, run.lora, new_ids, seed=run.training_args.seed)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        _log(f"LoRA r={lora.lora_r} on {lora.lora_target_modules}; new rows: {len(new_ids)} via {lora.lora_new_rows}; "
-             f"{trainable:,} trainable parameters")
-    new_rows_opt = None
-    if new_rows is not None and tok_report is not None:
-        ids = new_row_ids(model, model_args.model, model_args.trust_remote_code)
-        new_rows_opt = (new_rows, ids)
-        _log(new_rows.describe(len(ids), plan.max_steps))
-    throughput = apply_throughput_keys(model, model_args, training_args, launcher)
-    checkpointing = own_activation_checkpointing(training_args, launcher)
-    if throughput["checkpointed_layers"] is not None:
-        checkpointing = f"every {model_args.activation_checkpointing_every}"
-    precision = precision_of(training_args)
-    _log(f"launcher {launcher.describe()}; master weights {master_dtype}, compute "
-         f"{'bf16' if training_args.bf16 else 'fp16' if training_args.fp16 else master_dtype}; precision "
-         f"{precision['precision']} ({precision['source']}); attention {attn}; activation checkpointing {checkpointing}; "
-         f"loss {loss_impl}"
-         + (" (the distillation window's steps: model, from the logits)" if kd is not None and loss_impl != "model"
-            else ""))
+        _log(f"LoRA r={run.lora.lora_r} on {run.lora.lora_target_modules}; new rows: {len(new_ids)} via "
+             f"{run.lora.lora_new_rows}; {trainable:,} trainable parameters")
+    if run.new_rows is not None and run.tok_report is not None:
+        ids = new_row_ids(model, margs.model, margs.trust_remote_code)
+        run.new_rows_opt = (run.new_rows, ids)
+        _log(run.new_rows.describe(len(ids), run.plan.max_steps))
+    run.model = model
+    run.throughput = apply_throughput_keys(model, margs, run.training_args, run.launcher)
+    run.checkpointing = own_activation_checkpointing(run.training_args, run.launcher)
+    if run.throughput["checkpointed_layers"] is not None:
+        run.checkpointing = f"every {margs.activation_checkpointing_every}"
+    run.precision = precision_of(run.training_args)
+    targs = run.training_args
+    _log(f"launcher {run.launcher.describe()}; master weights {run.master_dtype}, compute "
+         f"{'bf16' if targs.bf16 else 'fp16' if targs.fp16 else run.master_dtype}; precision "
+         f"{run.precision['precision']} ({run.precision['source']}); attention {run.attn}; activation checkpointing "
+         f"{run.checkpointing}; loss {run.loss_impl}"
+         + (" (the distillation window's steps: model, from the logits)" if run.kd is not None
+            and run.loss_impl != "model" else ""))
 
-    # -- phase: data ----------------------------------------------------------------------------
-    stream = build_cpt_data(model_args, data_args, sources, tokenizer, model_dir, plan, output_dir)
+
+def build_run_data(run: CptRun) -> Optional[dict]:
+    """Phase data: the training rows and the spike guard, both restored from the last complete checkpoint when
+    resuming. Returns the report sections of a run that is already complete (nothing to do), else None."""
+    run.stream = build_cpt_data(run.model_args, run.data_args, run.sources, run.tokenizer, run.model_dir, run.plan,
+                                run.output_dir)
     # Checkpoints here can only be this run's: claim_output_dir refuses a directory holding another run.
-    resume_from = last_complete_checkpoint(output_dir) if cpt_args.resume else None
-    from xlt.train.skip_step import SkipStepGuard
+    run.resume_from = last_complete_checkpoint(run.output_dir) if run.cpt_args.resume else None
+    run.guard = SkipStepGuard.from_args(run.cpt_args)
+    if not run.resume_from:
+        return None
+    with open(os.path.join(run.resume_from, STATE_FILE), encoding="utf-8") as f:
+        state = json.load(f)
+    run.stream.load_state_dict(state["stream"])
+    if state.get("guard"):
+        run.guard.load_state_dict(state["guard"])
+    run.resumed_step = int(state["global_step"])
+    _log(f"resuming from {run.resume_from} (step {state['global_step']}, no batch replay)")
+    if run.resumed_step >= run.plan.max_steps and os.path.isfile(os.path.join(run.output_dir, "cpt", "config.json")):
+        _log(f"the run is complete ({run.plan.max_steps} steps); nothing to do")
+        with open(os.path.join(run.output_dir, "report.json"), encoding="utf-8") as f:
+            report = json.load(f)
+        return {k: report[k] for k in ("tokens_trained", "cpt", "tokenizer") if k in report}
+    return None
 
-    guard = SkipStepGuard.from_args(cpt_args)
-    if resume_from:
-        with open(os.path.join(resume_from, STATE_FILE), encoding="utf-8") as f:
-            state = json.load(f)
-        stream.load_state_dict(state["stream"])
-        if state.get("guard"):
-            guard.load_state_dict(state["guard"])
-        _log(f"resuming from {resume_from} (step {state['global_step']}, no batch replay)")
-        if state["global_step"] >= plan.max_steps and os.path.isfile(os.path.join(output_dir, "cpt", "config.json")):
-            _log(f"the run is complete ({plan.max_steps} steps); nothing to do")
-            with open(os.path.join(output_dir, "report.json"), encoding="utf-8") as f:
-                report = json.load(f)
-            return {k: report[k] for k in ("tokens_trained", "cpt", "tokenizer") if k in report}
-    distiller = None
-    if kd is not None:
-        from xlt.train.kd import Distiller
 
-        done = int(state["global_step"]) if resume_from else 0
-        compute = "bfloat16" if training_args.bf16 else "float16" if training_args.fp16 else master_dtype
-        distiller = Distiller.build(kd, model_args.model, model_dir, int(model.get_input_embeddings().weight.shape[0]),
-                                    compute, attn, model_args.trust_remote_code, load_teacher=kd.active_at(done),
-                                    shard=launcher.kind == "fsdp")
-        if resume_from:
-            distiller.load(resume_from)
-        _log(kd.describe(plan.max_steps) + f"; teacher {compute}, {distiller.n_teacher:,} effective parameters")
+def build_distiller(run: CptRun) -> None:
+    """Phase distillation (``kd_weight`` > 0): the base model as teacher, its count continued on resume."""
+    if run.kd is None:
+        return
+    targs = run.training_args
+    compute = "bfloat16" if targs.bf16 else "float16" if targs.fp16 else run.master_dtype
+    run.distiller = Distiller.build(run.kd, run.model_args.model, run.model_dir,
+                                    int(run.model.get_input_embeddings().weight.shape[0]), compute, run.attn,
+                                    run.model_args.trust_remote_code, load_teacher=run.kd.active_at(run.resumed_step),
+                                    shard=run.launcher.kind == "fsdp")
+    if run.resume_from:
+        run.distiller.load(run.resume_from)
+    _log(run.kd.describe(run.plan.max_steps) + f"; teacher {compute}, {run.distiller.n_teacher:,} effective parameters")
 
-    # -- phase: train ---------------------------------------------------------------------------
-    fsdp_setup = setup_fsdp(training_args, launcher)
-    sharding = sharding_check() if launcher.name == "fsdp2" else None
+
+def train(run: CptRun) -> None:
+    """Phase train: FSDP2 set up where launched so, the trainer built and run, training's peak device memory
+    read. A guard that stopped the run ends it here with one line (exit 2)."""
+    fsdp_setup = setup_fsdp(run.training_args, run.launcher)
+    run.sharding = sharding = sharding_check() if run.launcher.name == "fsdp2" else None
     if fsdp_setup:
         _log(fsdp_setup)
-    trainer = build_cpt_trainer(model, tokenizer, training_args, stream, data_args, plan, guard,
-                                callbacks=[sharding] if sharding is not None else None,
-                                loss_by_language_steps=cpt_args.loss_by_language_steps,
-                                new_rows=new_rows_opt if new_rows_opt and new_rows_opt[0].active and new_rows_opt[1] else None,
-                                distiller=distiller, loss_implementation=loss_impl)
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    peak_gb = peak_device_memory_gb()  # training's peak, before the gathered save
-    if guard.stop_requested:  # the guard saved a checkpoint and stopped the run: end with one line (exit 2)
+    rows = run.new_rows_opt
+    trainer = build_cpt_trainer(run.model, run.tokenizer, run.training_args, run.stream, run.data_args, run.plan,
+                                run.guard, callbacks=[sharding] if sharding is not None else None,
+                                loss_by_language_steps=run.cpt_args.loss_by_language_steps,
+                                new_rows=rows if rows and rows[0].active and rows[1] else None,
+                                distiller=run.distiller, loss_implementation=run.loss_impl)
+    run.trainer = trainer
+    run.result = trainer.train(resume_from_checkpoint=run.resume_from)
+    run.peak_gb = peak_device_memory_gb()
+    if run.guard.stop_requested:  # the guard saved a checkpoint and stopped the run
         trainer.accelerator.wait_for_everyone()
-        raise XltError(guard.stop_message(output_dir, trainer.state.global_step))
+        raise XltError(run.guard.stop_message(run.output_dir, trainer.state.global_step))
 
+
+def save(run: CptRun) -> None:
+    """Phase save (every process: the weights are gathered when sharded), after comparing the replicas."""
+    trainer = run.trainer
+    run.in_sync = check_replicas(trainer.model_wrapped, trainer.accelerator, trainer.state.global_step)
+    run.final_dir = os.path.join(run.output_dir, "cpt")
+    save_final_model(trainer.model_wrapped, run.tokenizer, run.final_dir, trainer.accelerator, dtype=run.save_dtype)
+
+
+def write_report(run: CptRun) -> dict:
+    """Phase report: report.json's ``tokens_trained``, ``cpt``, ``tokenizer`` and (on shards) ``data`` sections,
+    merged into the run's report by the main process. Collectives inside: every process calls it."""
     kd_state = None
-    if distiller is not None:
-        distiller.release()
-        kd_state = distiller.state()  # a collective: every process
+    if run.distiller is not None:
+        run.distiller.release()
+        kd_state = run.distiller.state()  # a collective: every process
         _log(f"distillation: {kd_state['teacher_tokens']:,} teacher tokens = {kd_state['distill_flops']:.3g} FLOPs")
-
-    # -- phase: save (every rank: the weights are gathered when sharded) -----------------------------
-    in_sync = check_replicas(trainer.model_wrapped, trainer.accelerator, trainer.state.global_step)
-    final_dir = os.path.join(output_dir, "cpt")
-    save_final_model(trainer.model_wrapped, tokenizer, final_dir, trainer.accelerator, dtype=save_dtype)
-
-    # -- phase: report --------------------------------------------------------------------------
-    rows = trainer.state.global_step * plan.rows_per_step
-    accounting = stream.accounting_at(rows) if trainer.is_world_process_zero() else {}
-    seconds = time.time() - t0
-    section = {
-        "tokens_trained": accounting.get("tokens_trained", {}),
-        "cpt": {
-            "model": model_args.model,
-            "model_dir": final_dir,
-            "steps": trainer.state.global_step,
-            "tokens_per_step": plan.tokens_per_step,
-            "train_loss": round(float(result.training_loss), 4),
-            "skipped_steps": guard.skipped,
-            "seconds": round(seconds, 1),
-            "train_tokens_per_second": round(plan.tokens_per_step * trainer.state.global_step / max(seconds, 1e-9), 1),
-            "world_size": launcher.world_size,
-            "launcher": launcher.name,
-            "replicas_in_sync": in_sync,
-            "master_weights_dtype": master_dtype,
-            "attn_implementation": attn,
-            "packed_layout": trainer.xlt_collator.layout,
-            "activation_checkpointing": checkpointing,
-            "loss_implementation": loss_impl if trainer._xlt_head_module is None or trainer._xlt_projection is not None
-            else "model",
-            "precision": precision["precision"],
-            "precision_source": precision["source"],
-            "save_dtype": save_dtype,
-            "throughput": throughput,
-            "peak_memory_gb": peak_gb,
-            "mode": "lora" if lora is not None else "full",
-            "accounting": accounting,
-            "cleaning": getattr(stream, "cleaning_report", {}),
-        },
-    }
-    if sharding is not None:
-        section["cpt"]["sharded_parameters"] = sharding.summary["sharded"]
-    if new_rows_opt is not None:
-        section["cpt"]["new_rows"] = new_rows_opt[0].report(len(new_rows_opt[1]))
-    if kd_state is not None:
-        section["cpt"]["distill_flops"] = kd_state["distill_flops"]
-        if loss_impl != "model":
-            section["cpt"]["loss_implementation_kd_steps"] = "model"
-        section["cpt"]["kd"] = {"weight": kd.weight, "steps": kd.steps, "temperature": kd.temperature,
-                                "teacher_tokens": kd_state["teacher_tokens"], "teacher_params": kd_state["teacher_params"],
-                                "vocabulary_match": "identity" if kd.identity else "expand_new_ids"}
-    if tok_report is None:
-        section["tokenizer"] = {"mode": "none", "new_tokens": 0}
-    else:
-        section["tokenizer"] = {
-            "mode": tok_args.tokenizer_mode,
-            "ja_chars_per_token": tok_report["chars_per_token"]["ja"],
-            "en_chars_per_token": tok_report["chars_per_token"]["en"],
-            "new_tokens": tok_report["new_tokens"],
-            "unreachable": tok_report.get("unreachable"),
-        }
-    data_section = shard_report(stream, int(state["global_step"]) if resume_from else 0, plan, launcher.world_size,
-                                training_args.dataloader_num_workers)  # a collective: every process
+    trainer = run.trainer
+    steps = trainer.state.global_step
+    accounting = run.stream.accounting_at(steps * run.plan.rows_per_step) if trainer.is_world_process_zero() else {}
+    seconds = time.time() - run.t0
+    section = {"tokens_trained": accounting.get("tokens_trained", {}),
+               "cpt": cpt_section(run, accounting, seconds, kd_state),
+               "tokenizer": tokenizer_section(run.tok_args, run.tok_report)}
+    data_section = shard_report(run.stream, run.resumed_step, run.plan, run.launcher.world_size,
+                                run.training_args.dataloader_num_workers)  # a collective: every process
     if data_section is not None:
         section["data"] = data_section
     if trainer.is_world_process_zero():
-        update_report(output_dir, section)
-    _log(f"done: {trainer.state.global_step} steps in {seconds:.0f}s; model in {final_dir} ({save_dtype})")
+        update_report(run.output_dir, section)
+    _log(f"done: {steps} steps in {seconds:.0f}s; model in {run.final_dir} ({run.save_dtype})")
     return section
+
+
+def cpt_section(run: CptRun, accounting: dict, seconds: float, kd_state: Optional[dict]) -> dict:
+    """report.json ``cpt``: what ran, how fast, in which precision and layout, and what it trained."""
+    trainer = run.trainer
+    steps = trainer.state.global_step
+    section = {
+        "model": run.model_args.model, "model_dir": run.final_dir, "steps": steps,
+        "tokens_per_step": run.plan.tokens_per_step, "train_loss": round(float(run.result.training_loss), 4),
+        "skipped_steps": run.guard.skipped, "seconds": round(seconds, 1),
+        "train_tokens_per_second": round(run.plan.tokens_per_step * steps / max(seconds, 1e-9), 1),
+        "world_size": run.launcher.world_size, "launcher": run.launcher.name, "replicas_in_sync": run.in_sync,
+        "master_weights_dtype": run.master_dtype, "attn_implementation": run.attn,
+        "packed_layout": trainer.data_collator.layout, "activation_checkpointing": run.checkpointing,
+        "loss_implementation": trainer.loss_implementation_used,
+        "precision": run.precision["precision"], "precision_source": run.precision["source"],
+        "save_dtype": run.save_dtype, "throughput": run.throughput, "peak_memory_gb": run.peak_gb,
+        "mode": "lora" if run.lora is not None else "full", "accounting": accounting,
+        "cleaning": getattr(run.stream, "cleaning_report", {}),
+    }
+    if run.sharding is not None:
+        section["sharded_parameters"] = run.sharding.summary["sharded"]
+    if run.new_rows_opt is not None:
+        section["new_rows"] = run.new_rows_opt[0].report(len(run.new_rows_opt[1]))
+    if kd_state is not None:
+        kd = run.kd
+        section["distill_flops"] = kd_state["distill_flops"]
+        if run.loss_impl != "model":
+            section["loss_implementation_kd_steps"] = "model"
+        section["kd"] = {"weight": kd.weight, "steps": kd.steps, "temperature": kd.temperature,
+                         "teacher_tokens": kd_state["teacher_tokens"], "teacher_params": kd_state["teacher_params"],
+                         "vocabulary_match": "identity" if kd.identity else "expand_new_ids"}
+    return section
+
+
+def tokenizer_section(tok_args: TokenizerArguments, tok_report: Optional[dict]) -> dict:
+    """report.json ``tokenizer``: kept, or extended / swapped with its characters per token."""
+    if tok_report is None:
+        return {"mode": "none", "new_tokens": 0}
+    return {"mode": tok_args.tokenizer_mode, "ja_chars_per_token": tok_report["chars_per_token"]["ja"],
+            "en_chars_per_token": tok_report["chars_per_token"]["en"], "new_tokens": tok_report["new_tokens"],
+            "unreachable": tok_report.get("unreachable")}

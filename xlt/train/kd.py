@@ -329,3 +329,23 @@ class Distiller:
             with open(path, encoding="utf-8") as f:
                 self.resumed_tokens = int(json.load(f)["teacher_tokens"])
         self.local_tokens = 0
+
+
+def kd_loss_term(distiller: Distiller, logits: torch.Tensor, inputs: dict, num_items_in_batch: Optional[Any],
+                 processes: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kd_weight`` x one micro-batch's distillation term, and ``[summed KL, scored positions]`` for the log.
+
+    Normalised as the Trainer normalises the LM loss: by ``num_items_in_batch`` (the scored tokens of the whole
+    accumulated step over every process; pass None where the model takes no loss kwargs), times ``processes`` when
+    the Trainer averages tokens across devices; otherwise as a micro-batch mean, which the Trainer then divides by
+    the accumulation steps. Either way the step's term is the mean over its scored positions.
+    """
+    total, n = distiller.kd_sum(logits, inputs)
+    if num_items_in_batch is not None:
+        term = total / num_items_in_batch
+        if processes:
+            term = term * processes
+    else:
+        term = total / max(n, 1)
+    acc = torch.stack([total.detach().double(), torch.tensor(float(n), dtype=torch.float64, device=total.device)])
+    return distiller.settings.weight * term, acc
