@@ -661,17 +661,7 @@ def run_check(recipe: str, accelerate_config: Optional[str] = None, offline: boo
     cuda_run = hw.gpus > 0 and not recipe_use_cpu and not (plan is not None and plan.launcher.use_cpu)
     parsed = chk.attempt(parse, stage, recipe, overrides, "bf16" if cuda_run else "fp32")
     training_args = parsed[-1] if parsed else None
-    if training_args is not None:
-        from xlt.train.runtime import precision_of
-
-        decided = precision_of(training_args)
-        where = f"{hw.gpus} GPU(s) {hw.source}" if cuda_run else "cpu"
-        report["precision"] = decided["precision"] + (f" (auto: {where})" if decided["source"] != "recipe" else "")
-    if plan is not None:
-        world = hw.gpus * plan.num_machines if cuda_run else plan.launcher.world_size
-        report.update(launcher=plan.launcher.describe(), launcher_source=plan.source, world_size=world)
-        _check_launcher(chk, plan, hw, training_args, recipe_use_cpu)
-        report["mesh"] = _check_hsdp(chk, plan)
+    _check_precision_and_launcher(chk, report, plan, hw, training_args, cuda_run, recipe_use_cpu)
     if parsed is None:
         return _finish(report)
     info = _check_cpt(chk, parsed, offline) if stage == "cpt" else _check_sft(chk, parsed, offline, recipe)
@@ -701,6 +691,22 @@ def run_check(recipe: str, accelerate_config: Optional[str] = None, offline: boo
         report["loss_implementation"] = loss
     _memory(chk, report, info, plan, hw, world, master, training_args, ckpt != "off", offline, cuda_run, loss)
     return _finish(report)
+
+
+def _check_precision_and_launcher(chk: Check, report: dict, plan: Any, hw: Hardware, training_args: Any,
+                                  cuda_run: bool, recipe_use_cpu: bool) -> None:
+    """The precision the run will train in, and the launcher against the hardware (processes, mesh)."""
+    from xlt.train.runtime import precision_of
+
+    if training_args is not None:
+        decided = precision_of(training_args)
+        where = f"{hw.gpus} GPU(s) {hw.source}" if cuda_run else "cpu"
+        report["precision"] = decided["precision"] + (f" (auto: {where})" if decided["source"] != "recipe" else "")
+    if plan is not None:
+        world = hw.gpus * plan.num_machines if cuda_run else plan.launcher.world_size
+        report.update(launcher=plan.launcher.describe(), launcher_source=plan.source, world_size=world)
+        _check_launcher(chk, plan, hw, training_args, recipe_use_cpu)
+        report["mesh"] = _check_hsdp(chk, plan)
 
 
 def _hardware(gpus: Optional[int], gpu_memory_gb: Optional[float]) -> Hardware:

@@ -23,7 +23,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Optional
+from typing import Any, Optional
 
 from xlt import stages
 from xlt.config import XltError
@@ -291,15 +291,8 @@ def _sft_preview(argv: Sequence[str]) -> int:
     return preview_main(rest, n=ns.n, as_json=ns.json)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xlt", description="Cross-lingual continued pretraining toolkit.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_ in (("cpt", "continued pretraining from a recipe"), ("sft", "instruction SFT from a recipe")):
-        p = sub.add_parser(name, help=help_, add_help=False)
-        p.set_defaults(recipe=name)
-    sub.add_parser("check", help="preflight a recipe: keys, packages, launcher vs hardware, memory (xlt check -h)",
-                   add_help=False)
-
+def _add_evaluate(sub: Any) -> None:
+    """``xlt evaluate run | bpc | speed | plan | mc | harness | mt-bench``."""
     ev = sub.add_parser("evaluate", help="evaluation").add_subparsers(dest="what", required=True)
     ev.add_parser("run", help="evaluate a run directory from a recipe", add_help=False).set_defaults(recipe="evaluate")
     b = ev.add_parser("bpc", help="bits per character / byte of a model on one or more files (sliding window)")
@@ -338,6 +331,18 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--json", action="store_true")
     h.set_defaults(func=_evaluate_harness)
     _add_mt_bench(ev)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xlt", description="Cross-lingual continued pretraining toolkit.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_ in (("cpt", "continued pretraining from a recipe"), ("sft", "instruction SFT from a recipe")):
+        p = sub.add_parser(name, help=help_, add_help=False)
+        p.set_defaults(recipe=name)
+    sub.add_parser("check", help="preflight a recipe: keys, packages, launcher vs hardware, memory (xlt check -h)",
+                   add_help=False)
+
+    _add_evaluate(sub)
 
     c = sub.add_parser("chat", help="talk to an SFT model: one instruction per line, answer streamed (training format)")
     c.add_argument("--model", required=True, help="an sft/ folder written by xlt sft (with xlt_sft.json)")

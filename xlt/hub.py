@@ -20,7 +20,7 @@ import tempfile
 from typing import Any, Optional
 
 from xlt.config import XltError
-from xlt.report import REPORT_MD, build_report, format_table
+from xlt.report import REPORT_MD, build_report, format_table, mt_bench_markdown
 
 UPLOAD_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
                    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "*.jinja", "*.model", "*.txt",
@@ -165,13 +165,32 @@ def model_card(repo: str, report: dict[str, Any], run: Optional[dict[str, Any]] 
     ``facts`` what :func:`tokenizer_facts` measured on the pushed model; all optional. A figure that was not
     measured and a setting that did not apply are left out, never printed as 'n/a'."""
     run = run or {}
-    tokr = tokenizer_report or {}
-    cpt = report.get("cpt", {})
-    sft = report.get("sft", {})
-    rc, rs = run.get("cpt", {}), run.get("sft", {})
-    base = cpt.get("model") or rc.get("model") or "unknown"
-    trained = report.get("tokens_trained", {})
+    rc = run.get("cpt", {})
+    base = report.get("cpt", {}).get("model") or rc.get("model") or "unknown"
     sources = rc.get("sources") or []
+    lines = _front_matter(repo, base, sources, bool(report.get("sft")))
+    lines += ["## Base model", "", f"`{base}`" + (f" (revision `{rc['model_revision']}`)"
+                                                  if rc.get("model_revision") else ""), ""]
+    lines += _tokenizer_lines(report, rc, tokenizer_report or {}, facts or {})
+    lines += _data_lines(sources, rc, run.get("sft", {}))
+    lines += _tokens_lines(report)
+    lines += _hyper_parameter_lines(report, rc, run.get("sft", {}))
+    lines += _evaluation_lines(report)
+    lines += ["## Data licences", ""]
+    lines += [f"- `{s.get('name')}`: {_licence(s)}" for s in sources] or ["- not recorded"]
+    lines += ["- The base model's licence applies to the weights.", ""]
+    lines += ["## Intended use and limits", "",
+              "Research and experimentation with Japanese text generation. Trained only on the data listed above; "
+              "outputs may be wrong, biased or unsafe, and the model has no safety tuning beyond its base model's. "
+              "Not for decisions about people.", ""]
+    lines += ["## How to load", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+              f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
+              f'model = AutoModelForCausalLM.from_pretrained("{repo}")', "```", ""]
+    return "\n".join(lines)
+
+
+def _front_matter(repo: str, base: str, sources: list[dict], with_sft: bool) -> list[str]:
+    """The card's YAML header (base_model only for a hub id, datasets of hub sources) and its title."""
     datasets = sorted({s["dataset"] for s in sources if s.get("dataset")})
     front = ["---", "language: [ja, en]", "library_name: transformers", "pipeline_tag: text-generation",
              "tags: [xlt, continued-pretraining, japanese]"]
@@ -179,16 +198,13 @@ def model_card(repo: str, report: dict[str, Any], run: Optional[dict[str, Any]] 
         front.append(f"base_model: {base}")
     if datasets:
         front.append("datasets: [" + ", ".join(datasets) + "]")
-    lines = front + ["---", f"# {repo.split('/')[-1]}", "",
-                     f"Japanese continued pretraining of `{base}` with xlt"
-                     + (", then instruction SFT." if sft else "."), ""]
+    return front + ["---", f"# {repo.split('/')[-1]}", "",
+                    f"Japanese continued pretraining of `{base}` with xlt"
+                    + (", then instruction SFT." if with_sft else "."), ""]
 
-    lines += ["## Base model", "", f"`{base}`" + (f" (revision `{rc['model_revision']}`)"
-                                                  if rc.get("model_revision") else ""), ""]
 
-    lines += _tokenizer_lines(report, rc, tokr, facts or {})
-
-    lines += ["## Data sources and curriculum", ""]
+def _data_lines(sources: list[dict], rc: dict, rs: dict) -> list[str]:
+    lines = ["## Data sources and curriculum", ""]
     lines += [_source_line(s) for s in sources] or ["- not recorded (no xlt_run.json)"]
     if rc:
         lines.append(f"- Japanese share: {rc.get('ja_schedule')} schedule from {rc.get('ja_ratio_start')} to "
@@ -198,22 +214,26 @@ def model_card(repo: str, report: dict[str, Any], run: Optional[dict[str, Any]] 
         lines.append("- SFT data: " + ", ".join(str(d.get("dataset") or d.get("embedded") or
                                                     os.path.basename(str(d.get("path", "?"))))
                                                 for d in rs["sft_datasets"]))
-    lines.append("")
+    return lines + [""]
 
-    lines += ["## Tokens per language", ""]
-    if trained:
-        total = sum(trained.values()) or 1
-        lines.append(f"- Tokens trained: {sum(trained.values()):,} ("
-                     + ", ".join(f"{k} {v:,} = {v / total:.1%}" for k, v in trained.items()) + ")")
-        by_src = cpt.get("accounting", {}).get("tokens_by_source", {})
-        if by_src:
-            lines.append("- By source: " + ", ".join(f"{k} {v:,}" for k, v in by_src.items()))
-    else:
-        lines.append("- not recorded (report.json has no tokens_trained)")
-    lines.append("")
 
-    lines += ["## Hyper-parameters", ""]
-    lines += _cpt_line(cpt)
+def _tokens_lines(report: dict) -> list[str]:
+    trained = report.get("tokens_trained", {})
+    if not trained:
+        return ["## Tokens per language", "", "- not recorded (report.json has no tokens_trained)", ""]
+    total = sum(trained.values()) or 1
+    lines = ["## Tokens per language", "",
+             f"- Tokens trained: {sum(trained.values()):,} ("
+             + ", ".join(f"{k} {v:,} = {v / total:.1%}" for k, v in trained.items()) + ")"]
+    by_src = report.get("cpt", {}).get("accounting", {}).get("tokens_by_source", {})
+    if by_src:
+        lines.append("- By source: " + ", ".join(f"{k} {v:,}" for k, v in by_src.items()))
+    return lines + [""]
+
+
+def _hyper_parameter_lines(report: dict, rc: dict, rs: dict) -> list[str]:
+    sft = report.get("sft", {})
+    lines = ["## Hyper-parameters", "", *_cpt_line(report.get("cpt", {}))]
     keys = ("learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm",
             "per_device_train_batch_size", "gradient_accumulation_steps", "seq_len", "train_tokens", "torch_dtype")
     if rc:
@@ -224,37 +244,22 @@ def model_card(repo: str, report: dict[str, Any], run: Optional[dict[str, Any]] 
     if rs:
         lines.append("- SFT settings: " + ", ".join(f"{k} {rs[k]}" for k in keys + ("num_train_epochs", "max_length")
                                                      if k in rs))
-    lines.append("")
+    return lines + [""]
 
-    lines += ["## Evaluation results", "",
-              "Held-out text; bits per character are comparable across tokenizers.", "",
-              "```", format_table(report), "```", ""]
+
+def _evaluation_lines(report: dict) -> list[str]:
+    lines = ["## Evaluation results", "", "Held-out text; bits per character are comparable across tokenizers.", "",
+             "```", format_table(report), "```", ""]
     mc = {k: v for k, v in (report.get("mc") or {}).items() if isinstance(v, dict) and "accuracy" in v}
     if mc:
         lines += ["Multiple choice: " + ", ".join(f"{s} {v['accuracy']:.3f}" for s, v in mc.items()), ""]
     if isinstance(report.get("mt_bench"), dict) and "n" in report["mt_bench"]:
-        from xlt.report import mt_bench_markdown
-
         lines += mt_bench_markdown(report["mt_bench"])
     lines += _speed_lines(report.get("speed") or {})
     gen = report.get("generation")
     if gen:
         lines += ["Sample:", "", f"> {gen['prompt']}", "", gen["output"], ""]
-    lines += ["Plots of the run: [REPORT.md](REPORT.md).", ""]
-
-    lines += ["## Data licences", ""]
-    lines += [f"- `{s.get('name')}`: {_licence(s)}" for s in sources] or ["- not recorded"]
-    lines += ["- The base model's licence applies to the weights.", ""]
-
-    lines += ["## Intended use and limits", "",
-              "Research and experimentation with Japanese text generation. Trained only on the data listed above; "
-              "outputs may be wrong, biased or unsafe, and the model has no safety tuning beyond its base model's. "
-              "Not for decisions about people.", ""]
-
-    lines += ["## How to load", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
-              f'model = AutoModelForCausalLM.from_pretrained("{repo}")', "```", ""]
-    return "\n".join(lines)
+    return lines + ["Plots of the run: [REPORT.md](REPORT.md).", ""]
 
 
 def _model_dir(run_dir: str) -> str:

@@ -428,6 +428,125 @@ def _md_table(header: list[str], rows: list[list[Any]]) -> list[str]:
         ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
 
 
+class _Page:
+    """REPORT.md while it is written: its lines, and the plots folder its images go to."""
+
+    def __init__(self, plots: str) -> None:
+        self.plots = plots
+        self.lines: list[str] = []
+
+    def add(self, *lines: str) -> None:
+        self.lines.extend(lines)
+
+    def plot(self, draw: Any, name: str, alt: str, *data: Any) -> None:
+        """``draw(*data, path)`` into plots/``name``, and the image's line."""
+        draw(*data, os.path.join(self.plots, name))
+        self.add(f"![{alt}]({PLOTS_DIR}/{name})", "")
+
+    def missing(self, what: str) -> None:
+        self.add(f"_Not measured: {what}._", "")
+
+
+def _summary(page: _Page, report: dict, rows: list[dict], source: Optional[str]) -> None:
+    cpt, sft = report.get("cpt", {}), report.get("sft")
+    page.add(f"Base model `{cpt.get('model', 'n/a')}`; continued pretraining {cpt.get('steps', 'n/a')} steps x "
+             f"{cpt.get('tokens_per_step', 'n/a')} tokens, final train loss {cpt.get('train_loss', 'n/a')}"
+             + (f"; SFT {sft.get('steps', 'n/a')} steps, final loss {sft.get('train_loss')}" if sft else "") + ".",
+             "", "```", format_table(report), "```", "")
+
+
+def _loss(page: _Page, report: dict, rows: list[dict], source: Optional[str]) -> None:
+    if not rows:
+        page.missing("no training log (no complete checkpoint with trainer_state.json, no TensorBoard events)")
+        return
+    page.plot(_plot_loss, "loss.png", "training loss over tokens", rows)
+    if not any(k.startswith("loss_") for r in rows for k in r):
+        page.add("The training log holds the total loss only (not split by language); the per-language quality is "
+                 "the held-out bits per character below.", "")
+    page.add(f"Source: `{source}`, {len(rows)} log points.", "")
+
+
+def _ja_share(page: _Page, report: dict, rows: list[dict], source: Optional[str]) -> None:
+    if not any("ja_share_cum" in r for r in rows):
+        page.missing("the training log has no ja_share_cum")
+        return
+    page.plot(_plot_ja_share, "ja_share.png", "Japanese share realised vs target", rows)
+    page.add(_ja_share_text(rows, report.get("cpt", {}).get("accounting", {})), "")
+
+
+def _seq_len(page: _Page, report: dict, rows: list[dict], source: Optional[str]) -> None:
+    if not any("seq_len" in r for r in rows):
+        page.missing("the training log has no seq_len")
+        return
+    page.plot(_plot_seq_len, "seq_len.png", "sequence length over tokens", rows)
+
+
+def _tokens(page: _Page, report: dict, rows: list[dict], source: Optional[str]) -> None:
+    acc = report.get("cpt", {}).get("accounting", {})
+    trained = acc.get("tokens_trained") or report.get("tokens_trained")
+    if not trained:
+        page.missing("report.json has no cpt.accounting")
+        return
+    page.plot(_plot_tokens, "tokens.png", "tokens per language and per source", acc, trained)
+    total = sum(trained.values()) or 1
+    page.add(*_md_table(["language", "tokens trained", "share", "target"],
+                        [[k, v, f"{v / total:.1%}", acc.get("target_tokens", {}).get(k, "-")]
+                         for k, v in trained.items()]), "")
+    if acc.get("tokens_by_source"):
+        epochs = acc.get("epochs_by_source", {})
+        page.add(*_md_table(["source", "tokens trained", "epochs"],
+                            [[s, v, epochs.get(s, "-")] for s, v in acc["tokens_by_source"].items()]), "")
+
+
+def _tokenizer(page: _Page, report: dict, rows: list[dict], source: Optional[str]) -> None:
+    tok = report.get("tokenizer")
+    if tok and any(f"{lang}_chars_per_token" in tok for lang in ("ja", "en")):
+        page.plot(_plot_tokenizer, "tokenizer.png", "characters per token, base vs extended tokenizer", tok)
+        page.add(f"New tokens: {tok.get('new_tokens', 'n/a')}.", "")
+    elif tok and tok.get("mode") == "none":
+        page.add("The base model's own tokenizer was kept (`tokenizer_mode: none`). Whether extending it pays at "
+                 "this compute is what `xlt compare` / `make compare` measures.", "")
+    else:
+        page.missing("report.json has no tokenizer section")
+
+
+def _bpc(page: _Page, report: dict, rows: list[dict], source: Optional[str]) -> None:
+    bpc = report.get("bpc")
+    if not bpc:
+        page.missing("report.json has no bpc")
+        return
+    page.plot(_plot_bpc, "bpc.png", "bits per character by stage", bpc)
+    stages = [s for s in STAGES if any(s in row for row in bpc.values())]
+    page.add(*_md_table(["language", *stages], [[lang, *(row.get(s, "-") for s in stages)]
+                                                for lang, row in bpc.items()]), "")
+
+
+def _mc(page: _Page, report: dict, rows: list[dict], source: Optional[str]) -> None:
+    mc = {k: v for k, v in (report.get("mc") or {}).items() if isinstance(v, dict) and "accuracy" in v}
+    if not mc:
+        page.missing("no multiple-choice evaluation in report.json (give `mc_data` to the evaluate stage)")
+        return
+    page.plot(_plot_mc, "mc.png", "multiple-choice accuracy by stage", mc)
+    page.add(*_md_table(["stage", "accuracy", "accuracy (normalised)", "95% CI", "n"],
+                        [[s, v["accuracy"], v.get("accuracy_norm", "-"),
+                          "[{:.3f}, {:.3f}]".format(*v["ci95"]) if v.get("ci95") else "-", v.get("n", "-")]
+                         for s, v in mc.items()]), "")
+
+
+def _speed(page: _Page, report: dict, rows: list[dict], source: Optional[str]) -> None:
+    speed = _speed_rows(report.get("speed") or {})
+    if not speed:
+        page.missing("no generation speed in report.json (`xlt evaluate speed`)")
+        return
+    page.plot(_plot_speed, "speed.png", "generation speed", speed)
+    metrics = sorted({m for r in speed.values() for m in r})
+    page.add(*_md_table(["model", *metrics], [[n, *(r.get(m, "-") for m in metrics)] for n, r in speed.items()]), "")
+
+
+# The writer of each heading of SECTIONS, in order (MT-Bench and SFT follow: their headings are their own).
+_WRITERS = (_summary, _loss, _ja_share, _seq_len, _tokens, _tokenizer, _bpc, _mc, _speed)
+
+
 def build_report(run_dir: str, dest: Optional[str] = None) -> str:
     """Write ``REPORT.md`` and ``plots/*.png`` for the run in ``run_dir`` into ``dest`` (default ``run_dir``);
     returns the path of REPORT.md.
@@ -439,120 +558,15 @@ def build_report(run_dir: str, dest: Optional[str] = None) -> str:
     if report is None:
         raise XltError(f"{os.path.join(run_dir, 'report.json')} not found (run the evaluate stage first)")
     dest = dest or run_dir
-    plots = os.path.join(dest, PLOTS_DIR)
     rows, source = training_history(run_dir)
-    cpt = report.get("cpt", {})
-    acc = cpt.get("accounting", {})
-    out: list[str] = [f"# Run report: {os.path.basename(os.path.abspath(run_dir))}", ""]
-
-    def section(title: str) -> None:
-        out.extend([f"## {title}", ""])
-
-    def image(name: str, alt: str) -> None:
-        out.extend([f"![{alt}]({PLOTS_DIR}/{name})", ""])
-
-    def missing(what: str) -> None:
-        out.extend([f"_Not measured: {what}._", ""])
-
-    section(SECTIONS[0])
-    base = cpt.get("model", "n/a")
-    out.append(f"Base model `{base}`; continued pretraining {cpt.get('steps', 'n/a')} steps x "
-               f"{cpt.get('tokens_per_step', 'n/a')} tokens, final train loss {cpt.get('train_loss', 'n/a')}"
-               + (f"; SFT {report['sft'].get('steps', 'n/a')} steps, final loss {report['sft'].get('train_loss')}"
-                  if report.get("sft") else "") + ".")
-    out.extend(["", "```", format_table(report), "```", ""])
-
-    section(SECTIONS[1])
-    if rows:
-        _plot_loss(rows, os.path.join(plots, "loss.png"))
-        image("loss.png", "training loss over tokens")
-        if not any(k.startswith("loss_") for r in rows for k in r):
-            out.extend(["The training log holds the total loss only (not split by language); the per-language "
-                        "quality is the held-out bits per character below.", ""])
-        out.extend([f"Source: `{source}`, {len(rows)} log points.", ""])
-    else:
-        missing("no training log (no complete checkpoint with trainer_state.json, no TensorBoard events)")
-
-    section(SECTIONS[2])
-    if any("ja_share_cum" in r for r in rows):
-        _plot_ja_share(rows, os.path.join(plots, "ja_share.png"))
-        image("ja_share.png", "Japanese share realised vs target")
-        out.extend([_ja_share_text(rows, acc), ""])
-    else:
-        missing("the training log has no ja_share_cum")
-
-    section(SECTIONS[3])
-    if any("seq_len" in r for r in rows):
-        _plot_seq_len(rows, os.path.join(plots, "seq_len.png"))
-        image("seq_len.png", "sequence length over tokens")
-    else:
-        missing("the training log has no seq_len")
-
-    section(SECTIONS[4])
-    trained = acc.get("tokens_trained") or report.get("tokens_trained")
-    if trained:
-        _plot_tokens(acc, trained, os.path.join(plots, "tokens.png"))
-        image("tokens.png", "tokens per language and per source")
-        total = sum(trained.values()) or 1
-        out.extend(_md_table(["language", "tokens trained", "share", "target"],
-                             [[k, v, f"{v / total:.1%}", acc.get("target_tokens", {}).get(k, "-")]
-                              for k, v in trained.items()]) + [""])
-        if acc.get("tokens_by_source"):
-            epochs = acc.get("epochs_by_source", {})
-            out.extend(_md_table(["source", "tokens trained", "epochs"],
-                                 [[s, v, epochs.get(s, "-")] for s, v in acc["tokens_by_source"].items()]) + [""])
-    else:
-        missing("report.json has no cpt.accounting")
-
-    section(SECTIONS[5])
-    tok = report.get("tokenizer")
-    if tok and any(f"{lang}_chars_per_token" in tok for lang in ("ja", "en")):
-        _plot_tokenizer(tok, os.path.join(plots, "tokenizer.png"))
-        image("tokenizer.png", "characters per token, base vs extended tokenizer")
-        out.extend([f"New tokens: {tok.get('new_tokens', 'n/a')}.", ""])
-    elif tok and tok.get("mode") == "none":
-        out.extend(["The base model's own tokenizer was kept (`tokenizer_mode: none`). Whether extending it pays "
-                    "at this compute is what `xlt compare` / `make compare` measures.", ""])
-    else:
-        missing("report.json has no tokenizer section")
-
-    section(SECTIONS[6])
-    bpc = report.get("bpc")
-    if bpc:
-        _plot_bpc(bpc, os.path.join(plots, "bpc.png"))
-        image("bpc.png", "bits per character by stage")
-        stages = [s for s in STAGES if any(s in row for row in bpc.values())]
-        out.extend(_md_table(["language", *stages], [[lang, *(row.get(s, "-") for s in stages)]
-                                                     for lang, row in bpc.items()]) + [""])
-    else:
-        missing("report.json has no bpc")
-
-    section(SECTIONS[7])
-    mc = {k: v for k, v in (report.get("mc") or {}).items() if isinstance(v, dict) and "accuracy" in v}
-    if mc:
-        _plot_mc(mc, os.path.join(plots, "mc.png"))
-        image("mc.png", "multiple-choice accuracy by stage")
-        out.extend(_md_table(["stage", "accuracy", "accuracy (normalised)", "95% CI", "n"],
-                             [[s, v["accuracy"], v.get("accuracy_norm", "-"),
-                               "[{:.3f}, {:.3f}]".format(*v["ci95"]) if v.get("ci95") else "-", v.get("n", "-")]
-                              for s, v in mc.items()]) + [""])
-    else:
-        missing("no multiple-choice evaluation in report.json (give `mc_data` to the evaluate stage)")
-
-    section(SECTIONS[8])
-    speed = _speed_rows(report.get("speed") or {})
-    if speed:
-        _plot_speed(speed, os.path.join(plots, "speed.png"))
-        image("speed.png", "generation speed")
-        metrics = sorted({m for r in speed.values() for m in r})
-        out.extend(_md_table(["model", *metrics], [[n, *(r.get(m, "-") for m in metrics)]
-                                                   for n, r in speed.items()]) + [""])
-    else:
-        missing("no generation speed in report.json (`xlt evaluate speed`)")
-
-    out.extend(_mt_bench_section(report.get("mt_bench"), plots))
-    out.extend(_sft_section(report.get("sft") or {}))
+    page = _Page(os.path.join(dest, PLOTS_DIR))
+    page.add(f"# Run report: {os.path.basename(os.path.abspath(run_dir))}", "")
+    for title, write in zip(SECTIONS, _WRITERS):
+        page.add(f"## {title}", "")
+        write(page, report, rows, source)
+    page.add(*_mt_bench_section(report.get("mt_bench"), page.plots))
+    page.add(*_sft_section(report.get("sft") or {}))
     path = os.path.join(dest, REPORT_MD)
-    atomic_write_text(path, "\n".join(out))
+    atomic_write_text(path, "\n".join(page.lines))
     os.chmod(path, 0o644)
     return path

@@ -6,11 +6,16 @@ import json
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from xlt.config import EvalArguments, XltError
+from xlt.data.sft_format import generation_prompt_ids, stop_token_ids
 from xlt.data.sources import read_documents
 from xlt.eval.bpc import bits_per_char
+from xlt.eval.mc import load_mc_rows, multiple_choice
+from xlt.eval.mt_bench_run import stage_options, stage_section
+from xlt.eval.speed import generation_speed
 from xlt.io import update_report
 from xlt.log import logger
 from xlt.models import check_model_spec, load_model, load_tokenizer
@@ -71,6 +76,17 @@ def device_name(model: Any) -> str:
     return f"CPU, {torch.get_num_threads()} thread" + ("s" if torch.get_num_threads() > 1 else "")
 
 
+@dataclass
+class StageResults:
+    """What the evaluate stage measured, stage by stage (report.json's sections before they are written)."""
+
+    bpc: dict[str, dict[str, float]]
+    detail: dict[str, Any] = field(default_factory=dict)
+    mc: dict[str, dict] = field(default_factory=dict)
+    speed: dict[str, dict] = field(default_factory=dict)
+    sample: Optional[dict] = None
+
+
 def evaluate_run(args: EvalArguments) -> dict:
     """Bits per character of every stage present in the run; writes the ``bpc`` section of report.json.
 
@@ -83,77 +99,76 @@ def evaluate_run(args: EvalArguments) -> dict:
     texts = heldout_from_run(run_dir, args.eval_max_docs)
     mc_rows = None
     if args.mc_data:
-        from xlt.eval.mc import load_mc_rows
-
         if args.mc_max_n is not None and args.mc_max_n < 1:
             raise XltError(f"mc_max_n must be at least 1 (got {args.mc_max_n})")
         mc_rows, _ = load_mc_rows(args.mc_data, args.mc_max_n, key="mc_data")
     texts.update(heldout_file_texts(args.heldout_files, args.eval_max_docs, set(texts)))
-    from xlt.eval.mt_bench_run import stage_options, stage_section
-
     mt_bench = stage_options(args)  # checked now, run after the stages' models are freed
     stages = {"base": args.model}
     for stage in ("cpt", "sft"):
         if os.path.isdir(os.path.join(run_dir, stage)):
             stages[stage] = os.path.join(run_dir, stage)
-    bpc: dict[str, dict[str, float]] = {lang: {} for lang in texts}
-    detail: dict[str, Any] = {}
-    mc: dict[str, dict] = {}
-    speed: dict[str, dict] = {}
-    sample = None
+    results = StageResults(bpc={lang: {} for lang in texts})
     for stage, spec in stages.items():
-        t = time.time()
-        tokenizer = load_tokenizer(spec, trust_remote_code=args.trust_remote_code)
-        model = load_model(spec, trust_remote_code=args.trust_remote_code)
-        for lang, docs in texts.items():
-            r = bits_per_char(model, tokenizer, docs, max_length=args.eval_max_length)
-            bpc[lang][stage] = round(r["bits_per_char"], 4)
-            detail[f"{stage}/{lang}"] = {"chars": r["chars"], "tokens": r["tokens"],
-                                         "chars_per_token": round(r["chars"] / max(r["tokens"], 1), 4)}
-        if mc_rows is not None:
-            from xlt.eval.mc import multiple_choice
-
-            r = multiple_choice(model, tokenizer, mc_rows)
-            mc[stage] = {k: r[k] for k in ("accuracy", "accuracy_norm", "n", "ci95", "ci95_norm")}
-            _log(f"{stage}: multiple choice {r['accuracy']:.4f} (norm {r['accuracy_norm']:.4f}) over {r['n']}")
-        if args.speed_max_chars > 0:
-            from xlt.eval.speed import generation_speed
-
-            r = generation_speed(model, tokenizer, max_chars=args.speed_max_chars)
-            speed[stage] = {**{k: r[k] for k in ("chars_per_second", "chars_per_token", "tokens_per_second", "chars",
-                                                 "tokens", "seconds")}, "device": device_name(model)}
-            _log(f"{stage}: {r['chars_per_second']:.1f} chars/s, {r['chars_per_token']:.3f} chars/token")
-        if stage == "sft":
-            from xlt.data.sft_format import generation_prompt_ids, stop_token_ids
-
-            ids = generation_prompt_ids([{"role": "user", "content": args.generate_prompt}], args.prompt_format,
-                                        tokenizer)
-            sample = {"prompt": args.generate_prompt,
-                      "output": generate(model, tokenizer, ids, args.max_new_tokens,
-                                         stop_token_ids(args.prompt_format, tokenizer))}
-        _log(f"{stage}: " + ", ".join(f"{lang} {bpc[lang][stage]:.4f} bpc" for lang in texts) +
-             f" ({time.time() - t:.0f}s)")
-        del model
-    section: dict[str, Any] = {"bpc": bpc, "eval": {"heldout_docs": {k: len(v) for k, v in texts.items()},
-                                                     "heldout_chars": {k: sum(map(len, v)) for k, v in texts.items()},
-                                                     "detail": detail,
-                                                     "heldout_files": [p.strip() for p in (args.heldout_files or "").split(",")
-                                                                       if p.strip()]}}
-    if mc:
-        section["mc"] = {**mc, "data": args.mc_data}
-    if speed:
-        section["speed"] = speed
-        if "base" in speed and "cpt" in speed:
-            section["eval"]["speedup_cpt_over_base"] = round(
-                speed["cpt"]["chars_per_second"] / max(speed["base"]["chars_per_second"], 1e-9), 3)
-    if sample:
-        section["generation"] = sample
+        evaluate_stage(stage, spec, args, texts, mc_rows, results)
+    section = eval_section(args, texts, results)
     if mt_bench:
         section["mt_bench"] = stage_section(mt_bench)
     started = os.environ.get("XLT_DEMO_START")
     if started:
         section["wall_seconds"] = round(time.time() - float(started), 1)
     return update_report(run_dir, section)
+
+
+def evaluate_stage(stage: str, spec: str, args: EvalArguments, texts: dict[str, list[str]],
+                   mc_rows: Optional[list], results: StageResults) -> None:
+    """One stage's model: bits per character on every held-out language, multiple choice (with ``mc_rows``),
+    generation speed, and the SFT model's sample answer; the model is freed afterwards."""
+    t = time.time()
+    tokenizer = load_tokenizer(spec, trust_remote_code=args.trust_remote_code)
+    model = load_model(spec, trust_remote_code=args.trust_remote_code)
+    for lang, docs in texts.items():
+        r = bits_per_char(model, tokenizer, docs, max_length=args.eval_max_length)
+        results.bpc[lang][stage] = round(r["bits_per_char"], 4)
+        results.detail[f"{stage}/{lang}"] = {"chars": r["chars"], "tokens": r["tokens"],
+                                             "chars_per_token": round(r["chars"] / max(r["tokens"], 1), 4)}
+    if mc_rows is not None:
+        r = multiple_choice(model, tokenizer, mc_rows)
+        results.mc[stage] = {k: r[k] for k in ("accuracy", "accuracy_norm", "n", "ci95", "ci95_norm")}
+        _log(f"{stage}: multiple choice {r['accuracy']:.4f} (norm {r['accuracy_norm']:.4f}) over {r['n']}")
+    if args.speed_max_chars > 0:
+        r = generation_speed(model, tokenizer, max_chars=args.speed_max_chars)
+        results.speed[stage] = {**{k: r[k] for k in ("chars_per_second", "chars_per_token", "tokens_per_second",
+                                                     "chars", "tokens", "seconds")}, "device": device_name(model)}
+        _log(f"{stage}: {r['chars_per_second']:.1f} chars/s, {r['chars_per_token']:.3f} chars/token")
+    if stage == "sft":
+        ids = generation_prompt_ids([{"role": "user", "content": args.generate_prompt}], args.prompt_format, tokenizer)
+        results.sample = {"prompt": args.generate_prompt,
+                          "output": generate(model, tokenizer, ids, args.max_new_tokens,
+                                             stop_token_ids(args.prompt_format, tokenizer))}
+    _log(f"{stage}: " + ", ".join(f"{lang} {results.bpc[lang][stage]:.4f} bpc" for lang in texts) +
+         f" ({time.time() - t:.0f}s)")
+    del model
+
+
+def eval_section(args: EvalArguments, texts: dict[str, list[str]], results: StageResults) -> dict[str, Any]:
+    """report.json's ``bpc`` and ``eval`` sections, with ``mc``, ``speed`` and ``generation`` where measured."""
+    files = [p.strip() for p in (args.heldout_files or "").split(",") if p.strip()]
+    section: dict[str, Any] = {"bpc": results.bpc,
+                               "eval": {"heldout_docs": {k: len(v) for k, v in texts.items()},
+                                        "heldout_chars": {k: sum(map(len, v)) for k, v in texts.items()},
+                                        "detail": results.detail, "heldout_files": files}}
+    if results.mc:
+        section["mc"] = {**results.mc, "data": args.mc_data}
+    speed = results.speed
+    if speed:
+        section["speed"] = speed
+        if "base" in speed and "cpt" in speed:
+            section["eval"]["speedup_cpt_over_base"] = round(
+                speed["cpt"]["chars_per_second"] / max(speed["base"]["chars_per_second"], 1e-9), 3)
+    if results.sample:
+        section["generation"] = results.sample
+    return section
 
 
 def bpc_json(model_spec: str, data: str | Sequence[str], text_field: str = "text", max_docs: int | None = None,

@@ -488,6 +488,22 @@ def _calibration_windows(texts: Sequence[str], new_tok: Any, pieces: dict[int, l
 
 
 @torch.no_grad()
+def _fill_unseen(logprob: dict[int, float], pieces: dict[int, list[int]], new_ids: Sequence[int]) -> dict[int, float]:
+    """Continuation log-probabilities for the new ids never seen in the calibration text (and of more than one
+    piece): the mean of the seen ids with as many pieces, else of all seen ids. Nothing seen: left empty."""
+    if not logprob:
+        return logprob
+    by_len: dict[int, list[float]] = {}
+    for i, v in logprob.items():
+        by_len.setdefault(len(pieces[i]), []).append(v)
+    overall = sum(logprob.values()) / len(logprob)
+    for i in new_ids:
+        if i not in logprob and len(pieces.get(i, ())) > 1:
+            same = by_len.get(len(pieces[i]))
+            logprob[i] = sum(same) / len(same) if same else overall
+    return logprob
+
+
 def continuation_stats(model: Any, texts: Sequence[str], new_tok: Any, pieces: dict[int, list[int]],
                        new_ids: Sequence[int], tokens: int = CALIBRATION_TOKENS,
                        window: int = CALIBRATION_WINDOW) -> dict:
@@ -538,16 +554,7 @@ def continuation_stats(model: Any, texts: Sequence[str], new_tok: Any, pieces: d
         model.train(was_training)
     read = sum(map(len, windows))
     direction = torch.linalg.solve(hth + CALIBRATION_RIDGE * torch.eye(hidden, dtype=torch.float64), ht1)
-    logprob = {i: sums[i] / counts[i] for i in sums}
-    if logprob:
-        by_len: dict[int, list[float]] = {}
-        for i, v in logprob.items():
-            by_len.setdefault(len(pieces[i]), []).append(v)
-        overall = sum(logprob.values()) / len(logprob)
-        for i in new_ids:
-            if i not in logprob and len(pieces.get(i, ())) > 1:
-                same = by_len.get(len(pieces[i]))
-                logprob[i] = sum(same) / len(same) if same else overall
+    logprob = _fill_unseen({i: sums[i] / counts[i] for i in sums}, pieces, new_ids)
     fit = None
     if read:  # h . u over every position read, from the sums the fit already has (no second forward)
         mean = float(ht1 @ direction) / read

@@ -20,12 +20,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Optional
+
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from xlt.config import XltError
 
@@ -419,7 +422,6 @@ def _worker_init(tokenizer_str: str, family: str) -> None:
     """Counting worker: its own base tokenizer and cutter; one thread (the pool is the parallelism)."""
     global _WORKER
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from tokenizers import Tokenizer
 
     base = Tokenizer.from_str(tokenizer_str)
     _WORKER = (base, _FastUnitWords(family, base.get_vocab()))
@@ -550,8 +552,6 @@ def corpus_words(base, family: str, texts: Iterable[str], mecab: bool = False, n
     processes (default :func:`default_num_proc`) over batches of ``batch_chars`` characters; see
     :func:`_mecab_words`.
     """
-    from tokenizers import Tokenizer
-
     if mecab:
         return _mecab_words(base, family, texts, nfkc, batch_chars, default_num_proc() if num_proc is None else num_proc)
 
@@ -582,7 +582,14 @@ def corpus_words(base, family: str, texts: Iterable[str], mecab: bool = False, n
                 splits = [c for s in splits for c in _SPACE_SPLIT.split(s)]
         pieces.update(splits)
 
-    # The bare model: no normalizer, pre-tokenizer, post-processor or added tokens (pieces are already cut).
+    _cut_pieces(words, cutter, base, tj, pieces)
+    return words
+
+
+def _cut_pieces(words: Counter, cutter: _UnitWords, base, tj: dict, pieces: Counter) -> None:
+    """Each distinct piece encoded once and cut into ``words`` with its count: a str by the bare BPE model (no
+    normalizer, pre-tokenizer, post-processor or added tokens: pieces are already cut), a 1-tuple (a whole text)
+    by the base tokenizer, as the reference path does."""
     bare_tj = dict(tj, normalizer=None, pre_tokenizer=None, post_processor=None, added_tokens=[])
     bare = Tokenizer.from_str(json.dumps(bare_tj))
     keys = [p for p in pieces if p]
@@ -599,7 +606,23 @@ def corpus_words(base, family: str, texts: Iterable[str], mecab: bool = False, n
             else:
                 enc = next(whole_encs)
                 cutter.add(words, enc.tokens, enc.word_ids, enc.offsets, None, count=pieces[p])
-    return words
+
+
+def _pua_lines(words: Counter, to_pua: dict[str, str], batch_lines: int = 4096) -> Iterator[str]:
+    """The BPE trainer's input: each word (its units as private-use characters) once per occurrence, one per
+    line (the trainer counts them), in batches of at most ``batch_lines`` lines."""
+    batch: list[str] = []
+    for w, c in words.items():
+        s = "".join(to_pua[u] for u in w)
+        while c > 0:
+            take = min(c, batch_lines - len(batch))
+            batch.extend([s] * take)
+            c -= take
+            if len(batch) >= batch_lines:
+                yield "\n".join(batch)
+                batch = []
+    if batch:
+        yield "\n".join(batch)
 
 
 def learn_merges(base, family: str, texts: Iterable[str], n_merges: int, min_frequency: int = 2,
@@ -610,10 +633,6 @@ def learn_merges(base, family: str, texts: Iterable[str], n_merges: int, min_fre
     ``num_proc``: processes that segment and count with MeCab (default :func:`default_num_proc`);
     the merges do not depend on it.
     """
-    import time
-
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
     t0 = time.perf_counter()
     # nfkc: only the training text; the tokenizer's own normalizer stays as it is.
     words = corpus_words(base, family, texts, mecab=mecab, nfkc=nfkc, num_proc=num_proc)
@@ -638,23 +657,8 @@ def learn_merges(base, family: str, texts: Iterable[str], n_merges: int, min_fre
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Split("\n", behavior="removed")
 
-    def lines() -> Iterable[str]:
-        """Each word once per occurrence (the trainer counts them); batches capped at 4096 lines."""
-        batch: list[str] = []
-        for w, c in words.items():
-            s = "".join(to_pua[u] for u in w)
-            while c > 0:
-                take = min(c, 4096 - len(batch))
-                batch.extend([s] * take)
-                c -= take
-                if len(batch) >= 4096:
-                    yield "\n".join(batch)
-                    batch = []
-        if batch:
-            yield "\n".join(batch)
-
     t0 = time.perf_counter()
-    tok.train_from_iterator(lines(), trainer=trainer)
+    tok.train_from_iterator(_pua_lines(words, to_pua), trainer=trainer)
     t_train = time.perf_counter() - t0
     pua_merges = merges_as_pairs(json.loads(tok.to_str())["model"])
     merges = [("".join(from_pua[c] for c in a), "".join(from_pua[c] for c in b)) for a, b in pua_merges]

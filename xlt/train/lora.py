@@ -177,10 +177,30 @@ def merged_state_dict(peft_state_dict: dict, peft_config: Any, adapter_name: str
             raise ValueError(f"merged_state_dict: peft option {key} is not supported")
     if cfg.get("bias", "none") != "none":
         raise ValueError("merged_state_dict: peft option bias must be 'none'")
-    alpha = float(cfg["lora_alpha"])
-    rslora = bool(cfg.get("use_rslora"))
-    fan_in_fan_out = bool(cfg.get("fan_in_fan_out"))
+    out, lora, deltas, saved = _split_peft_keys(peft_state_dict, adapter_name)
+    alpha, rslora = float(cfg["lora_alpha"]), bool(cfg.get("use_rslora"))
+    for module, ab in lora.items():
+        if set(ab) != {"A", "B"} or f"{module}.weight" not in out:
+            raise ValueError(f"merged_state_dict: incomplete LoRA layer {module!r}")
+        weight, r = out[f"{module}.weight"], ab["A"].shape[0]
+        scale = alpha / math.sqrt(r) if rslora else alpha / r
+        delta = (ab["B"].float() @ ab["A"].float()) * scale
+        if cfg.get("fan_in_fan_out"):
+            delta = delta.T
+        out[f"{module}.weight"] = (weight.float() + delta.to(weight.device)).to(weight.dtype)
+    out.update(saved)
+    for module, rows in deltas.items():
+        weight = out[f"{module}.weight"]
+        index = torch.tensor(_token_indices(cfg, module), dtype=torch.long, device=weight.device)
+        if index.numel() != rows.shape[0]:
+            raise ValueError(f"merged_state_dict: {module} has {rows.shape[0]} trainable rows for {index.numel()} ids")
+        out[f"{module}.weight"] = weight.index_copy(0, index, rows.to(weight))
+    return out
 
+
+def _split_peft_keys(peft_state_dict: dict, adapter_name: str) -> tuple[dict, dict, dict, dict]:
+    """A peft state dict sorted by what each key is: (base-model keys with their plain weights, LoRA ``{module:
+    {"A", "B"}}``, trainable-token row deltas by module, ``modules_to_save`` copies by base key)."""
     a = re.escape(adapter_name)
     pat_lora = re.compile(rf"^(.*)\.lora_([AB])\.{a}\.weight$")
     pat_tok_delta = re.compile(rf"^(.*)\.token_adapter\.trainable_tokens_delta\.{a}$")
@@ -189,7 +209,6 @@ def merged_state_dict(peft_state_dict: dict, peft_config: Any, adapter_name: str
     pat_orig = re.compile(r"^(.*)\.original_module\.([^.]+)$")
     pat_base = re.compile(r"^(.*)\.base_layer\.([^.]+)$")
     adapter_words = ("lora_", "modules_to_save", "trainable_tokens", "token_adapter", "original_module")
-
     out: dict[str, Any] = {}
     lora: dict[str, dict[str, Any]] = {}
     deltas: dict[str, Any] = {}
@@ -216,24 +235,7 @@ def merged_state_dict(peft_state_dict: dict, peft_config: Any, adapter_name: str
             raise ValueError(f"merged_state_dict: unexpected adapter key {key!r} (adapter {adapter_name!r}, plain LoRA)")
         else:
             out[key] = value
-
-    for module, ab in lora.items():
-        if set(ab) != {"A", "B"} or f"{module}.weight" not in out:
-            raise ValueError(f"merged_state_dict: incomplete LoRA layer {module!r}")
-        weight, r = out[f"{module}.weight"], ab["A"].shape[0]
-        scale = alpha / math.sqrt(r) if rslora else alpha / r
-        delta = (ab["B"].float() @ ab["A"].float()) * scale
-        if fan_in_fan_out:
-            delta = delta.T
-        out[f"{module}.weight"] = (weight.float() + delta.to(weight.device)).to(weight.dtype)
-    out.update(saved)
-    for module, rows in deltas.items():
-        weight = out[f"{module}.weight"]
-        index = torch.tensor(_token_indices(cfg, module), dtype=torch.long, device=weight.device)
-        if index.numel() != rows.shape[0]:
-            raise ValueError(f"merged_state_dict: {module} has {rows.shape[0]} trainable rows for {index.numel()} ids")
-        out[f"{module}.weight"] = weight.index_copy(0, index, rows.to(weight))
-    return out
+    return out, lora, deltas, saved
 
 
 # ---------------------------------------------------------------------------------------------

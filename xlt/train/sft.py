@@ -325,6 +325,25 @@ def _with_lora(model: Any, lora: Any, new_ids: list[int], seed: int) -> Any:
     return model
 
 
+def _sft_model(model: Any, sft_args: SftArguments, training_args: Any, master: str, attn: str, launcher: Launcher,
+               lora: Any, new_ids: list[int], lr: float) -> tuple[Any, dict]:
+    """Phase model: LoRA where asked, the throughput keys applied. Returns the model and report.json's runtime
+    keys (master weights, attention, activation checkpointing, precision, throughput)."""
+    if lora is not None:
+        model = _with_lora(model, lora, new_ids, training_args.seed)
+    throughput = apply_throughput_keys(model, sft_args, training_args, launcher)
+    checkpointing = own_activation_checkpointing(training_args, launcher)
+    if throughput["checkpointed_layers"] is not None:
+        checkpointing = f"every {sft_args.activation_checkpointing_every}"
+    precision = precision_of(training_args)
+    _log(f"launcher {launcher.describe()}; master weights {master}; precision {precision['precision']} "
+         f"({precision['source']}); attention {attn}; "
+         f"activation checkpointing {checkpointing}; learning rate {lr:g} ({'lora' if lora else 'full'})")
+    return model, {"master_weights_dtype": master, "attn_implementation": attn, "activation_checkpointing": checkpointing,
+                   "precision": precision["precision"], "precision_source": precision["source"],
+                   "throughput": throughput}
+
+
 def _run_sft_locked(sft_args: SftArguments, training_args: Any, model_spec: str, settings: dict, master: str,
                     attn: str, launcher: Launcher, t0: float, lora: Any, lr: float) -> dict:
     run_dir = training_args.output_dir
@@ -346,19 +365,9 @@ def _run_sft_locked(sft_args: SftArguments, training_args: Any, model_spec: str,
     train_rows, eval_rows, counts = _sft_datasets(sft_args, tokenizer, max_length)
     _log_data(training_args, sft_args, train_rows, eval_rows, counts)
 
-    # -- phase: model ---------------------------------------------------------------------------
     if model is None:
         model = load_model(model_spec, master, attn, trust_remote_code=training_args.trust_remote_code)
-    if lora is not None:
-        model = _with_lora(model, lora, new_ids, training_args.seed)
-    throughput = apply_throughput_keys(model, sft_args, training_args, launcher)
-    checkpointing = own_activation_checkpointing(training_args, launcher)
-    if throughput["checkpointed_layers"] is not None:
-        checkpointing = f"every {sft_args.activation_checkpointing_every}"
-    precision = precision_of(training_args)
-    _log(f"launcher {launcher.describe()}; master weights {master}; precision {precision['precision']} "
-         f"({precision['source']}); attention {attn}; "
-         f"activation checkpointing {checkpointing}; learning rate {lr:g} ({'lora' if lora else 'full'})")
+    model, runtime = _sft_model(model, sft_args, training_args, master, attn, launcher, lora, new_ids, lr)
 
     # -- phase: train ---------------------------------------------------------------------------
     fsdp_setup = setup_fsdp(training_args, launcher)
@@ -385,10 +394,7 @@ def _run_sft_locked(sft_args: SftArguments, training_args: Any, model_spec: str,
                        "stop_token_ids": stop_ids, "generations": generations,
                        "seconds": round(time.time() - t0, 1), "prompt_format": sft_args.prompt_format,
                        "chat_template": sft_args.chat_template, "world_size": launcher.world_size,
-                       "replicas_in_sync": in_sync, "master_weights_dtype": master, "attn_implementation": attn,
-                       "activation_checkpointing": checkpointing, "precision": precision["precision"],
-                       "precision_source": precision["source"], "save_dtype": save_dtype,
-                       "throughput": throughput}}
+                       "replicas_in_sync": in_sync, **runtime, "save_dtype": save_dtype}}
     if trainer.is_world_process_zero():
         for g in generations:
             _log(f"{g['instruction']} → {g['output']}")
