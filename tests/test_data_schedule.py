@@ -5,14 +5,13 @@ import math
 import pytest
 from data_fixtures import SCHEDULES
 
-from xlt.config import DataArguments, XltError
+from xlt.config import DataArguments, XltError, validate_data_args
 from xlt.data.schedule import (
     cumulative_ja_share,
     cumulative_ja_target,
     ja_ratio,
     parse_points,
     seq_len_at,
-    validate_schedule,
 )
 
 
@@ -53,7 +52,7 @@ def test_cumulative_target_is_the_exact_integral(name):
 
 def test_bad_schedules_raise_one_clear_line():
     with pytest.raises(XltError, match="ja_ratio_end=1.5 is outside"):
-        validate_schedule(_args(ja_ratio_end=1.5))
+        validate_data_args(_args(ja_ratio_end=1.5))
     with pytest.raises(XltError, match="fractions must increase"):
         parse_points("0:0.3,0.6:0.5,0.4:0.6,1:0.6")
     with pytest.raises(XltError, match="ratio 1.2"):
@@ -63,9 +62,9 @@ def test_bad_schedules_raise_one_clear_line():
     with pytest.raises(XltError, match="not 'fraction:ratio'"):
         parse_points("0:0.3,oops")
     with pytest.raises(XltError, match="ja_points"):
-        validate_schedule(_args(ja_schedule="piecewise", ja_points=None))
+        validate_data_args(_args(ja_schedule="piecewise", ja_points=None))
     with pytest.raises(XltError, match="slw_fraction"):
-        validate_schedule(_args(slw_min_len=64, seq_len=256, slw_fraction=0.0))
+        validate_data_args(_args(slw_min_len=64, seq_len=256, slw_fraction=0.0))
 
 
 @pytest.mark.parametrize("kind", ["linear", "root"])

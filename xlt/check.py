@@ -561,14 +561,12 @@ def _hub_sources(chk: Check, sources: list, offline: bool) -> None:
 def _check_cpt(chk: Check, parsed: tuple, offline: bool) -> dict[str, Any]:
     """The checks of ``check_cpt_inputs``, each on its own so that every problem is reported."""
     from xlt.config import validate_data_args
-    from xlt.data.schedule import validate_schedule
     from xlt.data.sources import load_sources
     from xlt.data.stream import check_languages
     from xlt.models import check_model_spec
 
     model_args, tok_args, data_args, cpt_args, lora, training_args = parsed
-    if chk.passes(validate_data_args, data_args):
-        chk.attempt(validate_schedule, data_args)
+    chk.attempt(validate_data_args, data_args)
     sources = chk.attempt(load_sources, data_args.sources, "sources")
     if sources is not None:  # else its one problem is reported; the languages cannot be judged
         chk.attempt(check_languages, data_args, sources)

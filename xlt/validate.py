@@ -185,7 +185,7 @@ RULES: dict[str, Rule] = {
     "ja_ratio_start": UNIT,
     "ja_ratio_end": UNIT,
     "ja_ramp_fraction": UNIT_OPEN_LEFT,
-    "slw_min_len": MULTIPLE_OF_8,   # and <= seq_len (validate_schedule)
+    "slw_min_len": MULTIPLE_OF_8,   # and <= seq_len (config.validate_data_args)
     "slw_fraction": UNIT_OPEN_LEFT,
     "max_epochs_warning": POSITIVE,
     "clean_min_chars": NON_NEGATIVE,
@@ -205,6 +205,53 @@ RULES: dict[str, Rule] = {
     "mt_bench_max_new_tokens": POSITIVE,
     "mt_bench_judge_max_tokens": POSITIVE,
 }
+
+
+# Keys whose value is one of a fixed set.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "ja_schedule": ("constant", "linear", "step", "cosine", "piecewise"),
+    "slw_schedule": ("linear", "root"),
+    "data_source": ("stream", "shards"),
+}
+
+
+def choice_error(key: str, value: Any, choices: Mapping[str, tuple[str, ...]] = CHOICES) -> Optional[str]:
+    """``"ja_schedule='exp': expected constant, linear, step, cosine or piecewise"`` when a value is not among its
+    key's choices, else None."""
+    options = choices.get(key)
+    if options is None or value in options:
+        return None
+    return f"{key}={value!r}: expected {', '.join(options[:-1])} or {options[-1]}"
+
+
+def parse_points(spec: Any) -> list[tuple[float, float]]:
+    """``ja_points``: '0:0.3,0.8:0.3,0.8:0.6,1:0.6' -> [(0, .3), (.8, .3), (.8, .6), (1, .6)], checked.
+
+    Fractions must not decrease; a repeated fraction is a jump (two points, as in the example).
+    The first point must be at 0 and the last at 1, so the curve covers the whole run.
+    """
+    if not spec or not str(spec).strip():
+        raise XltError("ja_points: the piecewise schedule needs points 'fraction:ratio,...'")
+    points: list[tuple[float, float]] = []
+    for item in str(spec).split(","):
+        item = item.strip()
+        try:
+            f_s, r_s = item.split(":")
+            f, r = float(f_s), float(r_s)
+        except ValueError:
+            raise XltError(f"ja_points: {item!r} is not 'fraction:ratio'") from None
+        if not 0.0 <= r <= 1.0:
+            raise XltError(f"ja_points: ratio {r} at fraction {f} is outside [0, 1]")
+        if not 0.0 <= f <= 1.0:
+            raise XltError(f"ja_points: fraction {f} is outside [0, 1]")
+        if points and f < points[-1][0]:
+            raise XltError(f"ja_points: fractions must increase through the run ({f} comes after {points[-1][0]})")
+        if len(points) >= 2 and f == points[-1][0] == points[-2][0]:
+            raise XltError(f"ja_points: fraction {f} appears more than twice")
+        points.append((f, r))
+    if points[0][0] != 0.0 or points[-1][0] != 1.0:
+        raise XltError(f"ja_points: the first point must be at fraction 0 and the last at 1 (got {spec!r})")
+    return points
 
 
 def _is_number(value: Any) -> bool:

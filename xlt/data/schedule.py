@@ -13,63 +13,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from xlt.config import XltError
+from xlt.errors import XltError
+from xlt.validate import CHOICES, parse_points
 
-SCHEDULES = ("constant", "linear", "step", "cosine", "piecewise")
-
-
-# ---------------------------------------------------------------------------------------------
-# Parsing and checks
-# ---------------------------------------------------------------------------------------------
-def parse_points(spec: str) -> list[tuple[float, float]]:
-    """'0:0.3,0.8:0.3,0.8:0.6,1:0.6' -> [(0, .3), (.8, .3), (.8, .6), (1, .6)], checked.
-
-    Fractions must not decrease; a repeated fraction is a jump (two points, as in the example).
-    The first point must be at 0 and the last at 1, so the curve covers the whole run.
-    """
-    if not spec or not str(spec).strip():
-        raise XltError("ja_points: the piecewise schedule needs points 'fraction:ratio,...'")
-    points: list[tuple[float, float]] = []
-    for item in str(spec).split(","):
-        item = item.strip()
-        try:
-            f_s, r_s = item.split(":")
-            f, r = float(f_s), float(r_s)
-        except ValueError:
-            raise XltError(f"ja_points: {item!r} is not 'fraction:ratio'") from None
-        if not 0.0 <= r <= 1.0:
-            raise XltError(f"ja_points: ratio {r} at fraction {f} is outside [0, 1]")
-        if not 0.0 <= f <= 1.0:
-            raise XltError(f"ja_points: fraction {f} is outside [0, 1]")
-        if points and f < points[-1][0]:
-            raise XltError(f"ja_points: fractions must increase through the run ({f} comes after {points[-1][0]})")
-        if len(points) >= 2 and f == points[-1][0] == points[-2][0]:
-            raise XltError(f"ja_points: fraction {f} appears more than twice")
-        points.append((f, r))
-    if points[0][0] != 0.0 or points[-1][0] != 1.0:
-        raise XltError(f"ja_points: the first point must be at fraction 0 and the last at 1 (got {spec!r})")
-    return points
-
-
-def validate_schedule(args: Any) -> None:
-    """Schedule checks beyond ``validate_data_args``: raise one ``XltError`` line naming the key."""
-    if args.ja_schedule not in SCHEDULES:
-        raise XltError(f"ja_schedule={args.ja_schedule!r}: expected {', '.join(SCHEDULES)}")
-    for key in ("ja_ratio_start", "ja_ratio_end"):
-        v = float(getattr(args, key))
-        if not 0.0 <= v <= 1.0:
-            raise XltError(f"{key}={v} is outside [0, 1]")
-    if not 0.0 < float(args.ja_ramp_fraction) <= 1.0:
-        raise XltError(f"ja_ramp_fraction={args.ja_ramp_fraction} must be in (0, 1]")
-    if args.ja_schedule == "piecewise":
-        parse_points(args.ja_points)
-    if args.slw_min_len is not None:
-        if not (8 <= args.slw_min_len <= args.seq_len and args.slw_min_len % 8 == 0):
-            raise XltError(f"slw_min_len={args.slw_min_len} must be a multiple of 8 between 8 and seq_len={args.seq_len}")
-        if not 0.0 < float(args.slw_fraction) <= 1.0:
-            raise XltError(f"slw_fraction={args.slw_fraction} must be in (0, 1]")
-        if args.slw_schedule not in ("linear", "root"):
-            raise XltError(f"slw_schedule={args.slw_schedule!r}: expected linear or root")
+SCHEDULES = CHOICES["ja_schedule"]
 
 
 def ratio_range(args: Any) -> tuple[float, float]:

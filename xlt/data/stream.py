@@ -38,7 +38,7 @@ from xlt.data.mixture import (
     step_quota,
 )
 from xlt.data.packing import DocEncoder, RowBuilder
-from xlt.data.schedule import cumulative_ja_target, ratio_range, seq_len_at, validate_schedule
+from xlt.data.schedule import cumulative_ja_target, ratio_range, seq_len_at
 from xlt.data.sources import LANGS, Source, load_sources
 
 log = logging.getLogger("xlt.data")
@@ -290,7 +290,6 @@ def build_pretrain_stream(data_args: DataArguments, tokenizer: Any, total_tokens
                           rank: int = 0, world_size: int = 1) -> PretrainStream:
     """Check the settings, read and clean the sources, and return this rank's stream."""
     validate_data_args(data_args)
-    validate_schedule(data_args)
     if total_tokens <= 0:
         raise XltError(f"train tokens must be positive (got {total_tokens})")
     if rows_per_step <= 0 or world_size <= 0 or rows_per_step % world_size:

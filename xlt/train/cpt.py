@@ -25,7 +25,6 @@ from xlt.config import (
 )
 from xlt.data.collate import PackedRowsCollator
 from xlt.data.prepare import KEY_FILE, SHARD_BYTES, check_output_dir, settings_key
-from xlt.data.schedule import validate_schedule
 from xlt.data.shards import build_shard_dataset
 from xlt.data.sources import Source, heldout_texts, load_sources
 from xlt.data.steps import StepPlan, plan_steps
@@ -83,7 +82,6 @@ def check_cpt_inputs(model_args: ModelArguments, tok_args: TokenizerArguments, d
                      cpt_args: CptArguments, training_args: Any) -> tuple[list[Source], Optional[list[Source]], StepPlan]:
     """Every check that needs no model: keys, files, text fields, schedule, model spec, run length."""
     validate_data_args(data_args)
-    validate_schedule(data_args)
     sources = load_sources(data_args.sources, "sources")
     eval_sources = load_sources(data_args.eval_sources, "eval_sources") if data_args.eval_sources else None
     check_languages(data_args, sources)  # the schedule's whole range (piecewise points too), not just start/end
