@@ -513,6 +513,10 @@ def run_cpt(model_args: ModelArguments, tok_args: TokenizerArguments, data_args:
     from xlt.train.kd import kd_settings
 
     kd = kd_settings(cpt_args, tok_args.tokenizer_mode, plan.max_steps, lora is not None, launcher.kind)
+    from xlt.train.partial import model_layers, partial_settings
+
+    partial = partial_settings(cpt_args, plan.max_steps, lora is not None, launcher.world_size, launcher.kind, model_layers(
+        model_args.model, model_args.trust_remote_code) if cpt_args.partial_training_fraction else None)
     loss_impl = cpt_loss_implementation(cpt_args, training_args)
     training_args.max_steps = plan.max_steps
     settings = fingerprint(model_args, tok_args, data_args, cpt_args, lora or {},
@@ -523,7 +527,8 @@ def run_cpt(model_args: ModelArguments, tok_args: TokenizerArguments, data_args:
     _log(plan.describe())
     with run_lock(output_dir, "cpt"):
         return _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, sources, eval_sources,
-                               plan, settings, master_dtype, attn, launcher, t0, lora, new_rows, kd, loss_impl)
+                               plan, settings, master_dtype, attn, launcher, t0, lora, new_rows, kd, loss_impl,
+                               partial)
 
 
 def check_lora_model(model_args: ModelArguments, lora: LoraSettings) -> None:
@@ -623,7 +628,7 @@ def shard_report(stream: Any, resumed_step: int, plan: StepPlan, world_size: int
 
 def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, sources, eval_sources, plan,
                     settings, master_dtype, attn, launcher, t0, lora=None, new_rows=None, kd=None,
-                    loss_impl="model") -> dict:
+                    loss_impl="model", partial=None) -> dict:
     output_dir = training_args.output_dir
     eval_texts = heldout_texts(sources, eval_sources, cpt_args.eval_max_docs)
     # The main process claims the directory and writes the held-out split first; the others then find it.
@@ -708,8 +713,14 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
     sharding = sharding_check() if launcher.name == "fsdp2" else None
     if fsdp_setup:
         _log(fsdp_setup)
+    extra_callbacks = [sharding] if sharding is not None else []
+    if partial is not None:
+        from xlt.train.partial import PartialTraining
+
+        extra_callbacks.append(PartialTraining(model, partial))
+        _log(partial.describe(plan.max_steps))
     trainer = build_cpt_trainer(model, tokenizer, training_args, stream, data_args, plan, guard,
-                                callbacks=[sharding] if sharding is not None else None,
+                                callbacks=extra_callbacks or None,
                                 loss_by_language_steps=cpt_args.loss_by_language_steps,
                                 new_rows=new_rows_opt if new_rows_opt and new_rows_opt[0].active and new_rows_opt[1] else None,
                                 distiller=distiller, loss_implementation=loss_impl)
@@ -768,6 +779,8 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
         section["cpt"]["sharded_parameters"] = sharding.summary["sharded"]
     if new_rows_opt is not None:
         section["cpt"]["new_rows"] = new_rows_opt[0].report(len(new_rows_opt[1]))
+    if partial is not None:
+        section["cpt"]["partial_training"] = partial.report()
     if kd_state is not None:
         section["cpt"]["distill_flops"] = kd_state["distill_flops"]
         if loss_impl != "model":
