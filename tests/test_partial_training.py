@@ -229,3 +229,66 @@ def test_partial_phase_in_a_real_run_and_exact_resume_inside_and_after_it(tmp_pa
     got = load_file(os.path.join(part, "cpt", "model.safetensors"))
     for k in final:
         assert torch.equal(final[k], got[k]), k
+
+
+# -- xlt compare: a partial arm is charged what it computes -------------------------------------
+def _compare_file(tmp_path, arm_overrides) -> str:
+    import yaml
+
+    ja, en = tmp_path / "ja_held.jsonl", tmp_path / "en_held.txt"
+    ja.write_text(json.dumps({"text": "吾輩は猫である。"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    en.write_text("First Citizen:\nSpeak, speak.\n", encoding="utf-8")
+    cfg = {"recipe": str(REPO / "recipes/smollm2-135m-ja/cpt.yaml"), "compute": {"base_train_tokens": 98304},
+           "arms": [{"name": "base", "overrides": {"tokenizer_mode": "none"}},
+                    {"name": "ls", "overrides": {"tokenizer_mode": "none", **arm_overrides}}],
+           "heldout": {"ja": [str(ja)], "en": [str(en)]}}
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    return str(path)
+
+
+def test_compare_gives_a_partial_arm_more_tokens_at_equal_flops(tmp_path, no_model_loading):
+    """plan_arms with a 2-stage arm (half the steps at 0.6 of the full FLOPs per token): its tokens solve
+    budget = 6 N (tokens - partial tokens) + 0.6 * 6 N * partial tokens; the curve's FLOPs follow the phases."""
+    from xlt.compare import arm_flops, load_config, plan_arms
+
+    cfg = load_config(_compare_file(tmp_path, {"partial_training_fraction": 0.5}), output_dir=str(tmp_path / "o"))
+    n = 1_000_000
+    partial = {"train_layers_first": 0, "train_layers_last": 0, "fraction": 0.5, "flops_per_token": 0.6 * 6 * n}
+    prepared = {"base": {"params": {"n_eff": n}, "init_flops": 0.0},
+                "ls": {"params": {"n_eff": n}, "init_flops": 0.0, "partial": partial}}
+    budget, plans = plan_arms(cfg, prepared)
+    tps, ls = plans["base"]["tokens_per_step"], plans["ls"]
+    assert plans["base"]["steps"] == 98304 // tps and budget == 6 * n * 98304
+    # s steps with ceil(s / 2) partial cost 6 N tps (s - 0.4 ceil(s / 2)): equal to the base's 6 N tps S at
+    # s = S / 0.8 when S / 0.8 is even
+    base_steps = plans["base"]["steps"]
+    assert ls["steps"] == round(base_steps / 0.8) and ls["steps"] % 2 == 0, (base_steps, ls)
+    assert ls["flops"] == pytest.approx(6 * n * tps * (ls["steps"] - 0.4 * (ls["steps"] // 2)), rel=1e-12)
+    assert ls["flops"] == pytest.approx(budget, rel=1e-12)
+    half = ls["steps"] // 2 * tps
+    assert arm_flops(prepared["ls"], half, ls["steps"], tps) == pytest.approx(0.6 * 6 * n * half)  # in the phase
+    assert arm_flops(prepared["ls"], half + tps, ls["steps"], tps) == pytest.approx(0.6 * 6 * n * half + 6 * n * tps)
+
+
+def test_compare_partial_cost_is_the_hand_count_of_the_arm_model(tmp_path, tiny_model_dir):
+    """partial_cost reads the arm's model config (meta device): 2 layers, first 1: layer 0 and the head at 6,
+    layer 1 and the final norm at 4."""
+    from transformers import AutoConfig
+
+    from xlt.compare import partial_cost
+
+    assert partial_cost(tiny_model_dir, CptArguments()) is None
+    got = partial_cost(tiny_model_dir, CptArguments(train_layers_first=1, partial_training_fraction=0.25))
+    cfg = AutoConfig.from_pretrained(tiny_model_dir)
+    head = cfg.vocab_size * H
+    assert cfg.num_hidden_layers == 2 and cfg.hidden_size == H
+    assert got == {"train_layers_first": 1, "train_layers_last": 0, "fraction": 0.25,
+                   "flops_per_token": 6 * (LAYER + head) + 4 * (LAYER + H)}
+
+
+def test_compare_refuses_a_bad_partial_arm_before_any_model_loads(tmp_path, no_model_loading):
+    from xlt.compare import load_config
+
+    with pytest.raises(XltError, match="arm 'ls': train_layers_first=2 needs partial_training_fraction"):
+        load_config(_compare_file(tmp_path, {"train_layers_first": 2}), output_dir=str(tmp_path / "o"))
