@@ -724,7 +724,8 @@ def _new_report(chk: Check, recipe: str, stage: str, hw: Hardware) -> dict[str, 
 
 def _check_steps(chk: Check, report: dict, stage: str, parsed: Sequence[Any], info: dict, world: int,
                  kind: str = "single") -> None:
-    """Tokens per step and the run length (cpt: the step plan, and the new_rows_* refusals it depends on)."""
+    """Tokens per step and the run length (cpt: the step plan, and the new_rows_* and partial-training refusals
+    that depend on it and on the launcher ``kind``)."""
     training_args = parsed[-1]
     if stage == "cpt":
         from xlt.data.steps import plan_steps

@@ -515,8 +515,8 @@ def run_cpt(model_args: ModelArguments, tok_args: TokenizerArguments, data_args:
     kd = kd_settings(cpt_args, tok_args.tokenizer_mode, plan.max_steps, lora is not None, launcher.kind)
     from xlt.train.partial import model_layers, partial_settings
 
-    partial = partial_settings(cpt_args, plan.max_steps, lora is not None, launcher.world_size, launcher.kind, model_layers(
-        model_args.model, model_args.trust_remote_code) if cpt_args.partial_training_fraction else None)
+    layers = model_layers(model_args.model, model_args.trust_remote_code) if cpt_args.partial_training_fraction else None
+    partial = partial_settings(cpt_args, plan.max_steps, lora is not None, launcher.world_size, launcher.kind, layers)
     loss_impl = cpt_loss_implementation(cpt_args, training_args)
     training_args.max_steps = plan.max_steps
     settings = fingerprint(model_args, tok_args, data_args, cpt_args, lora or {},
