@@ -292,3 +292,22 @@ def test_compare_refuses_a_bad_partial_arm_before_any_model_loads(tmp_path, no_m
 
     with pytest.raises(XltError, match="arm 'ls': train_layers_first=2 needs partial_training_fraction"):
         load_config(_compare_file(tmp_path, {"train_layers_first": 2}), output_dir=str(tmp_path / "o"))
+
+
+def test_compare_md_names_the_partial_arms_cost_per_token(tmp_path):
+    from xlt.compare import summarise, write_outputs
+
+    def row(name, new_tokens, partial=None):
+        curve = [{"step": 0, "tokens": 0, "flops": 0.0, "ja_bpc": 6.0, "en_bpc": 3.0},
+                 {"step": 4, "tokens": 512, "flops": 1e12, "ja_bpc": 5.0, "en_bpc": 2.5}]
+        return {"name": name, "new_tokens": new_tokens, "budget_flops": 1e12, "flops": 1e12, "ja_bpc": 5.0,
+                "en_bpc": 2.5, "ja_bpc_step0": 6.0, "en_bpc_step0": 3.0, "ja_chars_per_token": 0.6,
+                "chars_per_second": None, "tokens": 512, "curve": curve, "overrides": {}, "n_eff": 1000,
+                "partial_training": partial}
+
+    rows = [row("base", 0), row("ls", 0, {"train_layers_first": 2, "train_layers_last": 2, "fraction": 1.0,
+                                          "flops_per_token": 4620.0})]
+    summarise(rows)
+    write_outputs(str(tmp_path), rows, {"ja": ["吾輩は猫である。"], "en": ["Speak."]})
+    md = (tmp_path / "compare.md").read_text(encoding="utf-8")
+    assert "6 · N_eff · tokens + init (partial-training phases per token: ls 0.770 of 6 · N_eff)" in md

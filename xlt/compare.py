@@ -749,8 +749,11 @@ def _markdown(rows: Sequence[dict], texts: Mapping[str, list[str]]) -> str:
            "Bits per character: lower is better; in brackets the difference to the base arm.", ""]
     for budget, group in by_budget(rows).items():
         spread = flops_spread([r["flops"] for r in group])
+        partial = ", ".join(f"{r['name']} {r['partial_training']['flops_per_token'] / (6 * r['n_eff']):.3f}"
+                            for r in group if r.get("partial_training"))
+        how = f" (partial-training phases per token: {partial} of 6 · N_eff)" if partial else ""
         out += [f"## Budget {budget:.4g} training FLOPs per arm", "",
-                f"6 · N_eff · tokens + init; the arms' FLOPs differ by {spread:.2%}.", "", format_table(group), ""]
+                f"6 · N_eff · tokens + init{how}; the arms' FLOPs differ by {spread:.2%}.", "", format_table(group), ""]
         if "recommendation" in group[0]:
             best = next(r["name"] for r in group if r["best_at_budget"])
             front = ", ".join(r["name"] for r in group if r["on_pareto_front"])
