@@ -35,6 +35,7 @@ from xlt.log import logger
 
 _log = logger("xlt cpt")
 
+
 @dataclass(frozen=True)
 class PartialSettings:
     """The partial phase of one run (``steps`` in optimizer steps)."""
