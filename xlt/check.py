@@ -678,7 +678,7 @@ def run_check(recipe: str, accelerate_config: Optional[str] = None, offline: boo
     if plan is None:
         return _finish(report)
     world = report["world_size"]
-    _check_steps(chk, report, stage, parsed, info, world)
+    _check_steps(chk, report, stage, parsed, info, world, plan.launcher.kind)
     ckpt = report["activation_checkpointing"] = _checkpointing(training_args, info["model_args"], plan)
     loss = "model"  # SFT: TRL's loss from the full logits
     if stage == "cpt":
@@ -726,12 +726,15 @@ def _new_report(chk: Check, recipe: str, stage: str, hw: Hardware) -> dict[str, 
             "memory_breakdown_gb": None, "memory_savings": [], "memory_note": MEMORY_NOTE}
 
 
-def _check_steps(chk: Check, report: dict, stage: str, parsed: Sequence[Any], info: dict, world: int) -> None:
-    """Tokens per step and the run length (cpt: the step plan, and the new_rows_* refusals it depends on)."""
+def _check_steps(chk: Check, report: dict, stage: str, parsed: Sequence[Any], info: dict, world: int,
+                 kind: str = "single") -> None:
+    """Tokens per step and the run length (cpt: the step plan, and the new_rows_* and partial-training refusals
+    that depend on it and on the launcher ``kind``)."""
     training_args = parsed[-1]
     if stage == "cpt":
         from xlt.data.steps import plan_steps
         from xlt.train.new_rows import new_rows_settings
+        from xlt.train.partial import partial_settings
 
         steps = chk.attempt(plan_steps, parsed[2], parsed[3], training_args, world)
         if steps is not None:
@@ -740,6 +743,7 @@ def _check_steps(chk: Check, report: dict, stage: str, parsed: Sequence[Any], in
             _, tok_args, _, cpt_args, lora, _ = parsed
             chk.attempt(new_rows_settings, cpt_args, tok_args.tokenizer_mode, training_args, steps.max_steps,
                         bool(lora.use_lora))
+            chk.attempt(partial_settings, cpt_args, steps.max_steps, bool(lora.use_lora), world, kind)
         return
     rows = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world
     report["tokens_per_step"] = rows * info["seq_len"]

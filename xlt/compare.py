@@ -59,7 +59,15 @@ from typing import Any, Optional
 
 from xlt import stages
 from xlt.config import XltError
-from xlt.flops import effective_params, flops_spread, model_effective_params, solve_tokens, training_flops  # noqa: F401
+from xlt.flops import (  # noqa: F401
+    effective_params,
+    flops_spread,
+    model_effective_params,
+    model_partial_flops,
+    partial_steps,
+    solve_tokens,
+    training_flops,
+)
 from xlt.io import atomic_write_json, resolve_shared
 from xlt.log import logger
 
@@ -296,6 +304,8 @@ def load_config(path: str, output_dir: Optional[str] = None) -> CompareConfig:
     no training source of any arm.
     """
     from xlt.train.cpt import check_cpt_inputs
+    from xlt.train.partial import partial_settings
+    from xlt.train.runtime import Launcher
     from xlt.validate import recipe_annotations
 
     raw = _yaml_mapping(path, "comparison file")
@@ -338,11 +348,13 @@ def load_config(path: str, output_dir: Optional[str] = None) -> CompareConfig:
                 if os.path.realpath(f) in _training_paths(arm.recipe):
                     raise XltError(f"{path}: heldout.{lang}: {f} is a training source of arm {arm.name!r}; "
                                    "held-out text must come from outside the training data")
+    launcher = Launcher.from_env()
     with tempfile.TemporaryDirectory(prefix="xlt-compare-") as tmp:
         for arm in arms:
             try:
                 parsed = parse_arm(arm, os.path.join(tmp, arm.name), 1, tmp)
                 check_cpt_inputs(*_cpt_parts(parsed)[:4], _pick(parsed, "TrainingArguments"))
+                partial_settings(_cpt_parts(parsed)[3], 1, False, launcher.world_size, launcher.kind)
             except XltError as e:
                 raise XltError(f"{path}: arm {arm.name!r}: {e}") from None
     return CompareConfig(path, recipe_path, out, amount if given[0] == "flops" else None,
@@ -510,9 +522,32 @@ def _prepare_arm(cfg: CompareConfig, arm: Arm, texts: dict, identity: dict) -> d
     step0 = score_model(step0_dir, texts, cfg.eval, trust_remote_code=model_args.trust_remote_code)
     result = {"identity": identity, "name": arm.name, "step0_dir": step0_dir, "init_flops": init_flops,
               "params": model_effective_params(step0_dir, model_args.trust_remote_code),
+              "partial": partial_cost(step0_dir, cpt_args, model_args.trust_remote_code),
               "step0": step0, "step0_eval_seconds": round(time.time() - t0, 1)}
     atomic_write_json(result_path, result)
     return result
+
+
+def partial_cost(model_dir: str, cpt_args: Any, trust_remote_code: bool = False) -> Optional[dict]:
+    """An arm's partial-training phase as its FLOPs count needs it (None without one): the keys, and the FLOPs
+    per token while it lasts (xlt/flops.py: 6 per trainable, 4 per frozen parameter below which something trains)."""
+    frac = cpt_args.partial_training_fraction
+    if not frac:
+        return None
+    first, last = cpt_args.train_layers_first, cpt_args.train_layers_last
+    return {"train_layers_first": first, "train_layers_last": last, "fraction": frac,
+            "flops_per_token": model_partial_flops(model_dir, first, last, trust_remote_code)}
+
+
+def arm_flops(result: dict, tokens: float, steps: int, tokens_per_step: int) -> float:
+    """Training FLOPs of an arm (of ``steps`` planned steps) after ``tokens``: its partial phase (the first
+    ``partial_steps`` of the run) at its own FLOPs per token, the rest at ``6 * N_eff``, plus the init cost."""
+    partial = result.get("partial")
+    n_eff, init = result["params"]["n_eff"], result["init_flops"]
+    if not partial:
+        return training_flops(n_eff, tokens, init)
+    return training_flops(n_eff, tokens, init, partial_steps(partial["fraction"], steps) * tokens_per_step,
+                          partial["flops_per_token"])
 
 
 def _train_arm(cfg: CompareConfig, arm: Arm, plan: dict, texts: dict, result: dict) -> dict:
@@ -535,8 +570,7 @@ def _train_arm(cfg: CompareConfig, arm: Arm, plan: dict, texts: dict, result: di
     report = _read_json(os.path.join(run_dir, "report.json")) or {}
     trained = int(sum((report.get("tokens_trained") or {}).values())) or plan["tokens"]
     extra = float((report.get("cpt") or {}).get("distill_flops", 0) or 0)
-    n_eff, init = result["params"]["n_eff"], result["init_flops"]
-    tps = plan["tokens"] // plan["steps"]
+    init, tps = result["init_flops"], plan["tokens"] // plan["steps"]
     curve = [{"step": 0, "tokens": 0, "flops": init, **{f"{lang}_bpc": result["step0"][f"{lang}_bpc"]
                                                           for lang in texts}}]
     if cfg.eval.checkpoints:
@@ -545,12 +579,12 @@ def _train_arm(cfg: CompareConfig, arm: Arm, plan: dict, texts: dict, result: di
             s = score_model(path, texts, cfg.eval)
             state = _read_json(os.path.join(path, STATE_FILE)) or {}
             done = int(sum((state.get("accounting") or {}).get("tokens_trained", {}).values())) or step * tps
-            curve.append({"step": step, "tokens": done, "flops": training_flops(n_eff, done, init),
+            curve.append({"step": step, "tokens": done, "flops": arm_flops(result, done, plan["steps"], tps),
                           **{f"{lang}_bpc": s[f"{lang}_bpc"] for lang in texts}})
     _log(f"{arm.name}: scoring the final model")
     t1 = time.time()
     end = score_model(final, texts, cfg.eval, speed=True)
-    flops = training_flops(n_eff, trained, init) + extra
+    flops = arm_flops(result, trained, plan["steps"], tps) + extra
     curve.append({"step": plan["steps"], "tokens": trained, "flops": flops,
                   **{f"{lang}_bpc": end[f"{lang}_bpc"] for lang in texts}})
     result.update({"plan": plan, "end": end, "curve": curve, "tokens": trained, "flops": flops,
@@ -579,11 +613,13 @@ def plan_arms(cfg: CompareConfig, prepared: dict[str, dict]) -> tuple[float, dic
     for arm in cfg.arms:
         p = prepared[arm.name]
         try:
-            steps, tokens = solve_tokens(budget, p["params"]["n_eff"], p["init_flops"], tps[arm.name])
+            partial = p.get("partial")
+            steps, tokens = solve_tokens(budget, p["params"]["n_eff"], p["init_flops"], tps[arm.name],
+                                         (partial["fraction"], partial["flops_per_token"]) if partial else None)
         except XltError as e:
             raise XltError(f"arm {arm.name!r}: {e}") from None
         plans[arm.name] = {"steps": steps, "tokens": tokens, "tokens_per_step": tps[arm.name],
-                           "flops": training_flops(p["params"]["n_eff"], tokens, p["init_flops"])}
+                           "flops": arm_flops(p, tokens, steps, tps[arm.name])}
     spread = flops_spread([p["flops"] for p in plans.values()])
     if spread > cfg.tolerance:
         detail = ", ".join(f"{n} {p['steps']} steps" for n, p in plans.items())
@@ -598,7 +634,7 @@ def _row(arm: Arm, r: dict, budget: float) -> dict:
     return {"name": arm.name, "overrides": arm.overrides, "flops": r["flops"], "budget_flops": budget,
             "new_tokens": new_tokens, "tokenizer_mode": arm.recipe.get("tokenizer_mode", "none"),
             "init_flops": r["init_flops"], "tokens": r["tokens"], "steps": r["plan"]["steps"],
-            "n_eff": r["params"]["n_eff"], "head_rows": r["params"]["head_rows"],
+            "n_eff": r["params"]["n_eff"], "head_rows": r["params"]["head_rows"], "partial_training": r.get("partial"),
             "ja_bpc": end["ja_bpc"], "en_bpc": end["en_bpc"],
             "ja_bpc_step0": step0["ja_bpc"], "en_bpc_step0": step0["en_bpc"],
             "ja_chars_per_token": end["ja_chars_per_token"], "en_chars_per_token": end["en_chars_per_token"],
@@ -713,8 +749,11 @@ def _markdown(rows: Sequence[dict], texts: Mapping[str, list[str]]) -> str:
            "Bits per character: lower is better; in brackets the difference to the base arm.", ""]
     for budget, group in by_budget(rows).items():
         spread = flops_spread([r["flops"] for r in group])
+        partial = ", ".join(f"{r['name']} {r['partial_training']['flops_per_token'] / (6 * r['n_eff']):.3f}"
+                            for r in group if r.get("partial_training"))
+        how = f" (partial-training phases per token: {partial} of 6 · N_eff)" if partial else ""
         out += [f"## Budget {budget:.4g} training FLOPs per arm", "",
-                f"6 · N_eff · tokens + init; the arms' FLOPs differ by {spread:.2%}.", "", format_table(group), ""]
+                f"6 · N_eff · tokens + init{how}; the arms' FLOPs differ by {spread:.2%}.", "", format_table(group), ""]
         if "recommendation" in group[0]:
             best = next(r["name"] for r in group if r["best_at_budget"])
             front = ", ".join(r["name"] for r in group if r["on_pareto_front"])

@@ -305,6 +305,24 @@ class CptArguments:
         metadata={"help": "For the first ceil(fraction x max_steps) optimizer steps only the new rows train: the body "
                   "and every old row stay bit-identical and their Adam state does not advance (0 <= x < 1)."},
     )
+    # Partial training (xlt/train/partial.py): one process, full training (not use_lora). 2x2 LS: first 2, last 2,
+    # fraction 1; 2-stage: first 0, last 0, fraction 0.5. xlt compare charges the phase its real FLOPs.
+    train_layers_first: int = field(
+        default=0,
+        metadata={"help": "Partial training: the first this many decoder layers train in the partial phase, with the "
+                  "input embedding and the output head (>= 0; needs partial_training_fraction > 0)."},
+    )
+    train_layers_last: int = field(
+        default=0,
+        metadata={"help": "Partial training: the last this many decoder layers train in the partial phase (>= 0)."},
+    )
+    partial_training_fraction: float = field(
+        default=0.0,
+        metadata={"help": "Partial training: for the first ceil(fraction x max_steps) optimizer steps only the "
+                  "embeddings, the head and the train_layers_first / train_layers_last layers train (everything "
+                  "else frozen: no gradient, Adam state untouched), then everything (0 <= x <= 1; 0: off, 1: the "
+                  "whole run)."},
+    )
     # Distillation from the base model early in training (xlt/train/kd.py): tokenizer_mode extend or none,
     # full training, one process or DDP.
     kd_weight: float = field(

@@ -196,6 +196,9 @@ RULES: dict[str, Rule] = {
     "loss_by_language_steps": NON_NEGATIVE,  # 0 disables the loss-by-language measurement
     "spike_factor": OFF_OR_ABOVE_1,  # a factor <= 1 would skip nearly every step
     "eval_max_docs": POSITIVE,
+    "train_layers_first": NON_NEGATIVE,
+    "train_layers_last": NON_NEGATIVE,
+    "partial_training_fraction": UNIT,
     # EvalArguments
     "eval_max_length": POSITIVE,
     "max_new_tokens": POSITIVE,

@@ -54,6 +54,7 @@ from xlt.train.lock import run_lock
 from xlt.train.lora import LoraSettings, apply_lora, check_lora_targets
 from xlt.train.losses import resolve_loss_implementation
 from xlt.train.new_rows import new_rows_settings
+from xlt.train.partial import PartialTraining, model_layers, partial_settings
 from xlt.train.runtime import (
     Launcher,
     apply_throughput_keys,
@@ -209,6 +210,7 @@ class CptRun:
     new_rows: Any = None  # NewRowsSettings
     kd: Any = None  # KdSettings
     loss_impl: str = "model"
+    partial: Any = None  # PartialSettings: only some layers train for a fraction of the steps
     # -- set by the phases
     save_dtype: str = ""
     model_dir: str = ""
@@ -268,6 +270,8 @@ def check_run(model_args: ModelArguments, tok_args: TokenizerArguments, data_arg
     launcher = Launcher.from_env()
     check_fsdp_launch(training_args, launcher)
     kd = kd_settings(cpt_args, tok_args.tokenizer_mode, plan.max_steps, lora is not None, launcher.kind)
+    layers = model_layers(model_args.model, model_args.trust_remote_code) if cpt_args.partial_training_fraction else None
+    partial = partial_settings(cpt_args, plan.max_steps, lora is not None, launcher.world_size, launcher.kind, layers)
     loss_impl = cpt_loss_implementation(cpt_args, training_args)
     training_args.max_steps = plan.max_steps
     settings = fingerprint(model_args, tok_args, data_args, cpt_args, lora or {},
@@ -276,7 +280,7 @@ def check_run(model_args: ModelArguments, tok_args: TokenizerArguments, data_arg
                                     "loss_implementation", "save_dtype", "compile_blocks",
                                     "activation_checkpointing_every"))
     return CptRun(model_args, tok_args, data_args, cpt_args, training_args, sources, eval_sources, plan, settings,
-                  master_dtype, attn, launcher, t0, lora, new_rows, kd, loss_impl)
+                  master_dtype, attn, launcher, t0, lora, new_rows, kd, loss_impl, partial)
 
 
 def check_lora_model(model_args: ModelArguments, lora: LoraSettings) -> None:
@@ -453,9 +457,13 @@ def train(run: CptRun) -> None:
     run.sharding = sharding = sharding_check() if run.launcher.name == "fsdp2" else None
     if fsdp_setup:
         _log(fsdp_setup)
+    callbacks = [sharding] if sharding is not None else []
+    if run.partial is not None:
+        callbacks.append(PartialTraining(run.model, run.partial))
+        _log(run.partial.describe(run.plan.max_steps))
     rows = run.new_rows_opt
     trainer = build_cpt_trainer(run.model, run.tokenizer, run.training_args, run.stream, run.data_args, run.plan,
-                                run.guard, callbacks=[sharding] if sharding is not None else None,
+                                run.guard, callbacks=callbacks or None,
                                 loss_by_language_steps=run.cpt_args.loss_by_language_steps,
                                 new_rows=rows if rows and rows[0].active and rows[1] else None,
                                 distiller=run.distiller, loss_implementation=run.loss_impl)
@@ -522,6 +530,8 @@ def cpt_section(run: CptRun, accounting: dict, seconds: float, kd_state: Optiona
         section["sharded_parameters"] = run.sharding.summary["sharded"]
     if run.new_rows_opt is not None:
         section["new_rows"] = run.new_rows_opt[0].report(len(run.new_rows_opt[1]))
+    if run.partial is not None:
+        section["partial_training"] = run.partial.report()
     if kd_state is not None:
         kd = run.kd
         section["distill_flops"] = kd_state["distill_flops"]
