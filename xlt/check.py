@@ -479,18 +479,10 @@ def parse(stage: str, recipe_path: str, overrides: Sequence[str], precision: Opt
     target hardware. The recipe's own ``use_cpu`` is read separately and judged against that hardware.
     ``precision``: what a recipe that leaves out bf16 / fp16 gets on the target hardware ('bf16' / 'fp32').
     """
-    from xlt.config import (
-        SftArguments,
-        cpt_recipe_types,
-        parse_recipe,
-    )
+    from xlt.config import CptRecipe, SftRecipe
 
     argv = ["--config", recipe_path, *overrides, "--use_cpu", "true"]
-    if stage == "cpt":
-        return parse_recipe(cpt_recipe_types(), argv, precision=precision)
-    from trl import SFTConfig
-
-    return parse_recipe([SftArguments, SFTConfig], argv, precision=precision)
+    return (CptRecipe if stage == "cpt" else SftRecipe).parse(argv, precision=precision)
 
 
 def _check_packages(chk: Check, training_args: Any, plan: Optional[LaunchPlan], lora: Any) -> None:
@@ -558,14 +550,15 @@ def _hub_sources(chk: Check, sources: list, offline: bool) -> None:
             chk.attempt(s.open_hub_dataset)
 
 
-def _check_cpt(chk: Check, parsed: tuple, offline: bool) -> dict[str, Any]:
+def _check_cpt(chk: Check, parsed: Any, offline: bool) -> dict[str, Any]:
     """The checks of ``check_cpt_inputs``, each on its own so that every problem is reported."""
     from xlt.config import validate_data_args
     from xlt.data.sources import load_sources
     from xlt.data.stream import check_languages
     from xlt.models import check_model_spec
 
-    model_args, tok_args, data_args, cpt_args, lora, training_args = parsed
+    model_args, tok_args, data_args, cpt_args = parsed.model, parsed.tokenizer, parsed.data, parsed.cpt
+    lora, training_args = parsed.lora, parsed.training
     chk.attempt(validate_data_args, data_args)
     sources = chk.attempt(load_sources, data_args.sources, "sources")
     if sources is not None:  # else its one problem is reported; the languages cannot be judged
@@ -615,11 +608,11 @@ def _sft_model(chk: Check, sft_args: Any, training_args: Any, recipe_path: str) 
     return None, None
 
 
-def _check_sft(chk: Check, parsed: tuple, offline: bool, recipe_path: str) -> dict[str, Any]:
+def _check_sft(chk: Check, parsed: Any, offline: bool, recipe_path: str) -> dict[str, Any]:
     from xlt.data.sft import check_sft_specs
     from xlt.models import check_model_spec
 
-    sft_args, training_args = parsed
+    sft_args, training_args = parsed.sft, parsed.training
     # hub specs: the first rows streamed and matched to the adapter's layouts (skipped with --offline)
     chk.attempt(check_sft_specs, sft_args.sft_datasets, hub=not offline)
     for i, spec in enumerate(sft_args.sft_datasets or []):
@@ -658,7 +651,7 @@ def run_check(recipe: str, accelerate_config: Optional[str] = None, offline: boo
     report = _new_report(chk, recipe, stage, hw)
     cuda_run = hw.gpus > 0 and not recipe_use_cpu and not (plan is not None and plan.launcher.use_cpu)
     parsed = chk.attempt(parse, stage, recipe, overrides, "bf16" if cuda_run else "fp32")
-    training_args = parsed[-1] if parsed else None
+    training_args = parsed.training if parsed else None
     _check_precision_and_launcher(chk, report, plan, hw, training_args, cuda_run, recipe_use_cpu)
     if parsed is None:
         return _finish(report)
@@ -672,7 +665,7 @@ def run_check(recipe: str, accelerate_config: Optional[str] = None, offline: boo
     if stage == "cpt" and plan is not None and plan.launcher.kind == "deepspeed":
         from xlt.train.skip_step import SkipStepGuard, check_backend
 
-        chk.attempt(check_backend, SimpleNamespace(is_deepspeed_enabled=True), SkipStepGuard.from_args(parsed[3]))
+        chk.attempt(check_backend, SimpleNamespace(is_deepspeed_enabled=True), SkipStepGuard.from_args(parsed.cpt))
     if info["lora"] is not None and not importable("peft"):
         info["lora"] = None  # reported above; size the model without it
     if plan is None:
@@ -726,21 +719,21 @@ def _new_report(chk: Check, recipe: str, stage: str, hw: Hardware) -> dict[str, 
             "memory_breakdown_gb": None, "memory_savings": [], "memory_note": MEMORY_NOTE}
 
 
-def _check_steps(chk: Check, report: dict, stage: str, parsed: Sequence[Any], info: dict, world: int,
+def _check_steps(chk: Check, report: dict, stage: str, parsed: Any, info: dict, world: int,
                  kind: str = "single") -> None:
     """Tokens per step and the run length (cpt: the step plan, and the new_rows_* and partial-training refusals
     that depend on it and on the launcher ``kind``)."""
-    training_args = parsed[-1]
+    training_args = parsed.training
     if stage == "cpt":
         from xlt.data.steps import plan_steps
         from xlt.train.new_rows import new_rows_settings
         from xlt.train.partial import partial_settings
 
-        steps = chk.attempt(plan_steps, parsed[2], parsed[3], training_args, world)
+        steps = chk.attempt(plan_steps, parsed.data, parsed.cpt, training_args, world)
         if steps is not None:
             report.update(tokens_per_step=steps.tokens_per_step, max_steps=steps.max_steps,
                           total_tokens=steps.total_tokens, steps_note=steps.describe())
-            _, tok_args, _, cpt_args, lora, _ = parsed
+            tok_args, cpt_args, lora = parsed.tokenizer, parsed.cpt, parsed.lora
             chk.attempt(new_rows_settings, cpt_args, tok_args.tokenizer_mode, training_args, steps.max_steps,
                         bool(lora.use_lora))
             chk.attempt(partial_settings, cpt_args, steps.max_steps, bool(lora.use_lora), world, kind)

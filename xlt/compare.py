@@ -58,7 +58,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 from xlt import stages
-from xlt.config import XltError
+from xlt.config import CptRecipe, XltError
 from xlt.flops import (  # noqa: F401
     effective_params,
     flops_spread,
@@ -353,8 +353,8 @@ def load_config(path: str, output_dir: Optional[str] = None) -> CompareConfig:
         for arm in arms:
             try:
                 parsed = parse_arm(arm, os.path.join(tmp, arm.name), 1, tmp)
-                check_cpt_inputs(*_cpt_parts(parsed)[:4], _pick(parsed, "TrainingArguments"))
-                partial_settings(_cpt_parts(parsed)[3], 1, False, launcher.world_size, launcher.kind)
+                check_cpt_inputs(parsed.model, parsed.tokenizer, parsed.data, parsed.cpt, parsed.training)
+                partial_settings(parsed.cpt, 1, False, launcher.world_size, launcher.kind)
             except XltError as e:
                 raise XltError(f"{path}: arm {arm.name!r}: {e}") from None
     return CompareConfig(path, recipe_path, out, amount if given[0] == "flops" else None,
@@ -379,28 +379,16 @@ def arm_recipe(arm: Arm, output_dir: str, train_tokens: int) -> dict:
     return {**arm.recipe, "output_dir": output_dir, "train_tokens": int(train_tokens)}
 
 
-def parse_arm(arm: Arm, output_dir: str, train_tokens: int, recipe_dir: str) -> tuple[Any, ...]:
+def parse_arm(arm: Arm, output_dir: str, train_tokens: int, recipe_dir: str) -> CptRecipe:
     """Write the arm's recipe to ``recipe_dir/<name>.yaml`` (atomically) and parse it as ``xlt cpt`` would."""
     import yaml
 
-    from xlt.config import parse_recipe
     from xlt.io import atomic_write_text
 
     path = os.path.join(recipe_dir, f"{arm.name}.yaml")
     atomic_write_text(path, yaml.safe_dump(arm_recipe(arm, output_dir, train_tokens), allow_unicode=True,
                                             sort_keys=False))
-    return parse_recipe(cpt_types(), ["--config", path])
-
-
-def _pick(parsed: Sequence[Any], cls_name: str) -> Any:
-    for p in parsed:
-        if type(p).__name__ == cls_name:
-            return p
-    raise XltError(f"internal: the cpt recipe has no {cls_name}")
-
-
-def _cpt_parts(parsed: Sequence[Any]) -> tuple[Any, Any, Any, Any]:
-    return tuple(_pick(parsed, n) for n in ("ModelArguments", "TokenizerArguments", "DataArguments", "CptArguments"))
+    return CptRecipe.parse(["--config", path])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -505,7 +493,7 @@ def _prepare_arm(cfg: CompareConfig, arm: Arm, texts: dict, identity: dict) -> d
     if result is not None and "step0" in result:
         return result
     parsed = parse_arm(arm, run_dir, 1, os.path.join(cfg.output_dir, "recipes"))
-    model_args, tok_args, data_args, cpt_args = _cpt_parts(parsed)
+    model_args, tok_args, data_args, cpt_args = parsed.model, parsed.tokenizer, parsed.data, parsed.cpt
     init_flops = 0.0
     if tok_args.tokenizer_mode == "none":
         from xlt.models import resolve_model
@@ -604,8 +592,7 @@ def plan_arms(cfg: CompareConfig, prepared: dict[str, dict]) -> tuple[float, dic
     with tempfile.TemporaryDirectory(prefix="xlt-compare-") as tmp:
         for arm in cfg.arms:
             parsed = parse_arm(arm, os.path.join(tmp, arm.name), 1, tmp)
-            data_args, cpt_args = _pick(parsed, "DataArguments"), _pick(parsed, "CptArguments")
-            tps[arm.name] = plan_steps(data_args, cpt_args, _pick(parsed, "TrainingArguments"),
+            tps[arm.name] = plan_steps(parsed.data, parsed.cpt, parsed.training,
                                        Launcher.from_env().world_size).tokens_per_step
     budget = cfg.flops if cfg.flops is not None else \
         training_flops(prepared["base"]["params"]["n_eff"], cfg.base_train_tokens, prepared["base"]["init_flops"])

@@ -663,3 +663,35 @@ def cpt_recipe_types() -> list[type]:
     from transformers import TrainingArguments
 
     return [ModelArguments, TokenizerArguments, DataArguments, CptArguments, LoraSettings, TrainingArguments]
+
+
+
+@dataclass
+class CptRecipe:
+    """A parsed cpt recipe, each part by name: ``CptRecipe.parse(argv)`` (``--config FILE`` plus command-line
+    overrides), as ``xlt cpt``, ``xlt check``, ``xlt data`` and the arms of ``xlt compare`` read it."""
+
+    model: ModelArguments
+    tokenizer: TokenizerArguments
+    data: DataArguments
+    cpt: CptArguments
+    lora: LoraSettings
+    training: Any  # transformers.TrainingArguments
+
+    @classmethod
+    def parse(cls, argv: Sequence[str], device_free: bool = False, precision: Optional[str] = None) -> CptRecipe:
+        return cls(*parse_recipe(cpt_recipe_types(), argv, device_free=device_free, precision=precision))
+
+
+@dataclass
+class SftRecipe:
+    """A parsed sft recipe: ``SftRecipe.parse(argv)``, as ``xlt sft`` and ``xlt check`` read it."""
+
+    sft: SftArguments
+    training: Any  # trl.SFTConfig
+
+    @classmethod
+    def parse(cls, argv: Sequence[str], device_free: bool = False, precision: Optional[str] = None) -> SftRecipe:
+        from trl import SFTConfig  # here, not at the top: importing the config loads no training library
+
+        return cls(*parse_recipe([SftArguments, SFTConfig], argv, device_free=device_free, precision=precision))

@@ -13,14 +13,14 @@ from typing import Optional
 
 from xlt.config import (
     CptArguments,
+    CptRecipe,
     DataArguments,
     EvalArguments,
     ModelArguments,
     OutputArguments,
-    SftArguments,
+    SftRecipe,
     TokenizerArguments,
     XltError,
-    cpt_recipe_types,
     parse_recipe,
 )
 
@@ -32,8 +32,8 @@ def recipe_stage(name: str) -> Callable[[Sequence[str]], int]:
         if name == "cpt":
             from xlt.train.cpt import run_cpt
 
-            *parsed, lora, training_args = parse_recipe(cpt_recipe_types(), argv)
-            run_cpt(*parsed, training_args, lora=lora)
+            r = CptRecipe.parse(argv)
+            run_cpt(r.model, r.tokenizer, r.data, r.cpt, r.training, lora=r.lora)
         elif name == "extend_tokenizer":
             from xlt.train.cpt import run_tokenizer_stage
 
@@ -43,11 +43,10 @@ def recipe_stage(name: str) -> Callable[[Sequence[str]], int]:
             print(f"new tokens {report['new_tokens']}; chars/token ja {cpt['ja']['base']:.3f} -> "
                   f"{cpt['ja']['extended']:.3f}, en {cpt['en']['base']:.3f} -> {cpt['en']['extended']:.3f}")
         elif name == "sft":
-            from trl import SFTConfig
-
             from xlt.train.sft import learning_rate_given, run_sft
 
-            run_sft(*parse_recipe([SftArguments, SFTConfig], argv), learning_rate_given=learning_rate_given(argv))
+            r = SftRecipe.parse(argv)
+            run_sft(r.sft, r.training, learning_rate_given=learning_rate_given(argv))
         elif name == "evaluate":
             from xlt.eval.suite import evaluate_run
             from xlt.report import format_table
@@ -93,8 +92,8 @@ def prepare_data_stage(config: str, output_dir: Optional[str] = None, processes:
     from xlt.train.checkpoint import claim_output_dir, fingerprint
     from xlt.train.cpt import prepare_model_dir
 
-    model_args, tok_args, data_args, cpt_args, _, training_args = parse_recipe(
-        cpt_recipe_types(), ["--config", config], device_free=True)
+    r = CptRecipe.parse(["--config", config], device_free=True)
+    model_args, tok_args, data_args, cpt_args, training_args = r.model, r.tokenizer, r.data, r.cpt, r.training
     sources = load_sources(data_args.sources, "sources")
     out = output_dir or os.path.join(training_args.output_dir, "data")
     if processes < 1:

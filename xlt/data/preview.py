@@ -85,12 +85,12 @@ def run_preview(ns: argparse.Namespace) -> int:
 
 
 def _preview_command(ns: argparse.Namespace) -> int:
-    from xlt.config import cpt_recipe_types, parse_recipe
+    from xlt.config import CptRecipe
     from xlt.data.steps import plan_steps
     from xlt.models import load_tokenizer
 
-    model_args, tok_args, data_args, cpt_args, _, training_args = parse_recipe(
-        cpt_recipe_types(), ["--config", ns.config], device_free=True)  # the stream and tokenizer only: no device check
+    r = CptRecipe.parse(["--config", ns.config], device_free=True)  # the stream and tokenizer only: no device check
+    model_args, tok_args, data_args, cpt_args, training_args = r.model, r.tokenizer, r.data, r.cpt, r.training
     plan = plan_steps(data_args, cpt_args, training_args, world_size=1)
     steps = plan.max_steps if ns.steps is None else ns.steps
     if steps <= 0:

@@ -360,12 +360,10 @@ def stop_token_ids(prompt_format: str, tokenizer: Any) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 def _recipe(argv: Sequence[str]) -> tuple[Any, Any]:
     """(SftArguments, SFTConfig) of a recipe, parsed like the sft stage (LoRA keys accepted)."""
-    from trl import SFTConfig
+    from xlt.config import SftRecipe
 
-    from xlt.config import SftArguments, parse_recipe
-
-    parsed = parse_recipe([SftArguments, SFTConfig], list(argv), device_free=True)  # the tokenizer only: no device check
-    return parsed[0], parsed[-1]
+    r = SftRecipe.parse(list(argv), device_free=True)  # the tokenizer only: no device check
+    return r.sft, r.training
 
 
 def _preview_tokenizer(sft_args: Any, training_args: Any) -> Any:
