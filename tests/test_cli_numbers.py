@@ -7,7 +7,8 @@ import argparse
 import pytest
 
 from xlt import check
-from xlt.cli import build_parser, main, sft_preview_parser
+from xlt.cli import build_parser, main
+from xlt.commands.sft import sft_preview_parser
 from xlt.validate import RULES, cli_rule, numeric_options
 
 

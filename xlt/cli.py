@@ -270,27 +270,6 @@ def _add_speed_and_plan(sub: argparse._SubParsersAction, ev: argparse._SubParser
 # --- end xlt evaluate speed / xlt plan ------------------------------------------------------------
 
 
-def sft_preview_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="xlt sft preview", allow_abbrev=False, description="The first N SFT training examples as "
-                                "trained: text with the spans that carry loss (tokenizer only, no model weights).")
-    p.add_argument("--n", type=int, default=3, help="examples to show")
-    p.add_argument("--json", action="store_true",
-                   help='print [{"text", "trained": [[start, end], ...], "tokens", "truncated"}, ...]')
-    return p
-
-
-def _sft_preview(argv: Sequence[str]) -> int:
-    """``xlt sft preview --config RECIPE [--n N] [--json]``; other ``--key value`` pairs override the recipe."""
-    from xlt.data.sft_format import preview_main
-
-    p = sft_preview_parser()
-    ns, rest = p.parse_known_args(list(argv))
-    check_cli_numbers(p, ns)
-    if "--config" not in rest:
-        raise XltError("sft preview: --config RECIPE is required")
-    return preview_main(rest, n=ns.n, as_json=ns.json)
-
-
 def _add_evaluate(sub: Any) -> None:
     """``xlt evaluate run | bpc | speed | plan | mc | harness | mt-bench``."""
     ev = sub.add_parser("evaluate", help="evaluation").add_subparsers(dest="what", required=True)
@@ -381,7 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["sft", "preview"]:
-        return _guard(lambda: _sft_preview(argv[2:]))
+        from xlt.commands.sft import sft_preview
+
+        return _guard(lambda: sft_preview(argv[2:]))
     # Recipe stages take TrlParser arguments, which argparse here must not interpret.
     if argv and argv[0] in ("cpt", "sft"):
         return run_recipe(argv[0], argv[1:])
