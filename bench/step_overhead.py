@@ -3,7 +3,7 @@
 Same random Llama (initial weights identical), same packed rows in the same order, same batch size,
 same ``position_ids`` (packed, per-document attention), same optimiser and schedule, in ONE process:
 
-* xlt: the Trainer subclass of ``xlt.train.cpt._make_trainer_class()`` with the spike guard enabled,
+* xlt: ``xlt.train.trainer.CptTrainer`` with the spike guard enabled,
   ``XltStateCallback`` and token accounting in every log, set up as ``run_cpt`` does
   (:func:`make_xlt_trainer`), fed by ``build_pretrain_stream`` (tokenise + mix + pack on the fly).
 * plain: ``transformers.Trainer`` with ``default_data_collator`` over the same rows materialised
@@ -90,7 +90,8 @@ def make_xlt_trainer(model, tokenizer, args, stream, seq_len: int, rows_per_step
     default rules (all-reduced loss / grad-norm z-scores, non-finite skip) plus ``spike_factor``, xlt state in
     checkpoints, token accounting, tokens/s and sequence length in every log, progress postfix."""
     from xlt.config import CptArguments
-    from xlt.train.cpt import StepPlan, build_cpt_trainer
+    from xlt.data.steps import StepPlan
+    from xlt.train.cpt import build_cpt_trainer
     from xlt.train.skip_step import SkipStepGuard
 
     guard = SkipStepGuard.from_args(CptArguments(spike_factor=spike_factor))

@@ -41,7 +41,7 @@ OUTPUT_METHODS = OUTPUT_EMBEDDING_INITS
 DISTILL_BATCH = 4     # windows per distillation step
 DISTILL_WINDOW = 16   # tokens (extended tokenizer) per window
 DISTILL_MAX_CHARS = 400_000  # corpus characters scanned for windows
-DISTILL_LR_SCALE = 0.01  # Adam LR = this x the std of the old input rows (SmolLM2: 0.136 -> 1.4e-3; 0.05 and 0.002 measured worse)
+DISTILL_LR_SCALE = 0.01  # Adam LR = this x the std of the old input rows (how it was chosen: bench/README.md)
 CALIBRATION_TOKENS = 8192  # old-vocabulary tokens the base model reads for calibrated_first_subtoken
 CALIBRATION_WINDOW = 256   # tokens per forward pass there
 CALIBRATION_RIDGE = 1.0    # ridge of the least-squares fit of the bias direction
