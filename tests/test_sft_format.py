@@ -199,14 +199,18 @@ def test_truncation_and_counts(embedded_tokenizer):
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 def test_install_chatml_resizes_and_initialises(tie):
     from conftest import tiny_llama
+    from xlt.data.sft_format import chatml_pieces
+    from xlt.train.sft import grow_for_chatml
 
     tok = _tiny_bpe()
     pieces = {t: [p.id for p in tok.backend_tokenizer.model.tokenize(t)] for t in ("<|im_start|>", "<|im_end|>")}
     model = tiny_llama(len(tok), tie=tie)
     old_in = model.get_input_embeddings().weight.detach().clone()
     old_out = model.get_output_embeddings().weight.detach().clone()
-    added = install_chatml(tok, model)
-    assert added == ["<|im_start|>", "<|im_end|>"]
+    old_pieces = chatml_pieces(tok)
+    added = install_chatml(tok)
+    grow_for_chatml(model, tok, old_pieces)
+    assert added == ["<|im_start|>", "<|im_end|>"] and old_pieces == pieces
     new_in = model.get_input_embeddings().weight.detach()
     new_out = model.get_output_embeddings().weight.detach()
     n = old_in.shape[0]

@@ -292,18 +292,22 @@ def _old_pieces(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def install_chatml(tokenizer: Any, model: Any = None) -> list[str]:
+def chatml_pieces(tokenizer: Any) -> dict[str, list[int]]:
+    """The ChatML tokens ``tokenizer`` lacks, each with its ids under the tokenizer's BPE model alone (what a new
+    embedding row is initialised from). Call it before :func:`install_chatml` adds them."""
+    vocab = tokenizer.get_vocab()
+    return {t: _old_pieces(tokenizer, t) for t in CHATML_TOKENS if t not in vocab}
+
+
+def install_chatml(tokenizer: Any) -> list[str]:
     """Give ``tokenizer`` the ChatML template; returns the special tokens it had to add.
 
     ``<|im_start|>`` / ``<|im_end|>`` are added as special tokens when missing; ``eos_token`` becomes
-    ``<|im_end|>`` (generation stops there); a tokenizer without a pad token gets its old EOS. With ``model``,
-    the embeddings grow to fit and each new row (input and untied output) is the mean of the old rows of the
-    token's pieces under the old tokenizer (xlt.tokenizer.embeddings.resize_and_init); old rows stay
-    bit-identical; ``model.generation_config.eos_token_id`` becomes the ChatML stop tokens.
+    ``<|im_end|>`` (generation stops there); a tokenizer without a pad token gets its old EOS. The model's side
+    (new rows, generation config) is ``xlt.train.sft.grow_for_chatml``.
     """
     vocab = tokenizer.get_vocab()
     missing = [t for t in CHATML_TOKENS if t not in vocab]
-    pieces_text = {t: _old_pieces(tokenizer, t) for t in missing}
     old_eos = tokenizer.eos_token
     if missing:
         tokenizer.add_tokens(missing, special_tokens=True)
@@ -311,21 +315,6 @@ def install_chatml(tokenizer: Any, model: Any = None) -> list[str]:
     if tokenizer.pad_token is None and old_eos:
         tokenizer.pad_token = old_eos
     tokenizer.eos_token = "<|im_end|>"
-    if model is not None:
-        from xlt.tokenizer.embeddings import resize_and_init
-
-        new_ids = {tokenizer.convert_tokens_to_ids(t): t for t in missing}
-        old_rows = int(model.get_input_embeddings().weight.shape[0])
-        new_size = max(old_rows, max(new_ids, default=-1) + 1)
-        if new_ids:
-            keep = {i: i for i in range(old_rows) if i not in new_ids}
-            pieces = {i: pieces_text[t] for i, t in new_ids.items() if pieces_text[t]}
-            resize_and_init(model, new_size, keep, pieces, method="subword_mean")
-        model.config.eos_token_id = tokenizer.eos_token_id
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            gen.eos_token_id = stop_token_ids("chat", tokenizer)
-            gen.pad_token_id = tokenizer.pad_token_id
     return missing
 
 

@@ -32,6 +32,7 @@ from xlt.models import (
     resolve_model,
     resolve_revision,
 )
+from xlt.tokenizer.embeddings import resize_and_init
 from xlt.train.checkpoint import claim_output_dir, fingerprint, last_trainer_checkpoint
 from xlt.train.distributed import base_save_dtype, check_replicas, save_final_model
 from xlt.train.fsdp import check_fsdp_launch, setup_fsdp, sharding_check
@@ -292,6 +293,24 @@ def run_sft(sft_args: SftArguments, training_args: Any, learning_rate_given: Opt
         return _run_sft_locked(sft_args, training_args, model_spec, settings, master, attn, launcher, t0, lora, lr)
 
 
+def grow_for_chatml(model: Any, tokenizer: Any, pieces: dict[str, list[int]]) -> None:
+    """The model's side of ``install_chatml``: the embeddings grow to fit the added tokens (``pieces``: each with its
+    old ids, from ``chatml_pieces`` before the install), each new row (input and untied output) the mean of the old
+    rows of its pieces (xlt.tokenizer.embeddings.resize_and_init; old rows stay bit-identical); the model's EOS
+    becomes ``<|im_end|>`` and generation stops at the ChatML stop tokens."""
+    new_ids = {tokenizer.convert_tokens_to_ids(t): t for t in pieces}
+    old_rows = int(model.get_input_embeddings().weight.shape[0])
+    if new_ids:
+        keep = {i: i for i in range(old_rows) if i not in new_ids}
+        rows = {i: pieces[t] for i, t in new_ids.items() if pieces[t]}
+        resize_and_init(model, max(old_rows, max(new_ids) + 1), keep, rows, method="subword_mean")
+    model.config.eos_token_id = tokenizer.eos_token_id
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.eos_token_id = sft_format.stop_token_ids("chat", tokenizer)
+        gen.pad_token_id = tokenizer.pad_token_id
+
+
 def _chatml_model(sft_args: SftArguments, training_args: Any, tokenizer: Any, model_spec: str, master: str,
                   attn: str) -> tuple[Any, list[int]]:
     """``chat_template: chatml``: the template installed, its new tokens' rows added to the model (loaded here, before
@@ -299,7 +318,9 @@ def _chatml_model(sft_args: SftArguments, training_args: Any, tokenizer: Any, mo
     if sft_args.chat_template != "chatml":
         return None, []
     model = load_model(model_spec, master, attn, trust_remote_code=training_args.trust_remote_code)
-    added = sft_format.install_chatml(tokenizer, model)
+    pieces = sft_format.chatml_pieces(tokenizer)
+    added = sft_format.install_chatml(tokenizer)
+    grow_for_chatml(model, tokenizer, pieces)
     _log(f"ChatML template installed; new special tokens: {', '.join(added) or 'none'}")
     return model, [int(i) for i in tokenizer.convert_tokens_to_ids(added)]
 
