@@ -149,8 +149,11 @@ def test_a_run_whose_replicas_diverge_stops_on_every_rank_before_saving(tmp_path
     rank 1 alone drops its optimizer update at step 1 (a rank-local skip decision): the replica check of the
     step-2 checkpoint stops both ranks with the one documented line; nothing is marked complete, no final save."""
     out = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
     proc = subprocess.run([ACCELERATE, "launch", "--config_file", str(REPO / "accelerate_configs/cpu_multi.yaml"),
-                           "--main_process_port", "29548", LAUNCH, "cpt_rank_local_skip", "1",
+                           "--main_process_port", port, LAUNCH, "cpt_rank_local_skip", "1",
                            *cpt_args(tiny_model_dir, str(out), "--per_device_train_batch_size", "1",
                                      "--train_tokens", "2048")],
                           capture_output=True, text=True, env=sub_env(), cwd=REPO, timeout=600)
