@@ -8,6 +8,8 @@
                                                                       is gone when run_recipe returns)
     python tests/scale_launch.py cpt_sigkill STEP -- CPT_ARGS...     (SIGKILLs itself mid-step STEP: after the
                                                                       backward pass, before the optimizer step)
+    python tests/scale_launch.py cpt_rank_local_skip STEP CPT_ARGS...  (under accelerate launch, 2 processes:
+                                                                      rank 1 alone drops optimizer step STEP)
 """
 
 from __future__ import annotations
@@ -216,6 +218,27 @@ def cpt_sigkill(step: int) -> int:
     return _patched_cpt(hook)
 
 
+def cpt_rank_local_skip(step: int, argv: list[str]) -> int:
+    """``xlt cpt`` where the spike guard's verdict on optimizer step ``step`` is "skip" on rank 1 only: a decision
+    taken on one rank, which leaves that replica's weights behind the other's (the divergence the replica check
+    at every save exists to stop). The guard's all-reduce still runs on both ranks, so no collective is missed."""
+    import dataclasses
+
+    from xlt.cli import run_recipe
+    from xlt.train import skip_step
+
+    decide = skip_step.SkipStepGuard.decide
+
+    def rank_local(self, loss, grad_norm, nonfinite, at=None):  # noqa: ANN001 - SkipStepGuard.decide's signature
+        verdict = decide(self, loss, grad_norm, nonfinite, at)
+        if os.environ.get("RANK") == "1" and self.decisions == step:
+            return dataclasses.replace(verdict, skip=True, reason="rank 1 alone")
+        return verdict
+
+    skip_step.SkipStepGuard.decide = rank_local
+    return run_recipe("cpt", argv)
+
+
 def recipe_teardown(out: str, model_dir: str) -> None:
     """A stage that leaves a gloo group with an async FSDP2-style collective behind (as a Trainer does): when
     ``run_recipe`` returns, the group is destroyed on every rank."""
@@ -254,5 +277,7 @@ if __name__ == "__main__":
         sys.exit(cpt_pause(sys.argv[2]))
     elif mode == "cpt_sigkill":
         sys.exit(cpt_sigkill(int(sys.argv[2])))
+    elif mode == "cpt_rank_local_skip":
+        sys.exit(cpt_rank_local_skip(int(sys.argv[2]), sys.argv[3:]))
     else:
         raise SystemExit(f"unknown mode {mode}")

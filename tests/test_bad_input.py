@@ -7,9 +7,9 @@ Every case here ended in a traceback, an argparse usage dump, or a model load be
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -272,28 +272,52 @@ def _writable(path) -> bool:
     return True
 
 
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+_CAP_V3, _CAP_DAC_OVERRIDE = 0x20080522, 1  # <linux/capability.h>
+
+
+@contextlib.contextmanager
+def permission_bits_bind_root():
+    """Root with CAP_DAC_OVERRIDE off in this thread's effective set: write permission bits bind it (reads are
+    unaffected). capget / capset through libc: the standard library has no wrapper. The capability stays in the
+    permitted set, so it is raised again on exit."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    header, data = _CapHeader(_CAP_V3, 0), (_CapData * 2)()
+    if libc.capget(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capget failed")
+    saved = data[0].effective
+    data[0].effective &= ~(1 << _CAP_DAC_OVERRIDE)
+    if libc.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset failed")
+    try:
+        yield
+    finally:
+        data[0].effective = saved
+        if libc.capset(ctypes.byref(header), data) != 0:
+            raise OSError(ctypes.get_errno(), "capset failed restoring CAP_DAC_OVERRIDE")
+
+
 @contextlib.contextmanager
 def read_only_dir(path):
-    """``path`` made unwritable for this process: permission bits, or (root, whom they do not bind) the
-    immutable attribute (``chattr +i``, which binds root too); skips where the file system has no such attribute,
-    stops through ``unavailable`` when the bits do not bind."""
+    """``path`` made unwritable for this process by its permission bits (chmod 555); as root, whom the bits do not
+    bind, with CAP_DAC_OVERRIDE dropped meanwhile (on any file system, unlike ``chattr +i``). Stops through
+    ``unavailable`` when the bits still do not bind."""
     path.mkdir()
-    root = os.geteuid() == 0
-    if root:
-        proc = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
-        if proc.returncode != 0:  # a file system without the attribute (overlayfs, tmpfs): nothing binds root here
-            pytest.skip(f"cannot make {path} read-only as root: chattr +i failed: {proc.stderr.strip()}")
-    else:
-        path.chmod(0o555)
+    path.chmod(0o555)
     try:
-        if _writable(path):
-            unavailable(f"{path} is still writable after {'chattr +i' if root else 'chmod 555'}")
-        yield path
+        with permission_bits_bind_root() if os.geteuid() == 0 else contextlib.nullcontext():
+            if _writable(path):
+                unavailable(f"{path} is still writable after chmod 555")
+            yield path
     finally:
-        if root:
-            subprocess.run(["chattr", "-i", str(path)], check=True)
-        else:
-            path.chmod(0o755)
+        path.chmod(0o755)
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")

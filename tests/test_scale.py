@@ -144,6 +144,29 @@ def test_replicas_out_of_sync_stop_the_run_on_every_rank(tmp_path, tiny_model_di
         assert result["nudged"].startswith("replicas out of sync at step 7"), result
 
 
+def test_a_run_whose_replicas_diverge_stops_on_every_rank_before_saving(tmp_path, tiny_model_dir):
+    """README: a replica mismatch stops the run. A real 2-process run (accelerate launch, cpu_multi.yaml) where
+    rank 1 alone drops its optimizer update at step 1 (a rank-local skip decision): the replica check of the
+    step-2 checkpoint stops both ranks with the one documented line; nothing is marked complete, no final save."""
+    out = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    proc = subprocess.run([ACCELERATE, "launch", "--config_file", str(REPO / "accelerate_configs/cpu_multi.yaml"),
+                           "--main_process_port", port, LAUNCH, "cpt_rank_local_skip", "1",
+                           *cpt_args(tiny_model_dir, str(out), "--per_device_train_batch_size", "1",
+                                     "--train_tokens", "2048")],
+                          capture_output=True, text=True, env=sub_env(), cwd=REPO, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0, log[-3000:]
+    errors = [line for line in log.splitlines() if line.startswith("xlt: error:")]
+    assert len(errors) == 2 and errors[0] == errors[1], log[-3000:]  # each rank prints its one line, the same
+    assert "exitcode  : 2" in log  # the launcher's summary: a rank ended with xlt's error status, not a crash
+    assert errors[0].startswith("xlt: error: replicas out of sync at step 2: the processes hold different weights")
+    assert not (out / "cpt").exists() and not (out / "checkpoint-2" / "xlt_state.json").exists()
+    assert not (out / "checkpoint-4").exists()  # stopped at the first save, not at the end
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 4. precision: one optimizer step changes (nearly) every weight under each shipped recipe's settings
 # ---------------------------------------------------------------------------------------------------------

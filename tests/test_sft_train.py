@@ -305,6 +305,120 @@ def test_chat_cli_pipes_stdin_and_refuses_a_folder_without_xlt_sft_json(lora_run
 
 
 # ---------------------------------------------------------------------------------------------
+# chat_template: chatml, the whole run on a base model whose tokenizer has no ChatML tokens
+# ---------------------------------------------------------------------------------------------
+CHATML_DIALOGUES = [[{"role": "system", "content": f"あなたは案内係{i}です。"},
+                     {"role": "user", "content": f"{city}はどこですか？"},
+                     {"role": "assistant", "content": f"{city}は日本にあります。"},
+                     {"role": "user", "content": "有名なものは？"},
+                     {"role": "assistant", "content": f"{food}が有名です。"}]
+                    for i, (city, food) in enumerate([("東京", "寿司"), ("大阪", "たこ焼き"), ("京都", "抹茶"),
+                                                      ("札幌", "ラーメン"), ("福岡", "明太子"), ("仙台", "牛タン"),
+                                                      ("名古屋", "味噌カツ"), ("広島", "お好み焼き")])]
+
+
+def _chatml_free_model_dir(path: Path) -> Path:
+    """A tiny untied Llama with a byte-level BPE trained on the dialogues: ``<s>`` BOS prepended, ``</s>`` EOS, no
+    ``<|im_start|>`` / ``<|im_end|>`` (a base model before ChatML)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import tiny_llama
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([t["content"] for d in CHATML_DIALOGUES for t in d] * 4,
+                            trainers.BpeTrainer(vocab_size=500, special_tokens=["<s>", "</s>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
+    model = tiny_llama(len(tok), tie=False)
+    model.config.bos_token_id, model.config.eos_token_id = tok.bos_token_id, tok.eos_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_chatml_sft_run_trains_chatml_rows_and_saves_a_model_that_generates_with_it(tmp_path):
+    """README: ``chat_template: chatml`` installs ChatML. The real SFT path on a base model without the ChatML
+    tokens: the saved tokenizer carries the template and <|im_end|> as EOS (two new rows in the model); every row
+    trained is a dialogue rendered as ChatML (written out here by hand) after one BOS, with loss on each assistant
+    answer and its <|im_end|> only; the saved model loads and generates from the ChatML prompt, stopping there."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from xlt.data.sft_format import CHATML_TEMPLATE
+    from xlt.train.sft import IGNORE, prompt_ids
+
+    base = _chatml_free_model_dir(tmp_path / "base")
+    base_tok = AutoTokenizer.from_pretrained(base)
+    assert "<|im_end|>" not in base_tok.get_vocab()
+    data = tmp_path / "dialogues.jsonl"
+    data.write_text("".join(json.dumps({"messages": d}, ensure_ascii=False) + "\n" for d in CHATML_DIALOGUES),
+                    encoding="utf-8")
+    recipe = _recipe(tmp_path, model=str(base), prompt_format="chat", chat_template="chatml", eval_fraction=0.25,
+                     num_train_epochs=1, per_device_train_batch_size=3, learning_rate=1e-3,
+                     sft_datasets=[{"adapter": "messages", "path": str(data), "name": "d"}])
+    batches = []
+    real_step = transformers.Trainer.training_step
+
+    def step(self, model, inputs, *args, **kwargs):
+        batches.append({k: inputs[k].detach().clone() for k in ("input_ids", "labels", "attention_mask")})
+        return real_step(self, model, inputs, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(transformers.Trainer, "training_step", step)
+        assert run_recipe("sft", ["--config", recipe]) == 0
+
+    sft_dir = tmp_path / "run/sft"
+    tok = AutoTokenizer.from_pretrained(sft_dir)
+    im_start, im_end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.chat_template == CHATML_TEMPLATE and tok.eos_token == "<|im_end|>" and tok.pad_token == "</s>"
+    assert sorted([im_start, im_end]) == [len(base_tok), len(base_tok) + 1] and len(tok) == len(base_tok) + 2
+    model = AutoModelForCausalLM.from_pretrained(sft_dir)
+    assert model.get_input_embeddings().weight.shape[0] == model.get_output_embeddings().weight.shape[0] == len(tok)
+
+    def chatml(turns) -> str:  # ChatML written out by hand
+        return "".join(f"<|im_start|>{t['role']}\n{t['content']}<|im_end|>\n" for t in turns)
+
+    rendered = {chatml(d): d for d in CHATML_DIALOGUES}
+    seen = []
+    for b in batches:
+        for ids, labels, mask in zip(b["input_ids"].tolist(), b["labels"].tolist(), b["attention_mask"].tolist()):
+            ids, labels = ids[:sum(mask)], labels[:sum(mask)]
+            assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+            text = tok.decode(ids[1:])
+            assert text in rendered, text
+            seen.append(text)
+            assert all(lab in (IGNORE, i) for lab, i in zip(labels, ids))
+            runs, cur = [], []
+            for lab in labels + [IGNORE]:
+                if lab != IGNORE:
+                    cur.append(lab)
+                elif cur:
+                    runs.append(tok.decode(cur))
+                    cur = []
+            assert runs == [t["content"] + "<|im_end|>" for t in rendered[text] if t["role"] == "assistant"]
+    report = _report(tmp_path / "run")["sft"]
+    assert len(seen) == len(set(seen)) == report["train_examples"] == 6  # every train row once, 2 held out
+    assert report["chat_template"] == "chatml" and report["stop_token_ids"] == [im_end]
+    info = json.loads((sft_dir / "xlt_sft.json").read_text(encoding="utf-8"))
+    assert info["chat_template"] == "chatml" and info["stop_token_ids"] == [im_end]
+    assert model.generation_config.eos_token_id == im_end
+
+    ids = prompt_ids("東京はどこですか？", "chat", tok)
+    assert tok.decode(ids) == "<s>" + chatml([{"role": "user", "content": "東京はどこですか？"}]) + \
+        "<|im_start|>assistant\n"
+    with torch.no_grad():
+        new = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+    # the saved generation config stops at <|im_end|>: it ends there, or runs to the limit without one
+    assert (im_end in new and new.index(im_end) == len(new) - 1) or (im_end not in new and len(new) == 12)
+    assert len(report["generations"]) == 3
+
+
+# ---------------------------------------------------------------------------------------------
 # Done when: the demo recipe under a 2-process launch; the model reloads and generates
 # ---------------------------------------------------------------------------------------------
 def _free_port() -> int:
