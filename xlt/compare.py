@@ -58,7 +58,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 from xlt import stages
-from xlt.config import CptRecipe, XltError
+from xlt.config import CptRecipe, XltError, cpt_recipe_types
 from xlt.flops import (  # noqa: F401
     effective_params,
     flops_spread,
@@ -124,7 +124,7 @@ _log = logger("xlt compare")
 
 def cpt_types() -> list[type]:
     """The dataclasses of a cpt recipe: the same list ``xlt cpt`` parses with."""
-    return stages.cpt_recipe_types()
+    return cpt_recipe_types()
 
 
 # ---------------------------------------------------------------------------------------------------------
