@@ -573,15 +573,11 @@ def build_cpt_trainer(model: Any, tokenizer: Any, training_args: Any, stream: An
     return trainer
 
 
-def prepared_dir_of(data_args: DataArguments, output_dir: str) -> str:
-    return data_args.prepared_dir or os.path.join(output_dir, "data")
-
-
 def check_prepared_data(data_args: DataArguments, sources: list[Source], tokenizer: Any, output_dir: str) -> None:
     """``data_source: shards``: prepared data of other settings is refused (one line) before the model loads."""
     if data_args.data_source != "shards":
         return
-    from xlt.data.prepare import KEY_FILE, SHARD_BYTES, check_output_dir, settings_key
+    from xlt.data.prepare import KEY_FILE, SHARD_BYTES, check_output_dir, prepared_dir_of, settings_key
 
     folder = prepared_dir_of(data_args, output_dir)
     if os.path.isfile(os.path.join(folder, KEY_FILE)):
@@ -589,24 +585,26 @@ def check_prepared_data(data_args: DataArguments, sources: list[Source], tokeniz
 
 
 def build_cpt_data(model_args: ModelArguments, data_args: DataArguments, sources: list[Source], tokenizer: Any,
-                   model_dir: str, plan: StepPlan, output_dir: str) -> Any:
-    """The training data: the in-memory stream, or rows by index from token shards (``data_source: shards``)."""
+                   model_dir: str, plan: StepPlan, output_dir: str, workers: int = 0) -> Any:
+    """The training data: rows by index from token shards (``data_source: shards``, read in this process and its
+    ``workers`` DataLoader workers), or the in-memory stream (``data_source: stream``)."""
     if data_args.data_source == "shards":
+        from xlt.data.prepare import prepared_dir_of
         from xlt.data.shards import build_shard_dataset
 
         return build_shard_dataset(sources, data_args, tokenizer, model_dir,
                                    prepared_dir_of(data_args, output_dir), plan.total_tokens,
                                    plan.rows_per_step, plan.max_steps, build=is_main_process(),
-                                   trust_remote_code=model_args.trust_remote_code, log=_log)
+                                   trust_remote_code=model_args.trust_remote_code, log=_log, workers=workers)
     from xlt.data.stream import build_pretrain_stream
 
     return build_pretrain_stream(data_args, tokenizer, plan.total_tokens, plan.rows_per_step)
 
 
-def shard_report(stream: Any, resumed_step: int, plan: StepPlan, world_size: int, workers: int) -> Optional[dict]:
+def shard_report(stream: Any, resumed_step: int, plan: StepPlan, world_size: int) -> Optional[dict]:
     """report.json ``data`` of a run on shards (None on the in-memory stream): the prepared summary and the tokens
-    each rank read, counted in this launch plus the resumed steps' rows (each rank read its 1/world_size of them
-    before the relaunch); null with DataLoader workers, whose reads happen in other processes."""
+    each rank read (in its process and its DataLoader workers), counted in this launch plus the resumed steps'
+    rows (each rank read its 1/world_size of them before the relaunch)."""
     import torch
 
     if not getattr(stream, "index_resume", False):
@@ -617,7 +615,7 @@ def shard_report(stream: Any, resumed_step: int, plan: StepPlan, world_size: int
         out: list[Any] = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(out, mine)
         read = [int(x) for x in out]
-    return {"source": "shards", "prepared_dir": stream.prepared_dir, "tokens_read_per_rank": None if workers else read,
+    return {"source": "shards", "prepared_dir": stream.prepared_dir, "tokens_read_per_rank": read,
             "prepared": stream.rows.data.summary}
 
 
@@ -672,7 +670,8 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
             else ""))
 
     # -- phase: data ----------------------------------------------------------------------------
-    stream = build_cpt_data(model_args, data_args, sources, tokenizer, model_dir, plan, output_dir)
+    stream = build_cpt_data(model_args, data_args, sources, tokenizer, model_dir, plan, output_dir,
+                            training_args.dataloader_num_workers)
     # Checkpoints here can only be this run's: claim_output_dir refuses a directory holding another run.
     resume_from = last_complete_checkpoint(output_dir) if cpt_args.resume else None
     from xlt.train.skip_step import SkipStepGuard
@@ -785,8 +784,8 @@ def _run_cpt_locked(model_args, tok_args, data_args, cpt_args, training_args, so
             "new_tokens": tok_report["new_tokens"],
             "unreachable": tok_report.get("unreachable"),
         }
-    data_section = shard_report(stream, int(state["global_step"]) if resume_from else 0, plan, launcher.world_size,
-                                training_args.dataloader_num_workers)  # a collective: every process
+    data_section = shard_report(stream, int(state["global_step"]) if resume_from else 0, plan,
+                                launcher.world_size)  # a collective: every process
     if data_section is not None:
         section["data"] = data_section
     if trainer.is_world_process_zero():
