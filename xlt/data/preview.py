@@ -123,7 +123,7 @@ def _preview_command(ns: argparse.Namespace) -> int:
         print(json.dumps(rows))
         return 0
     note = ""
-    if tok_args.tokenizer_mode != "none":
+    if tok_args.tokenizer_mode != "none" and tokenizer is not None:  # the stream tokenizes; the layout does not
         note = f" (base tokenizer of {model_args.model}; the '{tok_args.tokenizer_mode}' tokenizer is not applied here)"
     print(f"{plan.describe()}{note}")
     print("data: token shards (data_source: shards): each step holds the layout's Japanese tokens exactly"
