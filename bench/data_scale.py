@@ -3,7 +3,11 @@
 1. Prepare: the shared Japanese Wikipedia paragraphs and tiny Shakespeare, repeated ``--repeat`` times (each copy
    marked, so exact dedup keeps them) as local sources, tokenized with the embedded SmolLM2 tokenizer into shards
    by datatrove's local executor on 1 and on 2 processes: input characters per second of the whole prepare
-   (both stages, process start-up included).
+   (both stages, process start-up included), and, so that scaling can be judged on a machine whose cores are busy
+   with other jobs, the CPU seconds it used (this process and its workers, from ``getrusage``): characters per
+   CPU second (equal on 1 and 2 processes = no work added by running in parallel, so the rate grows with the
+   cores the processes get), the cores it actually got (CPU seconds / wall seconds), the wall-time ratio, and
+   the 1-minute load average before and after.
 2. Read: simulated ranks of the Llama-2-7B recipe's step (seq_len 4096, 512 rows = 2,097,152 tokens, its
    Japanese schedule and warmup; 100B tokens) build their own rows of one step from the shards by index
    (``ShardRows``). Per world size W: the fraction of the step's tokens rank 0 read from the shards (counted at the
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -60,19 +65,39 @@ def data_args(specs: list[dict]):
     return DataArguments(sources=specs, **{k: recipe[k] for k in keys})
 
 
-def measure_prepare(specs, args, tokenizer, root: str, processes: int, shard_bytes: int) -> float:
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process (all its threads) and of its finished, waited-for children
+    (datatrove's worker processes)."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+
+
+def measure_prepare(specs, args, tokenizer, root: str, processes: int, shard_bytes: int) -> dict:
+    """Input characters, wall seconds and CPU seconds of one whole prepare on ``processes`` processes."""
     from xlt.data.prepare import prepare_data
     from xlt.data.sources import load_sources
     from xlt.models import resolve_model
 
     out = os.path.join(root, f"prepared-{processes}")
-    t0 = time.perf_counter()
+    cpu0, t0 = cpu_seconds(), time.perf_counter()
     prepare_data(load_sources(specs), args, tokenizer, resolve_model("smollm2-135m"), out,
                  processes=processes, shard_bytes=shard_bytes)
-    seconds = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
     with open(os.path.join(out, "prepared.json"), encoding="utf-8") as f:
         chars = sum(json.load(f)["chars"].values())
-    return chars / seconds
+    return {"chars": chars, "wall": wall, "cpu": cpu}
+
+
+def prepare_figures(runs: dict[str, dict], load: tuple[float, float]) -> dict:
+    """The prepare figures of ``--json`` from the measured runs (keys: processes)."""
+    return {"prepare_chars_per_second": {p: round(r["chars"] / r["wall"], 1) for p, r in runs.items()},
+            "prepare_chars_per_cpu_second": {p: round(r["chars"] / r["cpu"], 1) for p, r in runs.items()},
+            "prepare_cores_used": {p: round(r["cpu"] / r["wall"], 3) for p, r in runs.items()},
+            "prepare_wall_ratio_1_over_2": round(runs["1"]["wall"] / runs["2"]["wall"], 3),
+            # 1.0: two processes do the work of one per CPU second each, so with a free core each the rate doubles
+            "prepare_cpu_efficiency_2_vs_1": round((runs["2"]["chars"] / runs["2"]["cpu"])
+                                                   / (runs["1"]["chars"] / runs["1"]["cpu"]), 3),
+            "load_average": {"before": round(load[0], 2), "after": round(load[1], 2)}}
 
 
 class CountingData:
@@ -123,7 +148,9 @@ def main() -> None:
         specs = write_corpus(root, ns.repeat)
         args = data_args(specs)
         shard_bytes = max(1, sum(os.path.getsize(s["path"]) for s in specs) // 8)  # about 8 shards
-        prepare = {str(p): round(measure_prepare(specs, args, tokenizer, root, p, shard_bytes), 1) for p in (1, 2)}
+        load0 = os.getloadavg()[0]
+        prepare = {str(p): measure_prepare(specs, args, tokenizer, root, p, shard_bytes) for p in (1, 2)}
+        prepare_out = prepare_figures(prepare, (load0, os.getloadavg()[0]))
         prepared = os.path.join(root, "prepared-1")
         data, rows = reader(prepared, args)
         rank_step(rows, data, 1, 1)  # warm: page cache, the epoch's order
@@ -136,7 +163,7 @@ def main() -> None:
         resume = {name: resume_seconds(prepared, args, int(steps * f)) for name, f in (("early", 0.01), ("late", 0.9))}
     out = {"read_fraction_per_rank": read, "rank_seconds_per_step": {k: round(v, 4) for k, v in seconds.items()},
            "data_fraction_of_step_at_64": round(seconds["64"] / (STEP_TOKENS / 64 / GPU_TOKENS_PER_SECOND), 5),
-           "resume_seconds": {k: round(v, 4) for k, v in resume.items()}, "prepare_chars_per_second": prepare}
+           "resume_seconds": {k: round(v, 4) for k, v in resume.items()}, **prepare_out}
     if ns.json:
         print(json.dumps(out))
         return

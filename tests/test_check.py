@@ -355,3 +355,20 @@ def test_gradients_component_matches_a_measurement():
     with LiveBytes(existing=[*model.parameters(), probe, keep]) as body:  # the same step without the logits
         (model(input_ids=ids, logits_to_keep=keep, output_hidden_states=True).hidden_states[-1] * probe).sum().backward()
     assert full.peak - body.peak == pytest.approx(est["logits"], rel=0.15), (full.peak - body.peak, est["logits"])
+
+
+def test_the_data_note_says_what_continued_pretraining_will_read(capsys, tmp_path):
+    """Shards by default: missing ones are prepared first by xlt cpt, present ones are used; or the stream."""
+    argv = ["--config", "recipes/smollm2-135m-ja/cpt.yaml", "--accelerate_config",
+            str(REPO / "accelerate_configs" / "cpu.yaml"), "--gpus", "0", "--output_dir", str(tmp_path)]
+    data = str(tmp_path / "data")
+    notes = [n for n in run(capsys, *argv)[1]["notes"] if n.startswith("data: ")]
+    assert notes == [f"data: no token shards in {data} yet: xlt cpt prepares them first, on one process; for a "
+                     "large corpus run xlt data prepare --processes N beforehand"]
+    os.makedirs(data)
+    (tmp_path / "data" / "prepared.json").write_text("{}")
+    assert [n for n in run(capsys, *argv)[1]["notes"] if n.startswith("data: ")] == [
+        f"data: token shards in {data} (used when prepared with this run's settings, refused in one line otherwise)"]
+    notes = [n for n in run(capsys, *argv, "--data_source", "stream")[1]["notes"] if n.startswith("data: ")]
+    assert notes == ["data: the in-memory stream (data_source: stream): process 0 reads, cleans and tokenizes during "
+                     "training"]

@@ -1,4 +1,5 @@
-"""``xlt data preview``: per-step records from the real stream, JSON output and the plot."""
+"""``xlt data preview``: per-step records of the run's data (the real stream, or the token shards' layout), JSON
+output and the plot."""
 
 import argparse
 import json
@@ -14,7 +15,7 @@ from xlt.data.schedule import seq_len_at
 
 def test_preview_records(tmp_path):
     args = data_args(write_small_corpus(tmp_path), seq_len=64, ja_schedule="step", ja_ratio_start=0.3,
-                     ja_ratio_end=0.6, ja_ramp_fraction=0.8, slw_min_len=16, slw_fraction=0.5)
+                     ja_ratio_end=0.6, ja_ramp_fraction=0.8, slw_min_len=16, slw_fraction=0.5, data_source="stream")
     total, rps, steps = 64 * 4 * 50, 4, 50
     rows = preview(args, smol_tokenizer(), total, rps, steps)
     assert len(rows) == steps and all(tuple(r) == KEYS for r in rows)
@@ -52,7 +53,8 @@ def test_cli_json_and_plot(tmp_path, capsys):
     ns = _parser().parse_args(["data", "preview", "--config", str(path)])
     assert ns.func(ns) == 0
     out = capsys.readouterr().out
-    assert "30 steps" in out and out.count("\n") >= 32
+    assert "30 steps" in out and out.count("\n") >= 33
+    assert "data: token shards (data_source: shards)" in out  # the default: what xlt cpt will read
 
 
 def test_cli_bad_recipe_is_one_line(tmp_path, capsys):

@@ -87,6 +87,15 @@ def test_state_from_other_settings_is_refused(tmp_path):
         other.load_state_dict(s.state_dict())
 
 
+def test_a_checkpoint_of_the_token_shards_is_refused_naming_data_source(tmp_path):
+    """data_source changed between launches (shards is the default, stream the other): one line saying which."""
+    s = _stream(write_small_corpus(tmp_path))
+    shards_state = {"version": 1, "kind": "shards", "row": 8, "fingerprint": {"data": "0" * 64, "seed": 0}}
+    with pytest.raises(XltError, match=r"^data stream: the checkpoint was written on token shards; resume with "
+                                       r"data_source: shards$"):
+        s.load_state_dict(shards_state)
+
+
 def test_seed_changes_the_stream_and_same_seed_repeats_it(tmp_path):
     sources = write_small_corpus(tmp_path)
     a, b = rows_bytes(_take(_stream(sources), 8)), rows_bytes(_take(_stream(sources), 8))

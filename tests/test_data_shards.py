@@ -168,6 +168,20 @@ def test_japanese_share_per_step_follows_the_schedule_and_rows_never_cross_docum
     assert acc["tokens_trained"]["ja"] == cum_ja and sum(acc["tokens_by_source"].values()) == 40 * step_tokens
 
 
+def test_preview_on_shards_shows_what_their_rows_place(prepared):
+    """``xlt data preview`` of a recipe on shards (no data read): each step's Japanese share and warmup length
+    are those of the rows continued pretraining builds."""
+    from xlt.data.preview import preview
+
+    rows, args, step_tokens = _rows(prepared[0]), _args(), 4 * 128
+    shown = preview(args, None, 128 * 4 * 40, 4, 40)
+    for step, r in enumerate(shown):
+        built = [rows.row(g) for g in rows.rank_rows(step, 0, 1)]
+        assert r["realised_ja"] * step_tokens == sum(int((b["langs"] == 0).sum()) for b in built)
+        starts = set(np.flatnonzero(built[0]["position_ids"] == 0).tolist())  # every warmup sub-row starts one
+        assert set(range(0, 128, r["seq_len"])) <= starts
+
+
 def test_resume_is_an_index_a_fresh_reader_builds_the_same_rows(prepared):
     first = _rows(prepared[0])
     sequence = [first.row(g) for g in range(160)]
@@ -269,7 +283,7 @@ def test_prepare_command_json_then_cpt_reuses_its_shards(tmp_path, tiny_model_di
     assert list(summary) == ["documents", "tokens", "dropped", "shards", "seconds"]
     assert set(summary["documents"]) == {"hironsan", "chatterbot-ja", "chatterbot-en"} and summary["shards"] == 3
     stamp = os.stat(tmp_path / "run" / "data" / "prepared.json").st_mtime_ns
-    assert run_recipe("cpt", ["--config", str(recipe), "--model", tiny_model_dir, "--data_source", "shards",
+    assert run_recipe("cpt", ["--config", str(recipe), "--model", tiny_model_dir,  # the shipped recipe's data_source
                               "--train_tokens", "1024", "--save_steps", "100", "--eval_max_docs", "8"]) == 0
     assert "data: reusing the token shards in" in capsys.readouterr().out
     assert os.stat(tmp_path / "run" / "data" / "prepared.json").st_mtime_ns == stamp
@@ -289,8 +303,8 @@ def test_dataloader_workers_build_the_same_rows_in_the_same_order(tmp_path, tiny
     for k in runs["0"][0]:
         torch.testing.assert_close(runs["0"][0][k], runs["2"][0][k], rtol=0, atol=0)
     assert runs["0"][1]["cpt"]["accounting"] == runs["2"][1]["cpt"]["accounting"]
-    assert runs["0"][1]["data"]["tokens_read_per_rank"] == [2048]
-    assert runs["2"][1]["data"]["tokens_read_per_rank"] is None  # read in the workers, not counted here
+    # Read in the workers, counted in the rank: each worker's rows summed.
+    assert runs["0"][1]["data"]["tokens_read_per_rank"] == runs["2"][1]["data"]["tokens_read_per_rank"] == [2048]
 
 
 def test_a_streamed_dataset_is_prepared_one_task_per_file(tmp_path, embedded_tokenizer, ja_wiki):

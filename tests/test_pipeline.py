@@ -122,10 +122,11 @@ def test_same_run_again_resumes_and_does_nothing_more(run_dir, tiny_model_dir):
 
 
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_model_dir):
-    """Stop after 2 of 4 steps, resume: the final weights equal an uninterrupted run's."""
+    """The in-memory stream (its own resume: the stream state in the checkpoint): stop after 2 of 4 steps, resume:
+    the final weights equal an uninterrupted run's. The shards' resume: test_data_shards."""
     from safetensors.torch import load_file
 
-    common = ["--tokenizer_mode", "none", "--train_tokens", "4096", "--save_steps", "2"]
+    common = ["--tokenizer_mode", "none", "--train_tokens", "4096", "--save_steps", "2", "--data_source", "stream"]
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     assert run_recipe("cpt", cpt_args(tiny_model_dir, full, *common)) == 0
     with open(os.path.join(full, "report.json"), encoding="utf-8") as f:  # the table can say the tokenizer was kept
@@ -164,13 +165,15 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_model_dir):
 
 
 def test_two_processes_train_like_one(tmp_path, tiny_model_dir):
-    """torchrun with 2 gloo processes x batch 2 = 1 process x batch 4: same stream, same tokens, same weights."""
+    """The in-memory stream (batches dispatched from process 0): torchrun with 2 gloo processes x batch 2 = 1 process
+    x batch 4: same stream, same tokens, same weights. The shards' rows per rank: test_data_shards."""
     import subprocess
     import sys
 
     from safetensors.torch import load_file
 
-    common = ["--tokenizer_mode", "none", "--train_tokens", "4096", "--save_steps", "100", "--logging_steps", "2"]
+    common = ["--tokenizer_mode", "none", "--train_tokens", "4096", "--save_steps", "100", "--logging_steps", "2",
+              "--data_source", "stream"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     assert run_recipe("cpt", cpt_args(tiny_model_dir, one, *common, "--per_device_train_batch_size", "4")) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")

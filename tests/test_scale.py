@@ -358,15 +358,17 @@ def test_second_launch_into_a_running_directory_stops_at_once(tmp_path, tiny_mod
 # SIGKILL mid-step, relaunch: the same weights and accounting as an uninterrupted run
 # ---------------------------------------------------------------------------------------------------------
 def test_sigkill_mid_step_then_relaunch_matches_an_uninterrupted_run(tmp_path, tiny_model_dir):
+    """On the in-memory stream (its state restored from the checkpoint); on the shards: test_data_shards."""
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
-    assert run_recipe("cpt", cpt_args(tiny_model_dir, full)) == 0
+    stream = ("--data_source", "stream")
+    assert run_recipe("cpt", cpt_args(tiny_model_dir, full, *stream)) == 0
     # Killed during step 4 (global_step 3 done; after its backward, before its optimizer step): the last
     # complete checkpoint is checkpoint-2, so the relaunch redoes steps 3-6.
-    proc = subprocess.run([sys.executable, LAUNCH, "cpt_sigkill", "3", "--", *cpt_args(tiny_model_dir, killed)],
+    proc = subprocess.run([sys.executable, LAUNCH, "cpt_sigkill", "3", "--", *cpt_args(tiny_model_dir, killed, *stream)],
                           capture_output=True, text=True, env=sub_env(), cwd=REPO, timeout=600)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert not os.path.exists(os.path.join(killed, "cpt"))
-    assert run_recipe("cpt", cpt_args(tiny_model_dir, killed)) == 0
+    assert run_recipe("cpt", cpt_args(tiny_model_dir, killed, *stream)) == 0
     a, b = weights(os.path.join(full, "cpt")), weights(os.path.join(killed, "cpt"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)  # stated tolerance: fp32 reduction order

@@ -550,6 +550,23 @@ def _hub_sources(chk: Check, sources: list, offline: bool) -> None:
             chk.attempt(s.open_hub_dataset)
 
 
+def _data_note(chk: Check, data_args: Any, output_dir: str) -> None:
+    """What continued pretraining will read: the token shards (prepared first when missing) or the stream."""
+    from xlt.data.prepare import SUMMARY_FILE, prepared_dir_of
+
+    if data_args.data_source != "shards":
+        chk.notes.append("data: the in-memory stream (data_source: stream): process 0 reads, cleans and tokenizes "
+                         "during training")
+        return
+    folder = prepared_dir_of(data_args, output_dir)
+    if os.path.isfile(os.path.join(folder, SUMMARY_FILE)):
+        chk.notes.append(f"data: token shards in {folder} (used when prepared with this run's settings, refused "
+                         "in one line otherwise)")
+    else:
+        chk.notes.append(f"data: no token shards in {folder} yet: xlt cpt prepares them first, on one process; "
+                         "for a large corpus run xlt data prepare --processes N beforehand")
+
+
 def _check_cpt(chk: Check, parsed: Any, offline: bool) -> dict[str, Any]:
     """The checks of ``check_cpt_inputs``, each on its own so that every problem is reported."""
     from xlt.config import validate_data_args
@@ -566,6 +583,7 @@ def _check_cpt(chk: Check, parsed: Any, offline: bool) -> dict[str, Any]:
     if data_args.eval_sources:
         sources = (sources or []) + (chk.attempt(load_sources, data_args.eval_sources, "eval_sources") or [])
     _hub_sources(chk, sources or [], offline)
+    _data_note(chk, data_args, training_args.output_dir)
     chk.attempt(check_model_spec, model_args.model)
     if tok_args.tokenizer_mode not in ("none", "extend", "swap"):
         chk.problems.append(f"tokenizer_mode={tok_args.tokenizer_mode!r}: expected none, extend or swap")

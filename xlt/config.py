@@ -231,9 +231,9 @@ class DataArguments:
     stream_seed: int = field(default=0, metadata={"help": "Seed of the stream (shuffles of every source). Named so as "
                              "not to clash with TrainingArguments.data_seed."})
     data_source: str = field(
-        default="stream", metadata={"help": "'stream': the in-memory stream (read, cleaned and tokenized during "
-                                    "training); 'shards': every rank reads its own rows by index from token shards "
-                                    "(xlt data prepare; prepared first when missing)."})
+        default="shards", metadata={"help": "'shards': every rank reads its own rows by index from token shards "
+                                    "(xlt data prepare; prepared first, on one process, when missing); 'stream': "
+                                    "the in-memory stream (process 0 reads, cleans and tokenizes during training)."})
     prepared_dir: Optional[str] = field(
         default=None, metadata={"help": "data_source shards: the prepared folder (default OUTPUT_DIR/data)."})
 

@@ -45,6 +45,11 @@ KEY_FILE = "xlt_data_key.json"
 SUMMARY_FILE = "prepared.json"
 
 
+def prepared_dir_of(data_args: Any, output_dir: str) -> str:
+    """Where a run's token shards live: ``prepared_dir``, else ``OUTPUT_DIR/data``."""
+    return data_args.prepared_dir or os.path.join(output_dir, "data")
+
+
 # ---------------------------------------------------------------------------------------------
 # Plan: sources -> shards (fixed by the settings, never by the number of processes)
 # ---------------------------------------------------------------------------------------------

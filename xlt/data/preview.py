@@ -1,41 +1,59 @@
-"""``xlt data preview``: run the real stream (no model) and show the curriculum it realises.
+"""``xlt data preview``: the curriculum continued pretraining will realise (no model).
 
 Per optimizer step: tokens so far, the Japanese share the schedule asks for over the step's
-tokens and the share the stream actually placed, the same two cumulatively, and the warmup
-sequence length. Nothing here is simulated: the rows come from ``build_pretrain_stream``.
+tokens and the share the run's data places, the same two cumulatively, and the warmup
+sequence length. On the token shards (``data_source: shards``) the share placed is their layout's
+(``xlt.data.shards.ja_tokens_before``, which every step's rows hold exactly), so nothing needs preparing;
+on the in-memory stream the rows come from ``build_pretrain_stream``, run for real.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
+from collections.abc import Iterator
 from typing import Any, Optional
 
 from xlt.config import XltError
-from xlt.data.schedule import cumulative_ja_target, ja_ratio
+from xlt.data.schedule import cumulative_ja_target, ja_ratio, seq_len_at
 
 KEYS = ("step", "tokens", "target_ja", "realised_ja", "cum_target_ja", "cum_realised_ja", "seq_len")
 TEXT_ROWS = 40  # text output shows this many evenly spaced steps (--json shows all)
 
 
-def preview(data_args: Any, tokenizer: Any, total_tokens: int, rows_per_step: int, steps: int) -> list[dict]:
-    """One dict per step (keys ``KEYS``) for the first ``steps`` steps of the stream."""
+def _shard_steps(data_args: Any, total_tokens: int, rows_per_step: int) -> Iterator[tuple[int, int]]:
+    """(Japanese tokens, warmup length) of each step of the token shards' layout."""
+    from xlt.data.shards import ja_tokens_before
+
+    step_tokens = rows_per_step * int(data_args.seq_len)
+    for step in itertools.count():
+        ja = ja_tokens_before(step + 1, step_tokens, total_tokens, data_args)
+        yield ja - ja_tokens_before(step, step_tokens, total_tokens, data_args), seq_len_at(
+            step * step_tokens, total_tokens, data_args)
+
+
+def _stream_steps(data_args: Any, tokenizer: Any, total_tokens: int, rows_per_step: int) -> Iterator[tuple[int, int]]:
+    """(Japanese tokens, warmup length of its first row) of each step of the in-memory stream, run for real."""
     from xlt.data.stream import build_pretrain_stream
 
-    stream = build_pretrain_stream(data_args, tokenizer, total_tokens, rows_per_step)
+    rows = build_pretrain_stream(data_args, tokenizer, total_tokens, rows_per_step).global_rows()
+    while True:
+        step = [next(rows) for _ in range(rows_per_step)]
+        yield sum(r.lang_tokens["ja"] for r in step), step[0].warm_len
+
+
+def preview(data_args: Any, tokenizer: Any, total_tokens: int, rows_per_step: int, steps: int) -> list[dict]:
+    """One dict per step (keys ``KEYS``) for the first ``steps`` steps of the run's data (``data_source``)."""
+    if data_args.data_source == "shards":
+        per_step = _shard_steps(data_args, total_tokens, rows_per_step)
+    else:
+        per_step = _stream_steps(data_args, tokenizer, total_tokens, rows_per_step)
     step_tokens = rows_per_step * int(data_args.seq_len)
     out: list[dict] = []
-    ja_step = ja_cum = 0
-    seq_len = None
-    rows = stream.global_rows()
-    for step in range(1, steps + 1):
-        ja_step = 0
-        for i in range(rows_per_step):
-            row = next(rows)
-            if i == 0:
-                seq_len = row.warm_len
-            ja_step += row.lang_tokens["ja"]
+    ja_cum = 0
+    for step, (ja_step, seq_len) in zip(range(1, steps + 1), per_step):
         ja_cum += ja_step
         t0, t1 = (step - 1) * step_tokens, step * step_tokens
         c0, c1 = cumulative_ja_target(t0, total_tokens, data_args), cumulative_ja_target(t1, total_tokens, data_args)
@@ -95,7 +113,9 @@ def _preview_command(ns: argparse.Namespace) -> int:
     steps = plan.max_steps if ns.steps is None else ns.steps
     if steps <= 0:
         raise XltError(f"--steps must be positive (got {steps})")
-    tokenizer = load_tokenizer(model_args.model, trust_remote_code=model_args.trust_remote_code)
+    tokenizer = None  # the shards' layout needs no tokens
+    if data_args.data_source != "shards":
+        tokenizer = load_tokenizer(model_args.model, trust_remote_code=model_args.trust_remote_code)
     rows = preview(data_args, tokenizer, plan.total_tokens, plan.rows_per_step, steps)
     if ns.plot:
         plot_preview(rows, ns.plot, data_args, plan.total_tokens)
@@ -103,9 +123,11 @@ def _preview_command(ns: argparse.Namespace) -> int:
         print(json.dumps(rows))
         return 0
     note = ""
-    if tok_args.tokenizer_mode != "none":
+    if tok_args.tokenizer_mode != "none" and tokenizer is not None:  # the stream tokenizes; the layout does not
         note = f" (base tokenizer of {model_args.model}; the '{tok_args.tokenizer_mode}' tokenizer is not applied here)"
     print(f"{plan.describe()}{note}")
+    print("data: token shards (data_source: shards): each step holds the layout's Japanese tokens exactly"
+          if data_args.data_source == "shards" else "data: the in-memory stream (data_source: stream), run here")
     print(f"{'step':>7} {'tokens':>12} {'target_ja':>9} {'real_ja':>8} {'cum_tgt':>8} {'cum_real':>8} {'seq_len':>7}")
     shown = rows if len(rows) <= TEXT_ROWS else [rows[round(i * (len(rows) - 1) / (TEXT_ROWS - 1))] for i in range(TEXT_ROWS)]
     for r in shown:

@@ -40,6 +40,12 @@ from xlt.data.stream import LANG_KEY
 ROUND = 1000  # blocks per round of the weighted deal (weights realised to 1/ROUND)
 
 
+def ja_tokens_before(step: int, step_tokens: int, total_tokens: int, args: Any) -> int:
+    """Japanese tokens the shards' rows place in the steps before ``step``: the schedule's integral, rounded."""
+    t = step * step_tokens
+    return int(min(max(round(cumulative_ja_target(t, total_tokens, args)), 0), t))
+
+
 class PreparedData:
     """The kept documents of every source of a prepared folder, memory-mapped (nothing is read up front)."""
 
@@ -173,9 +179,7 @@ class ShardRows:
                 self.streams[lang] = LanguageStream(data, names, weights, args.stream_seed, self.seq_len)
 
     def ja_before(self, step: int) -> int:
-        """Japanese tokens in the steps before ``step``: the schedule's integral, rounded."""
-        t = step * self.step_tokens
-        return int(min(max(round(cumulative_ja_target(t, self.total, self.args)), 0), t))
+        return ja_tokens_before(step, self.step_tokens, self.total, self.args)
 
     def row(self, g: int) -> dict[str, np.ndarray]:
         """Global row ``g``: input_ids, position_ids, labels, the language index of every token."""
@@ -225,13 +229,15 @@ class ShardDataset(torch.utils.data.Dataset):
     The Trainer samples it sequentially (``XltTrainer._get_train_sampler``) and accelerate gives each process its
     own batches of indices (no dispatch: a map-style dataset's batches are never sent from process 0), so a rank
     builds only its rows. On resume the Trainer skips the consumed batches by index (nothing is read for them).
-    ``tokens_read`` counts the tokens this process built (``dataloader_num_workers: 0``)."""
+    ``tokens_read`` counts the tokens this rank built, in this process and in its ``workers`` DataLoader workers."""
 
     index_resume = True  # the Trainer skips consumed batches by index (build_cpt_trainer)
 
-    def __init__(self, rows: ShardRows, max_steps: int, prepared_dir: str):
+    def __init__(self, rows: ShardRows, max_steps: int, prepared_dir: str, workers: int = 0):
         self.rows, self.max_steps, self.prepared_dir = rows, int(max_steps), prepared_dir
-        self.tokens_read = 0
+        # Tokens built: slot 0 by this process, slot 1 + i by DataLoader worker i. In shared memory, so the
+        # workers' counts (forked or spawned copies of this dataset) are seen here; one writer per slot.
+        self._read = torch.zeros(1 + int(workers), dtype=torch.int64).share_memory_()
         key = json.dumps(rows.data.key, sort_keys=True).encode("utf-8")
         self.fingerprint = {"data": hashlib.sha256(key).hexdigest(), "seed": int(rows.args.stream_seed),
                             "seq_len": rows.seq_len, "rows_per_step": rows.rows_per_step, "total_tokens": rows.total}
@@ -239,9 +245,17 @@ class ShardDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.max_steps * self.rows.rows_per_step
 
+    @property
+    def tokens_read(self) -> int:
+        return int(self._read.sum())
+
     def __getitem__(self, g: int) -> dict[str, torch.Tensor]:
         row = self.rows.row(int(g))
-        self.tokens_read += len(row["input_ids"])
+        worker = torch.utils.data.get_worker_info()
+        slot = 0 if worker is None else 1 + worker.id
+        if slot >= len(self._read):
+            raise XltError(f"data: DataLoader worker {worker.id} of a dataset built for {len(self._read) - 1} workers")
+        self._read[slot] += len(row["input_ids"])
         return {"input_ids": torch.from_numpy(row["input_ids"]), "position_ids": torch.from_numpy(row["position_ids"]),
                 "labels": torch.from_numpy(row["labels"]), LANG_KEY: torch.from_numpy(row["langs"])}
 
@@ -274,7 +288,7 @@ class ShardDataset(torch.utils.data.Dataset):
 
 def build_shard_dataset(sources: list[Any], data_args: Any, tokenizer: Any, tokenizer_dir: str, prepared_dir: str,
                         total_tokens: int, rows_per_step: int, max_steps: int, build: bool = True,
-                        trust_remote_code: bool = False, log: Any = print) -> ShardDataset:
+                        trust_remote_code: bool = False, log: Any = print, workers: int = 0) -> ShardDataset:
     """The shards in ``prepared_dir``, prepared first when missing (by the main process, ``build``; the others
     wait for them without a collective), refused when prepared with other settings."""
     from xlt.data.mixture import resolve_weights
@@ -293,4 +307,5 @@ def build_shard_dataset(sources: list[Any], data_args: Any, tokenizer: Any, toke
         log(f"data: reusing the token shards in {prepared_dir} (same settings)")
     data = PreparedData(prepared_dir)
     weights = resolve_weights(sources, {s.name: float(data.summary["tokens"][s.name]) for s in sources})
-    return ShardDataset(ShardRows(data, data_args, total_tokens, rows_per_step, weights), max_steps, prepared_dir)
+    return ShardDataset(ShardRows(data, data_args, total_tokens, rows_per_step, weights), max_steps, prepared_dir,
+                        workers=workers)

@@ -237,6 +237,8 @@ class PretrainStream(torch.utils.data.IterableDataset):
                 "accounting": Accounting(self.source_langs).to_dict(), "warned": []}
 
     def _check_state(self, state: dict) -> None:
+        if isinstance(state, dict) and state.get("kind") == "shards":
+            raise XltError("data stream: the checkpoint was written on token shards; resume with data_source: shards")
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise XltError("data stream: the checkpoint's stream state is missing or of another version")
         fp, mine = state.get("fingerprint"), self._fingerprint()

@@ -24,7 +24,7 @@ from xlt.config import (
     validate_data_args,
 )
 from xlt.data.collate import PackedRowsCollator
-from xlt.data.prepare import KEY_FILE, SHARD_BYTES, check_output_dir, settings_key
+from xlt.data.prepare import KEY_FILE, SHARD_BYTES, check_output_dir, prepared_dir_of, settings_key
 from xlt.data.shards import build_shard_dataset
 from xlt.data.sources import Source, heldout_texts, load_sources
 from xlt.data.steps import StepPlan, plan_steps
@@ -317,10 +317,6 @@ def build_cpt_trainer(model: Any, tokenizer: Any, training_args: Any, stream: An
                       loss_implementation=loss_implementation, loss_by_language_steps=loss_by_language_steps)
 
 
-def prepared_dir_of(data_args: DataArguments, output_dir: str) -> str:
-    return data_args.prepared_dir or os.path.join(output_dir, "data")
-
-
 def check_prepared_data(data_args: DataArguments, sources: list[Source], tokenizer: Any, output_dir: str) -> None:
     """``data_source: shards``: prepared data of other settings is refused (one line) before the model loads."""
     if data_args.data_source != "shards":
@@ -331,20 +327,21 @@ def check_prepared_data(data_args: DataArguments, sources: list[Source], tokeniz
 
 
 def build_cpt_data(model_args: ModelArguments, data_args: DataArguments, sources: list[Source], tokenizer: Any,
-                   model_dir: str, plan: StepPlan, output_dir: str) -> Any:
-    """The training data: the in-memory stream, or rows by index from token shards (``data_source: shards``)."""
+                   model_dir: str, plan: StepPlan, output_dir: str, workers: int = 0) -> Any:
+    """The training data: rows by index from token shards (``data_source: shards``, read in this process and its
+    ``workers`` DataLoader workers), or the in-memory stream (``data_source: stream``)."""
     if data_args.data_source == "shards":
         return build_shard_dataset(sources, data_args, tokenizer, model_dir,
                                    prepared_dir_of(data_args, output_dir), plan.total_tokens,
                                    plan.rows_per_step, plan.max_steps, build=is_main_process(),
-                                   trust_remote_code=model_args.trust_remote_code, log=_log)
+                                   trust_remote_code=model_args.trust_remote_code, log=_log, workers=workers)
     return build_pretrain_stream(data_args, tokenizer, plan.total_tokens, plan.rows_per_step)
 
 
-def shard_report(stream: Any, resumed_step: int, plan: StepPlan, world_size: int, workers: int) -> Optional[dict]:
+def shard_report(stream: Any, resumed_step: int, plan: StepPlan, world_size: int) -> Optional[dict]:
     """report.json ``data`` of a run on shards (None on the in-memory stream): the prepared summary and the tokens
-    each rank read, counted in this launch plus the resumed steps' rows (each rank read its 1/world_size of them
-    before the relaunch); null with DataLoader workers, whose reads happen in other processes."""
+    each rank read (in its process and its DataLoader workers), counted in this launch plus the resumed steps'
+    rows (each rank read its 1/world_size of them before the relaunch)."""
     if not getattr(stream, "index_resume", False):
         return None
     mine = stream.tokens_read + resumed_step * plan.tokens_per_step // world_size
@@ -353,7 +350,7 @@ def shard_report(stream: Any, resumed_step: int, plan: StepPlan, world_size: int
         out: list[Any] = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(out, mine)
         read = [int(x) for x in out]
-    return {"source": "shards", "prepared_dir": stream.prepared_dir, "tokens_read_per_rank": None if workers else read,
+    return {"source": "shards", "prepared_dir": stream.prepared_dir, "tokens_read_per_rank": read,
             "prepared": stream.rows.data.summary}
 
 
@@ -414,7 +411,7 @@ def build_run_data(run: CptRun) -> Optional[dict]:
     """Phase data: the training rows and the spike guard, both restored from the last complete checkpoint when
     resuming. Returns the report sections of a run that is already complete (nothing to do), else None."""
     run.stream = build_cpt_data(run.model_args, run.data_args, run.sources, run.tokenizer, run.model_dir, run.plan,
-                                run.output_dir)
+                                run.output_dir, run.training_args.dataloader_num_workers)
     # Checkpoints here can only be this run's: claim_output_dir refuses a directory holding another run.
     run.resume_from = last_complete_checkpoint(run.output_dir) if run.cpt_args.resume else None
     run.guard = SkipStepGuard.from_args(run.cpt_args)
@@ -498,8 +495,8 @@ def write_report(run: CptRun) -> dict:
     section = {"tokens_trained": accounting.get("tokens_trained", {}),
                "cpt": cpt_section(run, accounting, seconds, kd_state),
                "tokenizer": tokenizer_section(run.tok_args, run.tok_report)}
-    data_section = shard_report(run.stream, run.resumed_step, run.plan, run.launcher.world_size,
-                                run.training_args.dataloader_num_workers)  # a collective: every process
+    data_section = shard_report(run.stream, run.resumed_step, run.plan,
+                                run.launcher.world_size)  # a collective: every process
     if data_section is not None:
         section["data"] = data_section
     if trainer.is_world_process_zero():
