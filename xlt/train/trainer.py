@@ -221,8 +221,8 @@ class CptTrainer(Trainer):
                     by_lang = language_sums(ce, targets, shift_langs(langs), len(LANGS))
         else:  # chunked, or liger on a head it cannot take (a peft wrapper, a bias)
             loss, by_lang = chunked_causal_lm_loss(hidden, project, labels, vocab, items, shift, langs, len(LANGS))
-        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and items is not None:
-            scale = self.accelerator.num_processes // self.get_tp_size()  # as Trainer.compute_loss scales
+        scale = self._token_average_scale()  # as Trainer.compute_loss scales
+        if scale and self.model_accepts_loss_kwargs and items is not None:
             loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
         return loss, by_lang
 
