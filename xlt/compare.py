@@ -38,11 +38,14 @@ is not rerun; an interrupted arm resumes from its last checkpoint.
 Sweeps and several budgets. ``sweep: {new_tokens: [0, 32, 64], overrides: {...}}`` adds the arms ``base`` (0) and
 ``new_tokens-32``, ``new_tokens-64`` (an extension by that many tokens, plus the sweep's overrides) before any
 ``arms`` listed. ``compute: {flops: [2e12, 8e12]}`` (or a list of ``base_train_tokens``) runs every arm at each
-budget, in ``DIR/budget-<k>``. Every row then says whether it has its budget's lowest Japanese bits per character
+budget, in ``DIR/budget-<k>``; an arm's tokenizer stage and step-0 scores do not depend on the budget, so they are
+made at the first budget and reused by the later ones (the stage folder hard-linked). Every row then says whether it has its budget's lowest Japanese bits per character
 (``best_at_budget``), whether it is on the Pareto front of (Japanese bits per character, Japanese characters per
 token) (``on_pareto_front``), and carries the budget's ``recommendation``: how many new tokens pay (an extended arm
 at or below the base arm's Japanese bits per character) and the inference speed-up they buy, or none and by how
-much the best extended arm misses.
+much the best extended arm misses. With three budgets or more, each extended arm's row also carries its
+``crossing``: the straight line through its gap to the base arm against log2 FLOPs, and the budget where that line
+would reach zero (``crossings``).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import math
 import os
 import re
 import tempfile
@@ -480,8 +484,64 @@ def _arm_identity(cfg: CompareConfig, arm: Arm, budget_spec: dict) -> dict:
                                   "eval": dataclasses.asdict(cfg.eval)}, default=str))
 
 
-def _prepare_arm(cfg: CompareConfig, arm: Arm, texts: dict, identity: dict) -> dict:
-    """Phase 1 of an arm: its tokenizer stage and the step-0 scores (cached in ``DIR/arms/<name>.json``)."""
+def _link_tree(src: str, dst: str) -> None:
+    """``dst`` as a copy of the folder ``src`` made of hard links (a plain copy where the file system has none),
+    swapped into place whole. Safe to share: every writer of a stage folder replaces the folder or its files
+    (``atomic_save_dir``, atomic writes), none writes into a file in place."""
+    import shutil
+
+    from xlt.io import atomic_save_dir
+
+    def link(tmp: str) -> None:
+        for name in os.listdir(src):
+            s, d = os.path.join(src, name), os.path.join(tmp, name)
+            if os.path.isdir(s):
+                shutil.copytree(s, d, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(s, d)
+
+    atomic_save_dir(link, dst)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    import shutil
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _same_arm(a: dict, b: dict) -> bool:
+    """Two arm identities that differ at most in the budget: the same tokenizer stage and step-0 scores."""
+    return {k: v for k, v in a.items() if k != "budget"} == {k: v for k, v in b.items() if k != "budget"}
+
+
+def _reuse_step0(cfg: CompareConfig, arm: Arm, earlier: dict, identity: dict) -> dict:
+    """Phase 1 of an arm at a later budget: the first budget's tokenizer stage (linked into this budget's run
+    folder, where continued pretraining reuses it by its key) and its step-0 scores, which do not depend on the
+    budget; nothing is rebuilt or scored again."""
+    from xlt.train.checkpoint import RUN_FILE, claim_output_dir
+
+    run_dir = os.path.join(cfg.output_dir, arm.name)
+    step0_dir = earlier["step0_dir"]
+    source_run = os.path.dirname(step0_dir)
+    stage = (_read_json(os.path.join(source_run, RUN_FILE)) or {}).get("tokenizer")
+    if stage is not None and os.path.basename(step0_dir) == "tokenizer":
+        _log(f"{arm.name}: tokenizer stage and step-0 scores of {source_run}")
+        claim_output_dir(run_dir, "tokenizer", stage)
+        step0_dir = os.path.join(run_dir, "tokenizer")
+        _link_tree(earlier["step0_dir"], step0_dir)
+    result = {**{k: earlier[k] for k in ("init_flops", "params", "partial", "step0") if k in earlier},
+              "identity": identity, "name": arm.name, "step0_dir": step0_dir, "step0_eval_seconds": 0.0,
+              "step0_from": earlier["step0_dir"]}
+    atomic_write_json(_result_path(cfg, arm), result)
+    return result
+
+
+def _prepare_arm(cfg: CompareConfig, arm: Arm, texts: dict, identity: dict, earlier: Optional[dict] = None) -> dict:
+    """Phase 1 of an arm: its tokenizer stage and the step-0 scores (cached in ``DIR/arms/<name>.json``); taken
+    from ``earlier`` (the same arm's phase 1 at an earlier budget) when that differs only in the budget."""
     from xlt.train.cpt import run_tokenizer_stage
 
     run_dir = os.path.join(cfg.output_dir, arm.name)
@@ -492,6 +552,8 @@ def _prepare_arm(cfg: CompareConfig, arm: Arm, texts: dict, identity: dict) -> d
                        "use another --output_dir or delete it")
     if result is not None and "step0" in result:
         return result
+    if earlier is not None and "step0" in earlier and _same_arm(earlier["identity"], identity):
+        return _reuse_step0(cfg, arm, earlier, identity)
     parsed = parse_arm(arm, run_dir, 1, os.path.join(cfg.output_dir, "recipes"))
     model_args, tok_args, data_args, cpt_args = parsed.model, parsed.tokenizer, parsed.data, parsed.cpt
     init_flops = 0.0
@@ -634,17 +696,21 @@ def run_compare(config_path: str, output_dir: Optional[str] = None) -> tuple[lis
     ``compare.png``; returns the rows of compare.json (each with its budget's summary, ``summarise``) and DIR."""
     cfg = load_config(config_path, output_dir)
     texts = read_heldout(cfg.heldout, cfg.eval)
-    rows = [r for sub in budget_configs(cfg) for r in _run_budget(sub, texts)]
+    first: dict[str, dict] = {}  # each arm's phase 1 at the first budget, reused by the later ones
+    rows = [r for sub in budget_configs(cfg) for r in _run_budget(sub, texts, first)]
     summarise(rows)
     write_outputs(cfg.output_dir, rows, texts)
     return rows, cfg.output_dir
 
 
-def _run_budget(cfg: CompareConfig, texts: dict[str, list[str]]) -> list[dict]:
+def _run_budget(cfg: CompareConfig, texts: dict[str, list[str]], first: dict[str, dict]) -> list[dict]:
     _log(f"{len(cfg.arms)} arms into {cfg.output_dir}; held-out " +
          ", ".join(f"{lang} {len(d)} documents / {sum(map(len, d)):,} characters" for lang, d in texts.items()))
     budget_spec = {"flops": cfg.flops, "base_train_tokens": cfg.base_train_tokens, "tolerance": cfg.tolerance}
-    prepared = {a.name: _prepare_arm(cfg, a, texts, _arm_identity(cfg, a, budget_spec)) for a in cfg.arms}
+    prepared = {a.name: _prepare_arm(cfg, a, texts, _arm_identity(cfg, a, budget_spec), first.get(a.name))
+                for a in cfg.arms}
+    for name, p in prepared.items():
+        first.setdefault(name, p)
     budget, plans = plan_arms(cfg, prepared)
     _log(f"budget {budget:.4g} FLOPs; " + ", ".join(f"{n}: {p['tokens']:,} tokens" for n, p in plans.items()))
     return [_row(arm, _train_arm(cfg, arm, plans[arm.name], texts, prepared[arm.name]), budget) for arm in cfg.arms]
@@ -692,6 +758,58 @@ def recommendation(rows: Sequence[dict]) -> dict:
     return rec
 
 
+def crossings(rows: Sequence[dict]) -> dict[str, dict]:
+    """Where each extended arm would meet the original tokenizer, extrapolated from the budgets measured.
+
+    Per extended arm (``new_tokens`` > 0) present with the ``base`` arm at three budgets or more: the least-squares
+    line through its gap to the base arm (Japanese bits per character, arm minus base) against log2 of the budget's
+    FLOPs, i.e. how much of the gap each doubling of compute closes, and the budget where that line reaches zero
+    (``crossing_flops``; also as tokens of the base arm, ``crossing_base_tokens`` = FLOPs / (6 · N_eff of base))
+    or None when the gap does not shrink. ``max_residual`` is the largest distance of a measured gap from the
+    line: how far to trust the straight line. Arms at fewer than three budgets get no entry."""
+    gaps: dict[str, list[tuple[float, float]]] = {}
+    n_eff_base = None
+    new_tokens: dict[str, int] = {}
+    for group in by_budget(rows).values():
+        base = next((r for r in group if r["name"] == "base"), None)
+        if base is None:
+            continue
+        n_eff_base = base.get("n_eff", n_eff_base)
+        for r in group:
+            if r.get("new_tokens", 0) > 0:
+                gaps.setdefault(r["name"], []).append((math.log2(r["budget_flops"]), r["ja_bpc"] - base["ja_bpc"]))
+                new_tokens[r["name"]] = r["new_tokens"]
+    out: dict[str, dict] = {}
+    for name, pts in gaps.items():
+        if len({x for x, _ in pts}) < 3:
+            continue
+        n = len(pts)
+        mx, my = sum(x for x, _ in pts) / n, sum(y for _, y in pts) / n
+        slope = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+        at = my - slope * mx  # the gap at 1 FLOP (log2 = 0)
+        residual = max(abs(y - (at + slope * x)) for x, y in pts)
+        flops = 2.0 ** (-at / slope) if slope < 0 else None
+        entry = {"arm": name, "new_tokens": new_tokens[name], "budgets": n,
+                 "gaps": [round(y, 4) for _, y in sorted(pts)], "gap_per_doubling": round(slope, 4),
+                 "max_residual": round(residual, 4), "crossing_flops": flops,
+                 "crossing_base_tokens": (round(flops / (6 * n_eff_base)) if flops is not None and n_eff_base
+                                          else None)}
+        last_x, last_gap = max(pts)
+        if flops is None:
+            entry["text"] = (f"{name}: the gap does not shrink with compute ({slope:+.3f} bits/char per doubling "
+                             f"over {n} budgets): no crossing in sight")
+        elif last_gap <= 0:
+            entry["text"] = f"{name}: already at or below the original tokenizer at {2.0 ** last_x:.3g} FLOPs"
+        else:
+            toks = f" (~{entry['crossing_base_tokens']:.3g} tokens of the base arm)" if entry["crossing_base_tokens"] \
+                else ""
+            entry["text"] = (f"{name}: {slope:+.3f} bits/char per doubling of compute; would meet the original "
+                             f"tokenizer at ~{flops:.3g} FLOPs{toks}, {flops / 2.0 ** last_x:.3g}x the largest budget "
+                             f"(straight line in log FLOPs through {n} budgets, max residual {residual:.3f})")
+        out[name] = entry
+    return out
+
+
 def by_budget(rows: Sequence[dict]) -> dict[float, list[dict]]:
     """The rows grouped by their budget, in the order the budgets first appear."""
     groups: dict[float, list[dict]] = {}
@@ -702,12 +820,18 @@ def by_budget(rows: Sequence[dict]) -> dict[float, list[dict]]:
 
 def summarise(rows: list[dict]) -> None:
     """Add to every row its budget's verdicts: ``best_at_budget`` (lowest Japanese bits per character),
-    ``on_pareto_front`` and ``recommendation`` (the same object on every row of a budget)."""
+    ``on_pareto_front`` and ``recommendation`` (the same object on every row of a budget); and to every row of an
+    extended arm measured at three budgets or more, its ``crossing`` (``crossings``: the same object at each
+    budget)."""
     for group in by_budget(rows).values():
         best = min(group, key=lambda r: r["ja_bpc"])["name"]
         front, rec = set(pareto_front(group)), recommendation(group)
         for r in group:
             r.update(best_at_budget=r["name"] == best, on_pareto_front=r["name"] in front, recommendation=rec)
+    cross = crossings(rows)
+    for r in rows:
+        if r["name"] in cross:
+            r["crossing"] = cross[r["name"]]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -747,6 +871,7 @@ def _markdown(rows: Sequence[dict], texts: Mapping[str, list[str]]) -> str:
             out += [f"- lowest Japanese bits/char: **{best}**",
                     f"- Pareto front (Japanese bits/char, Japanese chars/token): {front}",
                     f"- recommendation: {group[0]['recommendation']['text']}", ""]
+    out += _crossing_section(rows)
     seen = set()
     for r in rows:
         if r["name"] in seen:
@@ -758,6 +883,30 @@ def _markdown(rows: Sequence[dict], texts: Mapping[str, list[str]]) -> str:
     return "\n".join(out)
 
 
+def _crossing_section(rows: Sequence[dict]) -> list[str]:
+    """compare.md's extrapolation: each extended arm's gap to the base arm per budget and where its line meets 0."""
+    cross = {r["name"]: r["crossing"] for r in rows if r.get("crossing")}
+    if not cross:
+        return []
+    groups = by_budget(rows)
+    gap = {(b, r["name"]): r["ja_bpc"] - base["ja_bpc"] for b, g in groups.items()
+           for base in [next((x for x in g if x["name"] == "base"), None)] if base is not None for r in g}
+    out = ["## Where the curves would cross", "",
+           "Japanese bits/char of each extended arm minus the original tokenizer's at each budget, and the straight "
+           "line through them in log2 FLOPs extrapolated to zero (a trend, not a measurement: the residual says how "
+           "well a line fits).", "",
+           "| arm | new tokens | " + " | ".join(f"Δ @ {b:.3g}" for b in groups) +
+           " | Δ per doubling | max residual | crossing FLOPs | ≈ base-arm tokens |",
+           "|---|---:|" + "---:|" * (len(groups) + 4)]
+    for name, c in cross.items():
+        cells = [f"{gap[(b, name)]:+.3f}" if (b, name) in gap else "" for b in groups]
+        flops = "never (not shrinking)" if c["crossing_flops"] is None else f"{c['crossing_flops']:.3g}"
+        toks = "" if c["crossing_base_tokens"] is None else f"{c['crossing_base_tokens']:,}"
+        out.append(f"| {name} | {c['new_tokens']} | " + " | ".join(cells) +
+                   f" | {c['gap_per_doubling']:+.3f} | {c['max_residual']:.3f} | {flops} | {toks} |")
+    return out + [""]
+
+
 def plot(rows: Sequence[dict], path: str) -> None:
     """``path``: Japanese and English bits per character against training FLOPs, one line per arm (and budget);
     with arms of several new-token counts, a third panel: Japanese bits per character minus the base arm's against
@@ -765,7 +914,8 @@ def plot(rows: Sequence[dict], path: str) -> None:
     from xlt.report import new_figure, save_figure
 
     counts = sorted({r.get("new_tokens", 0) for r in rows})
-    panels = 3 if len(counts) > 1 else 2
+    cross = {r["name"]: r["crossing"] for r in rows if r.get("crossing")}
+    panels = (3 if len(counts) > 1 else 2) + bool(cross)
     several = len({r["budget_flops"] for r in rows}) > 1
     fig = new_figure(5.0 * panels, 3.8)
     for i, lang in enumerate(LANGS):
@@ -779,8 +929,8 @@ def plot(rows: Sequence[dict], path: str) -> None:
         ax.set_title(f"held-out {lang}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    if panels == 3:
-        ax = fig.add_subplot(1, 3, 3)
+    if len(counts) > 1:
+        ax = fig.add_subplot(1, panels, 3)
         for budget, group in by_budget(rows).items():
             base = next((r for r in group if r["name"] == "base"), None)
             if base is None:
@@ -794,7 +944,31 @@ def plot(rows: Sequence[dict], path: str) -> None:
         ax.set_title("does the extension pay?")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
+    if cross:
+        _plot_crossings(fig.add_subplot(1, panels, panels), rows, cross)
     save_figure(fig, path)
+
+
+def _plot_crossings(ax: Any, rows: Sequence[dict], cross: Mapping[str, dict]) -> None:
+    """The gap to the base arm against FLOPs per extended arm, and its fitted line up to where it meets zero
+    (drawn at most to 10^4 x the largest budget)."""
+    budgets = sorted({r["budget_flops"] for r in rows})
+    for name, c in cross.items():
+        pts = sorted((r["budget_flops"], r["ja_bpc"] - base["ja_bpc"]) for r in rows if r["name"] == name
+                     for base in rows if base["name"] == "base" and base["budget_flops"] == r["budget_flops"])
+        line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ls="", label=name)[0]
+        end = min(c["crossing_flops"] or math.inf, budgets[-1] * 1e4)
+        xs = [budgets[0] * (end / budgets[0]) ** (i / 32) for i in range(33)]
+        slope = c["gap_per_doubling"]
+        at = sum(y - slope * math.log2(x) for x, y in pts) / len(pts)  # the least-squares line's intercept
+        ax.plot(xs, [at + slope * math.log2(x) for x in xs], ls="--", color=line.get_color())
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs per arm")
+    ax.set_ylabel("Δ ja bits/char vs the original")
+    ax.set_title("where would the curves cross? (fit, extrapolated)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
 
 
 def write_outputs(output_dir: str, rows: list[dict], texts: Mapping[str, list[str]]) -> None:
