@@ -552,7 +552,8 @@ def _prepare_arm(cfg: CompareConfig, arm: Arm, texts: dict, identity: dict, earl
                        "use another --output_dir or delete it")
     if result is not None and "step0" in result:
         return result
-    if earlier is not None and "step0" in earlier and _same_arm(earlier["identity"], identity):
+    if earlier is not None and "step0" in earlier and _same_arm(earlier["identity"], identity) \
+            and os.path.isdir(earlier["step0_dir"]):
         return _reuse_step0(cfg, arm, earlier, identity)
     parsed = parse_arm(arm, run_dir, 1, os.path.join(cfg.output_dir, "recipes"))
     model_args, tok_args, data_args, cpt_args = parsed.model, parsed.tokenizer, parsed.data, parsed.cpt
