@@ -40,7 +40,7 @@ def test_init_methods_bits_per_char():
     bt, old_bpe = ext.tokenizer(), Tokenizer.from_str(json.dumps(base_tj))
     # Each new token's pieces: the old BPE model run on its vocabulary string.
     pieces = {i: [t.id for t in old_bpe.model.tokenize(bt.id_to_token(i))] for i in ext.new_ids}
-    for method in ("subword_mean", "random"):
+    for method in ("subword_mean", "mean", "random"):
         model = copy.deepcopy(base_model)
         resize_and_init(model, padded_size(base_rows + N_NEW, 64), {i: i for i in range(base_rows)}, pieces,
                         method=method)
