@@ -298,6 +298,9 @@ def test_each_arm_ran_the_real_cpt_path_and_its_model_loads(compared):
         ids = tok("日本の首都", return_tensors="pt")
         with torch.no_grad():
             assert torch.isfinite(model(**ids).logits).all()
+        # Scored (the curve has step 4), then its checkpoints removed: only the final model and results stay.
+        assert [p["step"] for p in r["curve"]] == [0, 4, 8]
+        assert not [n for n in os.listdir(os.path.join(out, r["name"])) if n.startswith("checkpoint-")]
     recipe = yaml.safe_load(open(os.path.join(out, "recipes", "extend.yaml"), encoding="utf-8"))
     assert recipe["learning_rate"] == 3.0e-4 and recipe["output_dir"] == os.path.join(out, "extend")
 

@@ -33,19 +33,20 @@ right after its tokenizer stage) and at the end (and at each complete ``checkpoi
 second (``xlt.eval.speed``). Results: ``DIR/compare.json`` (a list, one row per arm), ``DIR/compare.md`` (a
 table) and ``DIR/compare.png`` (bits per character against FLOPs); each arm's recipe is kept in ``DIR/recipes/<name>.yaml``
 and its results in ``DIR/arms/<name>.json``. An arm whose ``DIR/<name>/cpt`` and results exist (same settings)
-is not rerun; an interrupted arm resumes from its last checkpoint.
+is not rerun; an interrupted arm resumes from its last checkpoint, and a finished arm's checkpoints are removed
+once it is scored (its final model and results stay).
 
 Sweeps and several budgets. ``sweep: {new_tokens: [0, 32, 64], overrides: {...}}`` adds the arms ``base`` (0) and
 ``new_tokens-32``, ``new_tokens-64`` (an extension by that many tokens, plus the sweep's overrides) before any
 ``arms`` listed. ``compute: {flops: [2e12, 8e12]}`` (or a list of ``base_train_tokens``) runs every arm at each
 budget, in ``DIR/budget-<k>``; an arm's tokenizer stage and step-0 scores do not depend on the budget, so they are
-made at the first budget and reused by the later ones (the stage folder hard-linked). Every row then says whether it has its budget's lowest Japanese bits per character
-(``best_at_budget``), whether it is on the Pareto front of (Japanese bits per character, Japanese characters per
-token) (``on_pareto_front``), and carries the budget's ``recommendation``: how many new tokens pay (an extended arm
-at or below the base arm's Japanese bits per character) and the inference speed-up they buy, or none and by how
-much the best extended arm misses. With three budgets or more, each extended arm's row also carries its
-``crossing``: the straight line through its gap to the base arm against log2 FLOPs, and the budget where that line
-would reach zero (``crossings``).
+made at the first budget and reused by the later ones (the stage folder hard-linked). Every row then says whether
+it has its budget's lowest Japanese bits per character (``best_at_budget``), whether it is on the Pareto front of
+(Japanese bits per character, Japanese characters per token) (``on_pareto_front``), and carries the budget's
+``recommendation``: how many new tokens pay (an extended arm at or below the base arm's Japanese bits per
+character) and the inference speed-up they buy, or none and by how much the best extended arm misses. With three
+budgets or more, each extended arm's row also carries its ``crossing``: the straight line through its gap to the
+base arm against log2 FLOPs, and the budget where that line would reach zero (``crossings``).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -488,8 +490,6 @@ def _link_tree(src: str, dst: str) -> None:
     """``dst`` as a copy of the folder ``src`` made of hard links (a plain copy where the file system has none),
     swapped into place whole. Safe to share: every writer of a stage folder replaces the folder or its files
     (``atomic_save_dir``, atomic writes), none writes into a file in place."""
-    import shutil
-
     from xlt.io import atomic_save_dir
 
     def link(tmp: str) -> None:
@@ -504,8 +504,6 @@ def _link_tree(src: str, dst: str) -> None:
 
 
 def _link_or_copy(src: str, dst: str) -> None:
-    import shutil
-
     try:
         os.link(src, dst)
     except OSError:
@@ -609,6 +607,7 @@ def _train_arm(cfg: CompareConfig, arm: Arm, plan: dict, texts: dict, result: di
     final = os.path.join(run_dir, "cpt")
     if "end" in result and os.path.isfile(os.path.join(final, "config.json")):
         _log(f"{arm.name}: done before (results and {final} exist); not rerun")
+        _drop_checkpoints(run_dir)
         return result
     recipe_dir = os.path.join(cfg.output_dir, "recipes")
     parse_arm(arm, run_dir, plan["tokens"], recipe_dir)  # writes the recipe file the stage reads
@@ -642,7 +641,16 @@ def _train_arm(cfg: CompareConfig, arm: Arm, plan: dict, texts: dict, result: di
                    "train_seconds": round(train_seconds, 1), "end_eval_seconds": round(time.time() - t1, 1),
                    "model_dir": final})
     atomic_write_json(_result_path(cfg, arm), result)
+    _drop_checkpoints(run_dir)
     return result
+
+
+def _drop_checkpoints(run_dir: str) -> None:
+    """Remove a finished arm's ``checkpoint-N`` folders: they serve resuming and the curve, both done once its
+    results are written, and each holds the weights and the optimizer state (1.6 GB for a 135M model)."""
+    for name in sorted(os.listdir(run_dir)):
+        if re.fullmatch(r"checkpoint-\d+", name):
+            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
 
 
 def plan_arms(cfg: CompareConfig, prepared: dict[str, dict]) -> tuple[float, dict[str, dict]]:
