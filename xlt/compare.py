@@ -492,15 +492,7 @@ def _link_tree(src: str, dst: str) -> None:
     (``atomic_save_dir``, atomic writes), none writes into a file in place."""
     from xlt.io import atomic_save_dir
 
-    def link(tmp: str) -> None:
-        for name in os.listdir(src):
-            s, d = os.path.join(src, name), os.path.join(tmp, name)
-            if os.path.isdir(s):
-                shutil.copytree(s, d, copy_function=_link_or_copy)
-            else:
-                _link_or_copy(s, d)
-
-    atomic_save_dir(link, dst)
+    atomic_save_dir(lambda tmp: shutil.copytree(src, tmp, copy_function=_link_or_copy, dirs_exist_ok=True), dst)
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -601,13 +593,13 @@ def arm_flops(result: dict, tokens: float, steps: int, tokens_per_step: int) -> 
 
 def _train_arm(cfg: CompareConfig, arm: Arm, plan: dict, texts: dict, result: dict) -> dict:
     """Phase 2 of an arm: continued pretraining for its solved tokens, then the end (and checkpoint) scores."""
-    from xlt.train.checkpoint import STATE_FILE
+    from xlt.train.checkpoint import STATE_FILE, remove_checkpoints
 
     run_dir = os.path.join(cfg.output_dir, arm.name)
     final = os.path.join(run_dir, "cpt")
     if "end" in result and os.path.isfile(os.path.join(final, "config.json")):
         _log(f"{arm.name}: done before (results and {final} exist); not rerun")
-        _drop_checkpoints(run_dir)
+        remove_checkpoints(run_dir)
         return result
     recipe_dir = os.path.join(cfg.output_dir, "recipes")
     parse_arm(arm, run_dir, plan["tokens"], recipe_dir)  # writes the recipe file the stage reads
@@ -641,16 +633,10 @@ def _train_arm(cfg: CompareConfig, arm: Arm, plan: dict, texts: dict, result: di
                    "train_seconds": round(train_seconds, 1), "end_eval_seconds": round(time.time() - t1, 1),
                    "model_dir": final})
     atomic_write_json(_result_path(cfg, arm), result)
-    _drop_checkpoints(run_dir)
+    # Its checkpoints served resuming and the curve, both done now; each holds the weights and the optimizer state
+    # (1.6 GB for a 135M model).
+    remove_checkpoints(run_dir)
     return result
-
-
-def _drop_checkpoints(run_dir: str) -> None:
-    """Remove a finished arm's ``checkpoint-N`` folders: they serve resuming and the curve, both done once its
-    results are written, and each holds the weights and the optimizer state (1.6 GB for a 135M model)."""
-    for name in sorted(os.listdir(run_dir)):
-        if re.fullmatch(r"checkpoint-\d+", name):
-            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
 
 
 def plan_arms(cfg: CompareConfig, prepared: dict[str, dict]) -> tuple[float, dict[str, dict]]:

@@ -28,10 +28,11 @@ def _shard_steps(data_args: Any, total_tokens: int, rows_per_step: int) -> Itera
     from xlt.data.shards import ja_tokens_before
 
     step_tokens = rows_per_step * int(data_args.seq_len)
+    before = 0
     for step in itertools.count():
-        ja = ja_tokens_before(step + 1, step_tokens, total_tokens, data_args)
-        yield ja - ja_tokens_before(step, step_tokens, total_tokens, data_args), seq_len_at(
-            step * step_tokens, total_tokens, data_args)
+        upto = ja_tokens_before(step + 1, step_tokens, total_tokens, data_args)
+        yield upto - before, seq_len_at(step * step_tokens, total_tokens, data_args)
+        before = upto
 
 
 def _stream_steps(data_args: Any, tokenizer: Any, total_tokens: int, rows_per_step: int) -> Iterator[tuple[int, int]]:

@@ -89,6 +89,16 @@ def last_trainer_checkpoint(output_dir: str) -> Optional[str]:
     return os.path.join(output_dir, best[1]) if best else None
 
 
+def remove_checkpoints(output_dir: str) -> list[str]:
+    """Delete every ``checkpoint-N`` folder of a finished run (its final model kept elsewhere); returns the paths."""
+    if not os.path.isdir(output_dir):
+        return []
+    paths = [os.path.join(output_dir, n) for n in sorted(os.listdir(output_dir)) if _CKPT.match(n)]
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+    return paths
+
+
 def rotate_complete_checkpoints(output_dir: str, limit: Optional[int]) -> list[str]:
     """Delete old checkpoints, keeping the newest ``limit`` complete ones (those holding ``xlt_state.json``).
 
